@@ -1,0 +1,92 @@
+"""The typer app: one error type caught in one place, sub-commands registered from their modules."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+
+import typer
+
+from model.errors import AttnError
+
+app = typer.Typer(
+    name="attn",
+    help="Run decoder-only transformers from safetensors weights, stream tokens, and open up attention.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"attn {version('attn')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """attn: run transformer language models and see what their attention does."""
+
+
+def _register() -> None:
+    # Each command module adds its commands to `app` on import.
+    from cli import generate  # noqa: F401
+    try:
+        from cli import weights_cmds  # noqa: F401
+    except ImportError:  # pragma: no cover - during early development only
+        pass
+
+
+def _debug() -> bool:
+    return os.environ.get("ATTN_DEBUG", "") not in ("", "0") or "-v" in sys.argv or "--verbose" in sys.argv
+
+
+def main() -> None:
+    """Console-script entry point: run the app, map every failure to one stderr line and an exit code."""
+    _register()
+    code = 0
+    try:
+        app(standalone_mode=False) if False else app()
+    except SystemExit as e:  # typer/click exit with the code they chose
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except AttnError as e:
+        if _debug():
+            traceback.print_exc()
+        _error(str(e))
+        code = e.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        code = 141
+    _exit(code)
+
+
+def _error(message: str) -> None:
+    try:
+        sys.stderr.write(f"attn: error: {message}\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def _exit(code: int) -> None:
+    if code == 141:
+        # The reader went away: point stdout at /dev/null so the interpreter's final flush stays quiet.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except Exception:
+            pass
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""The decoder: one transformer for GPT-2 and the Llama family, with a preallocated KV cache.
+
+Follows nanoGPT (structure, GPT-2), gpt-fast (static KV cache, fused projections) and
+Hugging Face transformers (RoPE layout `rotate_half`, RMSNorm in float32), which is the
+reference the tests compare against. Families differ in construction (`Block.__init__`),
+never in `forward`.
+
+Weights of every linear layer are stored (in, out): `y = x @ W`. For a one-row decode step
+this is the layout that CPU GEMV kernels stream fastest, and it is GPT-2's own Conv1D layout.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig, rope_inv_freq
+
+
+class Probe(Protocol):
+    """Something that wants to see the attention of some layers (see model/probe.py)."""
+
+    layers: frozenset[int]
+
+    def observe(self, layer: int, attn: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """q: (B, H, T, D) rotated queries of positions start..start+T-1; k, v: (B, G, S, D), S = start + T."""
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Tied models keep one matrix, in the head's (C, V) layout; the embedding reads its columns.
+        self.tok_emb = None if cfg.tie_embeddings else nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim) if cfg.positions == "learned" else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.cache_len = 0
+
+    def setup_cache(self, max_len: int, batch: int = 1) -> None:
+        """Preallocate the KV cache and the RoPE tables for sequences of up to `max_len` tokens."""
+        w = self.head.weight
+        for block in self.layers:
+            block.attn.cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, w.dtype, w.device)
+        if self.cfg.positions == "rope":
+            cos, sin = rope_tables(self.cfg, max_len, w.device)
+            self.register_buffer("rope_cos", cos.to(w.dtype), persistent=False)  # (S_max, D)
+            self.register_buffer("rope_sin", sin.to(w.dtype), persistent=False)
+        self.cache_len = max_len
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tok_emb is not None:
+            return self.tok_emb(ids)
+        return self.head.weight.t()[ids]  # (B, T, C) from the tied (C, V) matrix
+
+    def forward(
+        self, ids: torch.Tensor, start: int = 0, probe: Probe | None = None, last_only: bool = False
+    ) -> torch.Tensor | None:
+        """Logits (B, T, V) for tokens `ids` (B, T) at positions start..start+T-1, writing their K, V.
+
+        `last_only` computes logits for the last position only (B, 1, V), as generation needs.
+        With a probe, the pass stops after the last layer it asked for and returns None.
+        """
+        B, T = ids.shape
+        if start + T > self.cache_len:
+            raise ValueError(f"positions up to {start + T} exceed the cache of {self.cache_len}")
+        x = self.embed(ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[start : start + T]
+            rope = None
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        stop = max(probe.layers) if probe is not None else None
+        for i, block in enumerate(self.layers):
+            x = block(x, start, rope, probe)
+            if i == stop:
+                return None
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, index)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+
+    def forward(self, x: torch.Tensor, start: int, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), start, rope, probe)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        H, G, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = Linear(cfg.dim, (H + 2 * G) * D, bias=cfg.qkv_bias)  # fused [q | k | v]
+        self.o = Linear(H * D, cfg.dim, bias=cfg.o_bias)
+        self.cache: KVCache | None = None
+
+    def project(self, x: torch.Tensor, rope: tuple | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D) and this chunk's keys and values (B, G, T, D), rotated by position."""
+        B, T, _ = x.shape
+        H, G, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(B, T, H + 2 * G, D).transpose(1, 2)  # (B, H+2G, T, D)
+        q, k, v = qkv.split([H, G, G], dim=1)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, start: int, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
+        k, v = self.cache.update(start, k, v)  # (B, G, S, D), S = start + T
+        if probe is not None and self.index in probe.layers:
+            probe.observe(self.index, self, q, k, v, start)
+        y = attention(q, k, v, start)  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position so far, preallocated, written in place."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)  # (B, G, S_max, D)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+# --- attention: the fused path and the explicit one --------------------------------------
+
+
+def causal_mask(q_pos: torch.Tensor, S: int) -> torch.Tensor:
+    """The one mask rule: a query at absolute position p sees keys 0..p. (T,) → (T, S) bool."""
+    return torch.arange(S, device=q_pos.device)[None, :] <= q_pos[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """softmax(QKᵀ/√D + mask)·V with the fused kernel. q (B, H, T, D) at start..start+T-1; k, v (B, G, S, D)."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if T == 1:  # one new query sees every cached key: no mask at all
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if start == 0:  # square causal: the kernel's own top-left-aligned mask is the right one
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # A chunk after cached tokens: is_causal would align top-left and hide the cache, so pass the mask.
+    mask = causal_mask(torch.arange(start, start + T, device=q.device), S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """Explicit pre-softmax scores QKᵀ/√D in float32, future keys at -inf.
+
+    q (B, H, T, D) at absolute positions q_pos (T,); k (B, G, S, D) → (B, H, T, S).
+    """
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    qg = q.float().view(B, G, H // G, T, D)  # (B, G, R, T, D): R query heads share each KV head
+    scores = (qg @ k.float().unsqueeze(2).transpose(-1, -2)) * D**-0.5  # (B, G, R, T, S)
+    scores = scores.view(B, H, T, S)
+    return scores.masked_fill(~causal_mask(q_pos, S), float("-inf"))
+
+
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same attention written out, softmax in float32: (output (B, H, T, D), weights (B, H, T, S))."""
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    weights = attention_scores(q, k, q_pos).softmax(dim=-1)
+    out = weights.view(B, G, H // G, T, S) @ v.float().unsqueeze(2)  # (B, G, R, T, D)
+    return out.view(B, H, T, D).to(q.dtype), weights
+
+
+# --- parts -------------------------------------------------------------------------------
+
+
+class Linear(nn.Module):
+    """y = x @ W (+ b) with W stored (in, out)."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.empty(n_out)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 whatever the weights' dtype, as the Llama reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm == "layer" else RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.hidden = cfg.hidden_dim
+        self.up = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=cfg.mlp_bias)  # fused [gate | up]
+        self.down = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.up(x).split(self.hidden, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+# --- rotary position embedding -----------------------------------------------------------
+
+
+def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position × frequency, (S_max, D), each frequency twice ([f | f], HF layout)."""
+    inv = rope_inv_freq(cfg).to(device)
+    freqs = torch.arange(max_len, device=device, dtype=torch.float32)[:, None] * inv[None, :]  # (S_max, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by position with HF's `rotate_half` pairing (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -1,0 +1,119 @@
+"""The tokenizer side: tokenizer.json through `tokenizers`, sandboxed chat templates, streaming text."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
+
+from model.errors import AttnError
+
+
+class Tokenizer:
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        f = path / "tokenizer.json"
+        if not f.is_file():
+            raise AttnError(f"{path}: no tokenizer.json")
+        try:
+            self.tk = HFTokenizer.from_file(str(f))
+        except Exception as e:  # the Rust side raises plain Exceptions for every parse problem
+            raise AttnError(f"{f}: unreadable tokenizer ({str(e).splitlines()[0][:200]})") from None
+        self.config = _read_json(path / "tokenizer_config.json")
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # a list of named templates: take the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        jinja = path / "chat_template.jinja"
+        if jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        self.chat_template: str | None = template or None
+        self.bos_token = _token_str(self.config.get("bos_token"))
+        self.eos_token = _token_str(self.config.get("eos_token"))
+        self.special_ids = {t.id for t in self._added() if t.special}
+
+    def _added(self) -> list:
+        return [t for t in self.tk.get_added_tokens_decoder().values()]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
+        """Ids and, for each, the exact piece of `text` it covers (empty for added special tokens)."""
+        enc = self.tk.encode(text, add_special_tokens=add_special_tokens)
+        pieces = []
+        for i, (a, b) in zip(enc.ids, enc.offsets):
+            pieces.append(text[a:b] if b > a else (self.tk.id_to_token(i) or ""))
+        return enc.ids, pieces
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_label(self, token_id: int) -> str:
+        """A readable label for one token id (for tables, not for building text)."""
+        one = [token_id]
+        return self.tk.decode(one, skip_special_tokens=False)
+
+    def stream(self, prompt_ids: list[int]) -> "TextStream":
+        return TextStream(self.tk, prompt_ids)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat template applied to messages, in jinja2's sandbox (templates come from model files)."""
+        if not self.chat_template:
+            raise AttnError("this model has no chat template; use --raw")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except SecurityError as e:
+            raise AttnError(f"chat template refused by the sandbox: {e}") from None
+        except TemplateError as e:
+            raise AttnError(f"chat template failed: {e}") from None
+
+
+class TextStream:
+    """Generated ids in, text chunks out: DecodeStream seeded with the prompt, so the first token keeps its space."""
+
+    def __init__(self, tk: HFTokenizer, prompt_ids: list[int]) -> None:
+        self.tk = tk
+        self.ds = DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        return self.ds.step(self.tk, token_id) or ""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _token_str(tok: Any) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok if isinstance(tok, str) else None
+
+
+def _read_json(f: Path) -> dict:
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AttnError(f"{f}: invalid JSON ({e})") from None
+    return d if isinstance(d, dict) else {}

@@ -1,0 +1,112 @@
+"""Fixtures: tiny random models of every family, saved by transformers as safetensors, with a tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+try:  # the real default model, pulled once per machine (tests/realmodel.py)
+    from tests.realmodel import real_model_dir  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+CORPUS = [
+    "a fluffy blue creature roamed the verdant forest",
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!",
+    "def main():\n    print('hello, world')\n    return 0\n",
+    "Café naïve résumé — façade, jalapeño, über.",
+    "我们今天去公园散步，天气很好。你好世界！",
+    "Emoji: 😀🎉🚀👍🏽 and ✨ sparkles ✨",
+    "Spaces:    four, tabs:\t\t, newlines:\n\n\nend.",
+    "Summarize: attention lets each token look at earlier tokens.",
+]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on the corpus (every byte is reachable, so any text encodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tk.train_from_iterator(CORPUS * 4, trainer)
+    return tk
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tok")
+    tk = train_tokenizer()
+    tk.save(str(d / "tokenizer.json"))
+    return d / "tokenizer.json"
+
+
+def hf_config(kind: str, vocab: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, initializer_range=0.1)
+    if kind == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0, **common)
+    llama = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=0, **common)
+    if kind == "llama":  # GQA, tied embeddings
+        return tf.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **llama)
+    if kind == "llama_mha":  # MHA, untied head, q/k/v/o bias
+        return tf.LlamaConfig(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, attention_bias=True, **llama)
+    if kind == "llama3":  # rope_scaling llama3 with a short original context, so scaling matters
+        scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+        return tf.LlamaConfig(
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=scaling, **llama
+        )
+    if kind == "qwen2":
+        return tf.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **llama)
+    if kind == "mistral":
+        return tf.MistralConfig(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None, **llama)
+    raise ValueError(kind)
+
+
+KINDS = ["gpt2", "llama", "llama_mha", "llama3", "qwen2", "mistral"]
+
+
+def save_model(kind: str, out: Path, tokenizer_json: Path, chat: bool = True, seed: int = 0, shards: str | None = None):
+    """Write a random transformers model of `kind` to `out` (safetensors + tokenizer); return the HF model."""
+    import transformers as tf
+
+    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
+    cfg = hf_config(kind, len(vocab) + len(SPECIALS))
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    kwargs = {"max_shard_size": shards} if shards else {}
+    model.save_pretrained(out, safe_serialization=True, **kwargs)
+    (out / "tokenizer.json").write_text(tokenizer_json.read_text())
+    tok_cfg = {"bos_token": None, "eos_token": "<|endoftext|>"}
+    if chat:
+        tok_cfg["chat_template"] = CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_json) -> dict[str, tuple[Path, object]]:
+    """Every family once: kind → (directory, transformers model on the same files)."""
+    out = {}
+    for kind in KINDS:
+        d = tmp_path_factory.mktemp(kind)
+        out[kind] = (d, save_model(kind, d, tokenizer_json))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"][0]
