@@ -7,8 +7,10 @@ import signal
 import sys
 import traceback
 
+import torch
 import typer
 
+from cli import common
 from model.errors import AttnError
 
 app = typer.Typer(
@@ -49,23 +51,48 @@ def _debug() -> bool:
     return os.environ.get("ATTN_DEBUG", "") not in ("", "0") or "-v" in sys.argv or "--verbose" in sys.argv
 
 
+def _on_sigterm(signum, frame) -> None:
+    common.TERMINATED = True
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point: run the app, map every failure to one stderr line and an exit code."""
     _register()
-    code = 0
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(standalone_mode=False) if False else app()
-    except SystemExit as e:  # typer/click exit with the code they chose
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = app(standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+    except typer.TyperException as e:  # typer's own usage errors (bad flag, bad value, missing argument)
+        if _debug():
+            traceback.print_exc()
+        if type(e).__name__ == "NoArgsIsHelpError":
+            sys.stderr.write(e.format_message() + "\n")
+        else:
+            _error(e.format_message())
+        code = e.exit_code
     except AttnError as e:
         if _debug():
             traceback.print_exc()
         _error(str(e))
         code = e.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         code = 130
-    except BrokenPipeError:
+    except (common.PipeClosed, BrokenPipeError):
         code = 141
+    except torch.cuda.OutOfMemoryError:
+        _error("out of memory on the GPU; try --dtype bfloat16, a shorter prompt, or --device cpu")
+        code = 1
+    except MemoryError:
+        _error("out of memory; try --dtype bfloat16 or a shorter prompt")
+        code = 1
+    except Exception as e:  # a bug: still one line, the traceback with ATTN_DEBUG=1
+        if _debug():
+            traceback.print_exc()
+        _error(f"internal error: {type(e).__name__}: {e} (ATTN_DEBUG=1 shows the traceback)")
+        code = 1
+    if code == 130 and common.TERMINATED:
+        code = 143
     _exit(code)
 
 

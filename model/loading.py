@@ -251,7 +251,7 @@ def read_weights(plan: dict[str, list], expected: dict[str, tuple], cfg: ModelCo
             by_file.setdefault(f, []).append((name, raw_key, part, transpose))
     offsets = part_offsets(cfg)
     for f, items in by_file.items():
-        with safe_open(f, framework="pt", device="cpu") as fh:
+        with safe_open(f, framework="pt", device="cpu", backend="pread") as fh:
             for name, raw_key, part, transpose in items:
                 src = fh.get_tensor(raw_key)
                 if transpose:

@@ -36,10 +36,8 @@ class Tokenizer:
         self.chat_template: str | None = template or None
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
-        self.special_ids = {t.id for t in self._added() if t.special}
-
-    def _added(self) -> list:
-        return [t for t in self.tk.get_added_tokens_decoder().values()]
+        self.special_ids = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        self._byte_level = type(self.tk.decoder).__name__ == "ByteLevel"
 
     @property
     def vocab_size(self) -> int:
@@ -63,6 +61,15 @@ class Tokenizer:
         """A readable label for one token id (for tables, not for building text)."""
         one = [token_id]
         return self.tk.decode(one, skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (byte-level BPE maps each byte to one printable character)."""
+        piece = self.tk.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        return self.token_label(token_id).encode("utf-8")
 
     def stream(self, prompt_ids: list[int]) -> "TextStream":
         return TextStream(self.tk, prompt_ids)
@@ -97,6 +104,22 @@ class TextStream:
 
     def push(self, token_id: int) -> str:
         return self.ds.step(self.tk, token_id) or ""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character table, as byte-level BPE vocabularies use it."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def _raise_exception(message: str) -> None:

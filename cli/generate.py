@@ -1,0 +1,284 @@
+"""`attn generate`: stream sampled text to stdout; stats, notes and errors to stderr."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from enum import Enum
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from cli.common import (
+    ChatOpt,
+    ColorOpt,
+    Color,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    FileOpt,
+    InvalidUtf8Opt,
+    Loaded,
+    MinPOpt,
+    ModelOpt,
+    NoStdinOpt,
+    PromptArg,
+    PromptOpt,
+    QuietOpt,
+    RepeatLastNOpt,
+    RepeatPenaltyOpt,
+    SeedOpt,
+    SystemOpt,
+    TempOpt,
+    TopKOpt,
+    TopPOpt,
+    VerboseOpt,
+    interrupted_code,
+    note,
+    open_model,
+    peak_memory_mb,
+    read_prompt,
+    sampling_settings,
+    write_out,
+)
+from cli.main import app
+from model.errors import AttnError, UsageError
+from model.generate import NonFiniteLogits, StopStrings, generate
+from model.loading import load_generation_config
+from model.sampling import SamplingSettings
+
+EPILOG = """\
+Examples:
+
+  attn generate "a fluffy blue creature roamed the verdant forest"
+
+  cat notes.txt | attn generate "Summarize:" | tee summary.txt
+
+  attn generate --raw --temp 0 -n 32 "The capital of France is"
+
+  attn generate --json --logprobs 3 -n 8 "Hello"
+"""
+
+
+class Truncate(str, Enum):
+    error = "error"
+    left = "left"
+
+
+@app.command("generate", epilog=EPILOG)
+def generate_cmd(
+    ctx: typer.Context,
+    prompt: PromptArg = None,
+    model: ModelOpt = None,
+    prompt_opt: PromptOpt = None,
+    file: FileOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", envvar="ATTN_MAX_TOKENS", min=1, help="New tokens at most.")] = 256,
+    temp: TempOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    repeat_last_n: RepeatLastNOpt = 64,
+    seed: SeedOpt = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this text (repeatable); it is not printed.", show_default=False)] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-sequence tokens.")] = False,
+    chat: ChatOpt = None,
+    system: SystemOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", min=1, help="Context length (default: the model's).", show_default=False)] = None,
+    truncate: Annotated[Truncate, typer.Option("--truncate", help="Prompt + max tokens over the context: error, or keep the tail (left).")] = Truncate.error,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object at the end instead of streamed text.")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON event per line: token events, then a done event.")] = False,
+    logprobs: Annotated[Optional[int], typer.Option("--logprobs", min=0, max=20, help="With --json/--jsonl: per-token logprob, bytes and the top K alternatives.", show_default=False)] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Timings and peak memory to stderr.")] = False,
+    echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the generated text.")] = False,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text once, at the end.")] = False,
+    no_stdin: NoStdinOpt = False,
+    invalid_utf8: InvalidUtf8Opt = "error",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    color: ColorOpt = Color.auto,
+) -> None:
+    """Generate text from a prompt, streamed to stdout.
+
+    Sampling defaults come from the model's generation_config.json when it has one, else
+    temperature 0.8 and top-p 0.95. Flags beat ATTN_* env vars, which beat generation_config.json.
+    """
+    text = read_prompt(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
+    if text is None:
+        sys.stderr.write(ctx.get_usage() + "\n")
+        raise UsageError("no prompt: give one as an argument, with -p/-f, or on stdin")
+    if text == "":
+        raise UsageError("empty prompt")
+    if json_out and jsonl:
+        raise UsageError("--json and --jsonl are alternatives: choose one")
+    if logprobs is not None and not (json_out or jsonl):
+        raise UsageError("--logprobs needs --json or --jsonl")
+
+    m = open_model(model, device, dtype, quiet)
+    settings = sampling_settings(m.path, load_generation_config(m.path), temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
+    ids = prompt_ids(m, text, chat, system)
+    ids = fit_context(m, ids, max_tokens, ctx_size, truncate, quiet)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+        if verbose:
+            note(f"seed {seed}")
+    generator = torch.Generator(device=m.device).manual_seed(seed)
+
+    run = Run(m, ids, settings, max_tokens, stop or [], ignore_eos, logprobs, mode="json" if json_out else "jsonl" if jsonl else "text", stream=not no_stream)
+    if echo and run.mode == "text":
+        write_out(text)
+    code = run.go(generator)
+    if run.mode == "text":
+        write_out(("".join(run.pieces) if not run.stream else "") + "\n")
+    summary = run.summary(seed)
+    if run.mode == "json":
+        write_out(json.dumps(summary, ensure_ascii=False) + "\n")
+    elif run.mode == "jsonl":
+        write_out(json.dumps({"type": "done", **{k: v for k, v in summary.items() if k not in ("text", "logprobs")}}, ensure_ascii=False) + "\n")
+    if stats:
+        t = summary["timings"]
+        note(
+            f"load {t['load_ms']:.0f} ms · prompt {summary['usage']['prompt_tokens']} tokens · TTFT {t['ttft_ms']:.0f} ms · "
+            f"prefill {t['prompt_tps']:.1f} tok/s · decode {t['decode_tps']:.1f} tok/s ({summary['usage']['completion_tokens']} tokens) · "
+            f"peak memory {peak_memory_mb(m.device):.0f} MiB"
+        )
+    if code:
+        raise typer.Exit(code)
+
+
+def prompt_ids(m: Loaded, text: str, chat: bool | None, system: str | None) -> list[int]:
+    """Token ids of the prompt: through the chat template when chat mode is on (default: when the model has one)."""
+    use_chat = chat if chat is not None else bool(m.tokenizer.chat_template)
+    if use_chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids = m.tokenizer.encode(m.tokenizer.render_chat(messages), add_special_tokens=False)
+    else:
+        ids = m.tokenizer.encode(text)
+    if not ids:
+        if m.cfg.bos_token_id is None:
+            raise UsageError("the prompt encodes to no tokens and the model has no BOS token to start from")
+        ids = [m.cfg.bos_token_id]
+    return ids
+
+
+def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None, truncate: Truncate, quiet: bool) -> list[int]:
+    ctx = ctx_size or m.cfg.max_len
+    if ctx > m.cfg.max_len and m.cfg.positions == "learned":
+        raise UsageError(f"--ctx-size {ctx} exceeds the {m.cfg.max_len} positions this model has")
+    if len(ids) + max_tokens <= ctx:
+        return ids
+    if truncate is Truncate.left and max_tokens < ctx:
+        keep = ctx - max_tokens
+        note(f"warning: prompt truncated from {len(ids)} to its last {keep} tokens to fit the context of {ctx}", quiet)
+        return ids[-keep:]
+    raise AttnError(
+        f"prompt ({len(ids)} tokens) + --max-tokens ({max_tokens}) exceeds the context ({ctx} tokens); "
+        "shorten the prompt, lower -n, or use --truncate left"
+    )
+
+
+class Run:
+    """One generation: drives the token loop, shows text as it comes, keeps what the summary needs."""
+
+    def __init__(self, m: Loaded, ids, settings: SamplingSettings, max_tokens, stops, ignore_eos, logprobs, mode, stream) -> None:
+        self.m, self.ids, self.settings, self.max_tokens = m, ids, settings, max_tokens
+        self.stops = StopStrings(stops)
+        self.eos = set(m.cfg.eos_token_ids)
+        if m.tokenizer.eos_token is not None and m.tokenizer.tk.token_to_id(m.tokenizer.eos_token) is not None:
+            self.eos.add(m.tokenizer.tk.token_to_id(m.tokenizer.eos_token))
+        self.ignore_eos, self.k_logprobs, self.mode, self.stream = ignore_eos, logprobs, mode, stream
+        self.pieces: list[str] = []
+        self.token_logprobs: list[dict] = []
+        self.n = 0
+        self.finish = "length"
+        self.t0 = self.t_first = self.t_end = 0.0
+
+    def show(self, text: str, token_id: int | None = None, lp: dict | None = None) -> None:
+        self.pieces.append(text)
+        if self.mode == "text" and self.stream:
+            write_out(text)
+        elif self.mode == "jsonl" and token_id is not None:
+            event = {"type": "token", "text": text, "id": token_id, **(lp or {})}
+            write_out(json.dumps(event, ensure_ascii=False) + "\n")
+
+    def go(self, generator: torch.Generator) -> int:
+        """Run the loop; the exit code (0, or 130/143 when interrupted)."""
+        text_stream = self.m.tokenizer.stream(self.ids)
+        self.t0 = time.perf_counter()
+        code = 0
+        try:
+            steps = generate(self.m.model, self.ids, self.max_tokens, self.settings, generator, self.k_logprobs is not None)
+            for step in steps:
+                self.n += 1
+                if self.n == 1:
+                    self.t_first = time.perf_counter()
+                if step.id in self.eos and not self.ignore_eos:
+                    self.finish = "eos"
+                    break
+                visible = self.stops.push(text_stream.push(step.id))
+                lp = self.logprob_entry(step) if step.logprobs is not None else None
+                if lp is not None:
+                    self.token_logprobs.append(lp)
+                self.show(visible, step.id, lp)
+                if self.stops.matched is not None:
+                    self.finish = "stop"
+                    break
+        except NonFiniteLogits as e:
+            raise AttnError(f"{e}; try --dtype float32") from None
+        except KeyboardInterrupt:
+            self.finish = "interrupted"
+            code = interrupted_code()
+        self.t_end = time.perf_counter()
+        if self.n == 0:
+            self.t_first = self.t_end
+        if self.stops.matched is None:
+            rest = self.stops.flush()
+            if rest:
+                self.show(rest)
+        return code
+
+    def logprob_entry(self, step) -> dict:
+        tk = self.m.tokenizer
+        lp = step.logprobs
+        entry = {"id": step.id, "text": tk.token_label(step.id), "logprob": float(lp[step.id]), "bytes": list(tk.token_bytes(step.id))}
+        if self.k_logprobs:
+            top = torch.topk(lp, self.k_logprobs)
+            entry["top_logprobs"] = [
+                {"id": int(i), "text": tk.token_label(int(i)), "logprob": float(v), "bytes": list(tk.token_bytes(int(i)))}
+                for v, i in zip(top.values.tolist(), top.indices.tolist())
+            ]
+        return entry
+
+    def summary(self, seed: int) -> dict:
+        prompt_ms = (self.t_first - self.t0) * 1e3
+        decode_ms = (self.t_end - self.t_first) * 1e3
+        decoded = max(self.n - 1, 0)
+        m = self.m
+        out = {
+            "text": "".join(self.pieces),
+            "finish_reason": self.finish,
+            "stop_sequence": self.stops.matched,
+            "usage": {"prompt_tokens": len(self.ids), "completion_tokens": self.n},
+            "timings": {
+                "load_ms": round(m.load_ms, 2),
+                "ttft_ms": round(prompt_ms, 2),
+                "prompt_ms": round(prompt_ms, 2),
+                "prompt_tps": round(len(self.ids) / (prompt_ms / 1e3), 2) if prompt_ms > 0 else 0.0,
+                "decode_ms": round(decode_ms, 2),
+                "decode_tps": round(decoded / (decode_ms / 1e3), 2) if decode_ms > 0 else 0.0,
+                "total_ms": round(m.load_ms + (self.t_end - self.t0) * 1e3, 2),
+            },
+            "seed": seed,
+            "model": m.name,
+            "device": str(m.device),
+            "dtype": str(m.dtype).removeprefix("torch."),
+            "params": m.params,
+        }
+        if self.k_logprobs is not None:
+            out["logprobs"] = self.token_logprobs
+        return out
