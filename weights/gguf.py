@@ -1,0 +1,463 @@
+"""GGUF → a Hugging Face model directory (config.json, safetensors, tokenizer.json, …).
+
+A GGUF file is llama.cpp's single-file checkpoint: metadata (shape, RoPE, tokenizer, chat
+template) under llama.cpp's key names, and tensors under llama.cpp's names, often quantized.
+We dequantize every tensor with the `gguf` package, rename it with one flat table, undo the
+row permutation llama.cpp applies to Llama's Q and K projections, and rebuild the config and
+a `tokenizers` byte-level BPE from the metadata. References: llama.cpp `convert_hf_to_gguf.py`
+(what was done to the weights), `src/llama-vocab.cpp` (pre-tokenizer regexes), and transformers'
+`modeling_gguf_pytorch_utils.py` (the same conversion, used as the test reference).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from model.errors import AttnError
+
+Progress = Callable[[str, int, "int | None"], None]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# GGUF tensor name → Hugging Face name; `{}` is the layer index. One table for the Llama
+# family (Qwen2 is the same layout plus q/k/v biases). `output.weight` exists only when the
+# head is not tied to the embedding.
+GGUF_TO_HF: dict[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_q.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "blk.{}.attn_k.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "blk.{}.attn_v.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+
+# llama.cpp permutes these rows (per head: interleaved RoPE pairs instead of HF's two halves)
+# for the `llama` architecture only; Qwen2 keeps HF's layout.
+PERMUTED_Q = "blk.{}.attn_q.weight"
+PERMUTED_K = "blk.{}.attn_k.weight"
+
+# Per supported `general.architecture`: HF model_type, class, whether Q/K were permuted.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama": {"model_type": "llama", "class": "LlamaForCausalLM", "permuted_qk": True},
+    "qwen2": {"model_type": "qwen2", "class": "Qwen2ForCausalLM", "permuted_qk": False},
+}
+
+# Pre-tokenizer split regexes by `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp lists
+# them. None means the GPT-2 regex built into tokenizers' ByteLevel pre-tokenizer.
+_GPT2_SPLIT = None
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# SmolLM (StarCoder's tokenizer) isolates every digit first, then applies the GPT-2 regex.
+PRE_TOKENIZERS: dict[str, list[str | None]] = {
+    "default": [_GPT2_SPLIT],
+    "gpt2": [_GPT2_SPLIT],
+    "smollm": [r"\p{N}", _GPT2_SPLIT],
+    "starcoder": [r"\p{N}", _GPT2_SPLIT],
+    "llama-bpe": [_LLAMA3_SPLIT],
+    "llama3": [_LLAMA3_SPLIT],
+    "smaug-bpe": [_LLAMA3_SPLIT],
+    "qwen2": [_QWEN2_SPLIT],
+    "deepseek-r1-qwen": [_QWEN2_SPLIT],
+}
+# llama.cpp looks a whole pre-token up in the vocabulary before merging for these.
+_IGNORE_MERGES = {"llama-bpe", "llama3", "smaug-bpe"}
+
+# llama.cpp token types (llama_token_type).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+# Shards are planned from tensor sizes so that at most one shard is in memory at a time.
+MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def convert_gguf(
+    gguf_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    dtype: str = "float32",
+    progress: Progress | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a GGUF file to a Hugging Face model directory at out_dir, atomically."""
+    import gguf
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if dtype not in DTYPES:
+        raise AttnError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if not gguf_path.is_file():
+        raise AttnError(f"no such GGUF file: {gguf_path}")
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise AttnError(f"{out_dir} already exists and is not empty")
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except Exception as e:  # the gguf package raises ValueError/struct errors on bad files
+        raise AttnError(f"{gguf_path} is not a readable GGUF file: {e}") from None
+
+    meta = _Metadata(reader)
+    config = build_config(meta, [t.name for t in reader.tensors], dtype)
+    tokenizer_json, tokenizer_config = build_tokenizer(meta, config)
+    plan = _plan(reader, config)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling temp dir keeps the final rename on one filesystem, so it is atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        _write_weights(reader, plan, tmp, dtype, progress)
+        _write_json(tmp / "config.json", config)
+        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        _write_json(tmp / "generation_config.json", build_generation_config(meta, config))
+        _replace_dir(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise AttnError(f"could not write {out_dir}: {e.strerror or e}") from e
+        raise
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata and config
+
+
+class _Metadata:
+    """GGUF key/value metadata as plain Python values, read lazily (token arrays are large)."""
+
+    def __init__(self, reader: Any) -> None:
+        self._fields = reader.fields
+        self._cache: dict[str, Any] = {}
+        arch = self.get("general.architecture")
+        self.arch: str = arch if isinstance(arch, str) else ""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self._cache:
+            field = self._fields.get(key)
+            self._cache[key] = default if field is None else field.contents()
+        value = self._cache[key]
+        return default if value is None else value
+
+    def arch_key(self, key: str, default: Any = None) -> Any:
+        return self.get(f"{self.arch}.{key}", default)
+
+    def require(self, key: str) -> Any:
+        value = self.arch_key(key)
+        if value is None:
+            raise AttnError(f"GGUF metadata lacks {self.arch}.{key}")
+        return value
+
+
+def build_config(meta: _Metadata, tensor_names: list[str], dtype: str) -> dict[str, Any]:
+    """A transformers-style config.json dict from GGUF metadata."""
+    family = ARCHITECTURES.get(meta.arch)
+    if family is None:
+        raise AttnError(
+            f"unsupported GGUF architecture {meta.arch or '(none)'!r}: attn converts {', '.join(ARCHITECTURES)}"
+        )
+    hidden = int(meta.require("embedding_length"))
+    heads = int(meta.require("attention.head_count"))
+    kv_heads = int(meta.arch_key("attention.head_count_kv", heads))
+    head_dim = int(meta.arch_key("attention.key_length", hidden // heads))
+    rope_dim = int(meta.arch_key("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise AttnError(f"unsupported GGUF: partial rotary embedding ({rope_dim} of {head_dim} dims)")
+    if "rope_freqs.weight" in tensor_names:
+        raise AttnError("unsupported GGUF: precomputed RoPE frequencies (rope_freqs.weight, Llama 3.1 scaling)")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    embed = meta.arch_key("vocab_size") or (len(tokens) if tokens else None)
+    if embed is None:
+        raise AttnError("GGUF metadata states no vocabulary size")
+
+    config: dict[str, Any] = {
+        "architectures": [family["class"]],
+        "model_type": family["model_type"],
+        "hidden_size": hidden,
+        "intermediate_size": int(meta.require("feed_forward_length")),
+        "num_hidden_layers": int(meta.require("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(meta.arch_key("attention.layer_norm_rms_epsilon", 1e-5)),
+        # llama.cpp's default when the file says nothing
+        "rope_theta": float(meta.arch_key("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(meta),
+        "max_position_embeddings": int(meta.arch_key("context_length", 2048)),
+        "vocab_size": int(embed),
+        # llama.cpp writes output.weight only when the head is not the embedding matrix
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": any(n.endswith("attn_q.bias") for n in tensor_names),
+        "mlp_bias": False,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": dtype,
+    }
+    if family["model_type"] == "qwen2":
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=config["num_hidden_layers"])
+    return config
+
+
+def _rope_scaling(meta: _Metadata) -> dict[str, Any] | None:
+    kind = meta.arch_key("rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = meta.arch_key("rope.scaling.factor")
+    if kind == "linear" and factor:
+        return {"rope_type": "linear", "factor": float(factor)}
+    raise AttnError(f"unsupported GGUF RoPE scaling {kind!r}")
+
+
+def build_generation_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
+    """generation_config.json: the special ids, plus sampling defaults when the file states them."""
+    gen: dict[str, Any] = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
+    for gguf_key, hf_key in (("general.sampling.temp", "temperature"), ("general.sampling.top_k", "top_k"),
+                             ("general.sampling.top_p", "top_p"), ("general.sampling.min_p", "min_p")):
+        value = meta.get(gguf_key)
+        if value is not None:
+            gen[hf_key] = value
+    if gen.get("temperature"):
+        gen["do_sample"] = True
+    return gen
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte → printable-character table that byte-level BPE vocabularies are spelled in."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def build_tokenizer(meta: _Metadata, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(tokenizer.json text, tokenizer_config.json dict) from the GGUF tokenizer metadata."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise AttnError(f"unsupported GGUF tokenizer {kind!r}: attn converts byte-level BPE ('gpt2') tokenizers")
+    pre = meta.get("tokenizer.ggml.pre") or "default"
+    if pre not in PRE_TOKENIZERS:
+        raise AttnError(f"unsupported GGUF pre-tokenizer {pre!r}: attn knows {', '.join(sorted(PRE_TOKENIZERS))}")
+    tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
+    merges: list[str] = list(meta.get("tokenizer.ggml.merges") or [])
+    if not tokens or not merges:
+        raise AttnError("GGUF metadata lacks the tokenizer's tokens or merges")
+    types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+
+    alphabet = set(_byte_alphabet().values())
+    spell = _byte_alphabet()
+    vocab: dict[str, int] = {}
+    for i, (tok, ty) in enumerate(zip(tokens, types)):
+        # Normal tokens are stored in the byte alphabet; a few converters wrote raw text instead.
+        if ty == _NORMAL and not set(tok) <= alphabet:
+            tok = "".join(spell[b] for b in tok.encode("utf-8"))
+        vocab.setdefault(tok, i)
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+
+    tok = Tokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES))
+    steps: list[Any] = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre] if r]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=PRE_TOKENIZERS[pre][-1] is None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_end|>) are matched whole and skipped when decoding; user-defined
+    # ones (<think>) are matched whole but printed.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+
+    def name(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    bos, eos = name("bos_token_id"), name("eos_token_id")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        a = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+        b = ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+        specials = {t: tokens.index(t) for t in (bos if add_bos else None, eos if add_eos else None) if t}
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join(a), pair=" ".join(a + b), special_tokens=list(specials.items())
+        )
+
+    tokenizer_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": name("unknown_token_id"),
+        "pad_token": name("padding_token_id"),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        tokenizer_config["chat_template"] = template
+    return tok.to_str(), tokenizer_config
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+
+
+def _name_pattern(gguf_name: str) -> tuple[str, int | None]:
+    """('blk.{}.attn_q.weight', 3) for 'blk.3.attn_q.weight'."""
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+    return (f"blk.{{}}.{m.group(2)}", int(m.group(1))) if m else (gguf_name, None)
+
+
+def _plan(reader: Any, config: dict[str, Any]) -> list[tuple[Any, str, int | None]]:
+    """(gguf tensor, HF name, heads to un-permute with or None) per tensor; unknown names are errors."""
+    permuted = ARCHITECTURES[config["model_type"]]["permuted_qk"]
+    layers = config["num_hidden_layers"]
+    plan, seen = [], set()
+    for t in reader.tensors:
+        pattern, layer = _name_pattern(t.name)
+        hf = GGUF_TO_HF.get(pattern)
+        if hf is None or (layer is not None and layer >= layers):
+            raise AttnError(f"unsupported tensor {t.name!r} in GGUF file")
+        heads = None
+        if permuted and pattern == PERMUTED_Q:
+            heads = config["num_attention_heads"]
+        elif permuted and pattern == PERMUTED_K:
+            heads = config["num_key_value_heads"]
+        plan.append((t, hf.format(layer), heads))
+        seen.add(hf.format(layer))
+    required = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        GGUF_TO_HF[p].format(i)
+        for i in range(layers)
+        for p in GGUF_TO_HF
+        if p.startswith("blk.") and p.endswith(".weight")
+    ]
+    missing = [n for n in required if n not in seen]
+    if missing:
+        raise AttnError(f"GGUF file lacks tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return plan
+
+
+def dequantize_tensor(t: Any) -> np.ndarray:
+    """A GGUF reader tensor as a float32 array in numpy (row-major, HF) shape."""
+    from gguf import quants
+
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (the fastest axis) first
+    try:
+        values = quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise AttnError(f"tensor {t.name!r}: the gguf package cannot dequantize {t.tensor_type.name}") from None
+    values = np.asarray(values, dtype=np.float32).reshape(shape)
+    # The reader memory-maps the file read-only; torch wants a writable array it may own.
+    return values if values.flags.writeable and values.flags.owndata else values.copy()
+
+
+def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: per head, rows (D/2, 2) interleaved → (2, D/2) halves."""
+    rows = w.shape[0]
+    # (heads, D/2, 2, ...) → (heads, 2, D/2, ...): the inverse of convert_hf_to_gguf.py's permute
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _nbytes(t: Any, dtype: str) -> int:
+    return math.prod(int(d) for d in t.shape.tolist()) * (4 if dtype == "float32" else 2)
+
+
+def _write_weights(reader: Any, plan: list[tuple[Any, str, int | None]], out: Path, dtype: str, progress: Progress | None) -> None:
+    import torch
+
+    shards: list[list[tuple[Any, str, int | None]]] = [[]]
+    size = 0
+    for item in plan:
+        n = _nbytes(item[0], dtype)
+        if shards[-1] and size + n > MAX_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    torch_dtype = getattr(torch, dtype)
+    done, total = 0, len(plan)
+    weight_map: dict[str, str] = {}
+    for shard, filename in zip(shards, names):
+        tensors: dict[str, Any] = {}
+        for t, hf_name, heads in shard:
+            values = dequantize_tensor(t)
+            if heads is not None:
+                values = unpermute_qk(values, heads)
+            tensors[hf_name] = torch.from_numpy(np.ascontiguousarray(values)).to(torch_dtype)
+            weight_map[hf_name] = filename
+            done += 1
+            if progress:
+                progress(f"converting to {dtype} safetensors", done, total)
+        _write_shard(tensors, out / filename)
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(_nbytes(t, dtype) for t, _, _ in plan)}, "weight_map": weight_map}
+        _write_json(out / "model.safetensors.index.json", index)
+
+
+def _write_shard(tensors: dict[str, Any], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Move new into dest; an existing dest is swapped out first and removed afterwards."""
+    # mkdtemp and safetensors create owner-only files; a model dir gets the user's usual modes.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(new, 0o777 & ~mask)
+    for f in new.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{dest.name}-", dir=dest.parent))
+        os.replace(dest, old / dest.name)
+        try:
+            os.replace(new, dest)
+        except BaseException:
+            os.replace(old / dest.name, dest)  # put the previous model back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dest)
