@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -146,24 +147,24 @@ def read_prompt(
         except OSError as e:
             raise AttnError(f"cannot read {file}: {e.strerror}") from None
     stdin_text = None
-    if explicit_stdin or (not no_stdin and not sys.stdin.isatty() and _stdin_has_data()):
-        stdin_text = decode_input(sys.stdin.buffer.read(), "stdin", invalid, quiet)
+    if explicit_stdin and sys.stdin is None:
+        raise UsageError("'-' asks for stdin, but there is none")
+    if explicit_stdin or (not no_stdin and _stdin_piped()):
+        stdin_text = decode_input(sys.stdin.buffer.read(), "stdin", invalid, quiet) or None  # empty stdin adds nothing
     if stdin_text is not None and prompt is not None:
         return stdin_text.rstrip("\n") + "\n\n" + prompt
     return stdin_text if stdin_text is not None else prompt
 
 
-def _stdin_has_data() -> bool:
-    """False for a closed or /dev/null stdin (e.g. CI), so those behave like no stdin at all."""
+def _stdin_piped() -> bool:
+    """True when stdin is a pipe or file; False for a terminal, a closed stdin or /dev/null (as in CI)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return False
     try:
         st = os.fstat(sys.stdin.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    import stat
-
-    if stat.S_ISCHR(st.st_mode):  # /dev/null and other character devices that are not a TTY
-        return False
-    return True
+    except (OSError, ValueError):
+        return True  # not a real file descriptor (an in-process test): trust it
+    return not stat.S_ISCHR(st.st_mode)  # /dev/null and other character devices carry no prompt
 
 
 # --- devices and models ----------------------------------------------------------------

@@ -45,7 +45,8 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: fl
 
 def filter_logits(logits: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
     """Temperature, then top-k, top-p, min-p (in that order); removed tokens get -inf. logits: (V,)."""
-    logits = logits / s.temperature
+    # Shift so the top logit is 0 first: a tiny temperature then sends the rest to -inf, never to +inf/NaN.
+    logits = (logits - logits.max()) / s.temperature
     if s.top_k > 0 and s.top_k < logits.shape[-1]:
         kth = torch.topk(logits, s.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -69,7 +70,7 @@ def sample(
     logits = logits.float()
     if recent is not None:
         logits = apply_repeat_penalty(logits, recent, s.repeat_penalty)
-    if s.temperature == 0:
+    if s.temperature < 1e-6:  # 0 is greedy; so is its limit, below what float32 logits can resolve
         return logits.argmax(-1)
     probs = filter_logits(logits, s).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[0]

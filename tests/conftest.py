@@ -110,3 +110,74 @@ def tiny_models(tmp_path_factory, tokenizer_json) -> dict[str, tuple[Path, objec
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"][0]
+
+
+# --- running the CLI ------------------------------------------------------------------
+
+
+class Result:
+    def __init__(self, code: int, out: bytes, err: bytes) -> None:
+        self.code, self.out_bytes, self.err_bytes = code, out, err
+        self.out, self.err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        return f"Result(code={self.code}, out={self.out[:200]!r}, err={self.err[:400]!r})"
+
+
+class FakeStdin:
+    """stdin for in-process runs: piped bytes, or a terminal (tty=True) that must never be read."""
+
+    def __init__(self, data: bytes | None, tty: bool) -> None:
+        import io
+
+        self._tty = tty
+        self.buffer = io.BytesIO(data or b"")
+        if tty:
+            self.buffer.read = lambda *a: (_ for _ in ()).throw(AssertionError("read from a TTY stdin"))
+
+    def isatty(self) -> bool:
+        return self._tty
+
+    def fileno(self) -> int:
+        import io
+
+        raise io.UnsupportedOperation("fileno")
+
+
+def run_cli(args: list[str], stdin: bytes | None = None, tty: bool = False, env: dict | None = None, monkeypatch=None) -> Result:
+    """Run `attn ARGS` in this process, as the console script does; return exit code, stdout, stderr."""
+    import io
+    import os
+    import sys
+
+    from cli.main import main
+
+    out, err = io.BytesIO(), io.BytesIO()
+    saved = sys.argv, sys.stdin, sys.stdout, sys.stderr
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    sys.argv = ["attn", *args]
+    sys.stdin = FakeStdin(stdin, tty)
+    sys.stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    sys.stderr = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+    os.environ.update(env or {})
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    finally:
+        for wrapper in (sys.stdout, sys.stderr):
+            wrapper.flush()
+            wrapper.detach()  # keep the BytesIO open when the wrapper goes away
+        sys.argv, sys.stdin, sys.stdout, sys.stderr = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def attn():
+    return run_cli

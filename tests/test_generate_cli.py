@@ -1,0 +1,252 @@
+"""`attn generate` as a user meets it: streams, exit codes, JSON shapes, pipes and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.generate import generate
+from model.loading import load_model
+from model.sampling import SamplingSettings
+from model.tokenizer import Tokenizer
+from tests.conftest import save_model
+
+ATTN = [sys.executable, "-c", "from cli.main import main; main()"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def greedy_text(path: Path, prompt: str, n: int) -> str:
+    """What greedy decoding should print, computed through the library (not the CLI)."""
+    tok = Tokenizer(path)
+    ids = tok.encode(prompt)
+    model = load_model(path)
+    out = [s.id for s in generate(model, ids, n, SamplingSettings(temperature=0))]
+    stream = tok.stream(ids)
+    return "".join(stream.push(i) for i in out)
+
+
+def test_streams_greedy_text_to_stdout_only(attn, tiny_llama):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "12", "--ignore-eos", "hello world"])
+    assert r.code == 0, r
+    assert r.out == greedy_text(tiny_llama, "hello world", 12) + "\n"
+    assert r.err == ""
+
+
+def test_stdin_and_argument_combine(attn, tiny_llama):
+    base = ["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "4", "--json"]
+    both = json.loads(attn(base + ["Summarize:"], stdin=b"notes here\n").out)
+    assert both["usage"]["prompt_tokens"] == len(Tokenizer(tiny_llama).encode("notes here\n\nSummarize:"))
+    only_stdin = json.loads(attn(base, stdin=b"notes here").out)
+    assert only_stdin["usage"]["prompt_tokens"] == len(Tokenizer(tiny_llama).encode("notes here"))
+    ignored = json.loads(attn(base + ["--no-stdin", "Summarize:"], stdin=b"notes here").out)
+    assert ignored["usage"]["prompt_tokens"] == len(Tokenizer(tiny_llama).encode("Summarize:"))
+    dash = json.loads(attn(base + ["-"], stdin=b"from stdin").out)
+    assert dash["usage"]["prompt_tokens"] == len(Tokenizer(tiny_llama).encode("from stdin"))
+
+
+def test_prompt_from_file_and_option(attn, tiny_llama, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("from a file")
+    base = ["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "3", "--json"]
+    assert json.loads(attn(base + ["-f", str(f)]).out)["usage"]["prompt_tokens"] == len(Tokenizer(tiny_llama).encode("from a file"))
+    assert json.loads(attn(base + ["-p", "an option"]).out)["usage"]["prompt_tokens"] == len(Tokenizer(tiny_llama).encode("an option"))
+
+
+def test_no_prompt_on_a_terminal_prints_usage_and_exits_2(attn, tiny_llama):
+    t = time.time()
+    r = attn(["generate", "-m", str(tiny_llama)], tty=True)
+    assert r.code == 2 and "Usage" in r.err and "attn: error: no prompt" in r.err
+    assert r.out == "" and time.time() - t < 5
+
+
+def test_json_shape(attn, tiny_llama):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "5", "--ignore-eos", "--json", "--seed", "7", "hi"])
+    assert r.code == 0, r
+    d = json.loads(r.out)
+    assert set(d) >= {"text", "finish_reason", "stop_sequence", "usage", "timings", "seed", "model", "device", "dtype", "params"}
+    assert d["finish_reason"] == "length" and d["seed"] == 7 and d["usage"]["completion_tokens"] == 5
+    assert set(d["timings"]) == {"load_ms", "ttft_ms", "prompt_ms", "prompt_tps", "decode_ms", "decode_tps", "total_ms"}
+    assert d["text"] == greedy_text(tiny_llama, "hi", 5)
+    assert r.out.count("\n") == 1
+
+
+def test_jsonl_events_and_logprobs(attn, tiny_llama):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "4", "--ignore-eos", "--jsonl", "--logprobs", "3", "hi"])
+    assert r.code == 0, r
+    events = [json.loads(line) for line in r.out.splitlines()]
+    assert [e["type"] for e in events] == ["token"] * 4 + ["done"]
+    for e in events[:-1]:
+        assert {"text", "id", "logprob", "bytes", "top_logprobs"} <= set(e)
+        assert len(e["top_logprobs"]) == 3
+        assert e["top_logprobs"][0]["id"] == e["id"]  # greedy picks the most likely token
+        assert e["logprob"] <= 0
+    assert events[-1]["finish_reason"] == "length"
+    assert "".join(e["text"] for e in events[:-1]) == greedy_text(tiny_llama, "hi", 4)
+
+
+def test_seed_reproducible_and_reported(attn, tiny_llama):
+    base = ["generate", "-m", str(tiny_llama), "--raw", "--temp", "1", "-n", "10", "--ignore-eos", "--json", "hi"]
+    a = json.loads(attn(base + ["--seed", "3"]).out)
+    b = json.loads(attn(base + ["--seed", "3"]).out)
+    assert a["text"] == b["text"]
+    auto = json.loads(attn(base).out)
+    again = json.loads(attn(base + ["--seed", str(auto["seed"])]).out)
+    assert auto["text"] == again["text"]
+    r = attn(base + ["-v"])
+    assert f"seed {json.loads(r.out)['seed']}" in r.err
+
+
+def test_stop_string_split_across_tokens(attn, tiny_llama):
+    full = greedy_text(tiny_llama, "hello world", 24)
+    tok = Tokenizer(tiny_llama)
+    # A stop string that straddles a token boundary: the end of one token's text and the start of the next.
+    ids = tok.encode(full)
+    assert len(ids) > 4
+    first = tok.decode(ids[:3])
+    stop = first[-1:] + tok.decode(ids[:4])[len(first) :][:2]
+    assert len(stop) >= 2 and stop in full
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "24", "--ignore-eos", "--json", "--stop", stop, "hello world"])
+    d = json.loads(r.out)
+    assert d["finish_reason"] == "stop" and d["stop_sequence"] == stop
+    assert d["text"] == full[: full.index(stop)]
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "24", "--ignore-eos", "--stop", stop, "hello world"])
+    assert r.out == full[: full.index(stop)] + "\n"
+
+
+def test_eos_stops_with_finish_reason_eos(attn, tmp_path, tokenizer_json):
+    import json as _json
+
+    save_model("llama", tmp_path, tokenizer_json, seed=0)
+    cfg = _json.loads((tmp_path / "config.json").read_text())
+    path = tmp_path
+    model = load_model(path)
+    first = next(generate(model, Tokenizer(path).encode("hi"), 1, SamplingSettings(temperature=0))).id
+    cfg["eos_token_id"] = [0, first]
+    (tmp_path / "config.json").write_text(_json.dumps(cfg))
+    d = json.loads(attn(["generate", "-m", str(path), "--raw", "--temp", "0", "-n", "9", "--json", "hi"]).out)
+    assert d["finish_reason"] == "eos" and d["text"] == "" and d["usage"]["completion_tokens"] == 1
+
+
+def test_chat_template_is_used_by_default(attn, tiny_llama):
+    tok = Tokenizer(tiny_llama)
+    chat = json.loads(attn(["generate", "-m", str(tiny_llama), "--temp", "0", "-n", "2", "--json", "hi"]).out)
+    expected = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    assert chat["usage"]["prompt_tokens"] == len(expected)
+    sys_ = json.loads(attn(["generate", "-m", str(tiny_llama), "--temp", "0", "-n", "2", "--json", "--system", "be brief", "hi"]).out)
+    assert sys_["usage"]["prompt_tokens"] > chat["usage"]["prompt_tokens"]
+
+
+def test_echo_prints_the_prompt_first(attn, tiny_llama):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "3", "--ignore-eos", "--echo", "hello world"])
+    assert r.out.startswith("hello world") and r.out == "hello world" + greedy_text(tiny_llama, "hello world", 3) + "\n"
+
+
+def test_stats_go_to_stderr(attn, tiny_llama):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "3", "--stats", "hi"])
+    assert "decode" in r.err and "tok/s" in r.err and "peak memory" in r.err
+    assert "tok/s" not in r.out
+
+
+def test_context_overflow_is_an_error_unless_truncate_left(attn, tiny_llama):
+    long = "word " * 300
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "-n", "10", long])
+    assert r.code == 1 and r.out == ""
+    assert "exceeds the context (256 tokens)" in r.err and "+ --max-tokens (10)" in r.err
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "10", "--truncate", "left", "--json", long])
+    assert r.code == 0 and "truncated" in r.err
+    assert json.loads(r.out)["usage"]["prompt_tokens"] == 246
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["-n", "0"], ["-n", "-5"], ["--temp", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "-3"], ["--min-p", "2"],
+     ["--dtype", "float8"], ["--device", "tpu"], ["--json", "--jsonl"], ["--logprobs", "3"], ["--repeat-penalty", "0"], ["--truncate", "middle"]],
+)
+def test_bad_flag_values_exit_2_with_one_line(attn, tiny_llama, flags):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", *flags, "hi"])
+    assert r.code == 2, r
+    assert r.out == ""
+    assert r.err.count("\n") == 1 and r.err.startswith("attn: error: ")
+
+
+def test_missing_model_is_one_line_exit_1(attn, tmp_path):
+    r = attn(["generate", "-m", str(tmp_path / "nope"), "hi"])
+    assert r.code == 1 and r.out == "" and r.err.count("\n") == 1 and "nope" in r.err
+
+
+def test_no_escape_codes_without_a_tty(attn, tiny_llama):
+    r = attn(["generate", "-m", str(tiny_llama), "--temp", "0", "-n", "5", "--stats", "hi"])
+    assert "\x1b" not in r.out and "\x1b" not in r.err
+
+
+def test_help_and_version(attn):
+    r = attn(["--version"])
+    assert r.code == 0 and r.out.startswith("attn ")
+    r = attn(["generate", "--help"])
+    assert r.code == 0 and "Examples" in r.out and "--max-tokens" in r.out
+
+
+# --- the installed command in a subprocess: pipes and signals -----------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory, tokenizer_json) -> Path:
+    """A model with a long context, so generation runs long enough to be interrupted."""
+    import transformers as tf
+
+    d = tmp_path_factory.mktemp("slow")
+    cfg = tf.LlamaConfig(vocab_size=403, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=20000, eos_token_id=0)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    (d / "tokenizer.json").write_text(tokenizer_json.read_text())
+    return d
+
+
+def spawn(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(ATTN + args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_closed_pipe_exits_141_silently(slow_model):
+    p = spawn(["generate", "-m", str(slow_model), "--raw", "--temp", "1", "--ignore-eos", "-n", "15000", "hello"], stdin=subprocess.DEVNULL)
+    got = b""
+    while len(got) < 5:
+        chunk = p.stdout.read1(5)
+        if not chunk:
+            break
+        got += chunk
+    p.stdout.close()  # like `| head -c 5`
+    code = p.wait(timeout=60)
+    err = p.stderr.read().decode()
+    assert code == 141, err
+    assert "Traceback" not in err and err == ""
+
+
+def test_sigint_flushes_partial_text_and_exits_130(slow_model):
+    p = spawn(["generate", "-m", str(slow_model), "--raw", "--temp", "1", "--ignore-eos", "-n", "15000", "hello"], stdin=subprocess.DEVNULL)
+    first = p.stdout.read1(1)  # generation has started
+    assert first
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err.decode() and "Aborted" not in err.decode()
+    assert (first + out).endswith(b"\n") and len(first + out) > 1
+
+
+def test_sigint_with_json_still_writes_the_object(slow_model):
+    p = spawn(["generate", "-m", str(slow_model), "--raw", "--temp", "1", "--ignore-eos", "-n", "15000", "--jsonl", "hello"], stdin=subprocess.DEVNULL)
+    assert p.stdout.readline()  # a token event: generation has started
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    done = json.loads(out.decode().splitlines()[-1])
+    assert done["type"] == "done" and done["finish_reason"] == "interrupted"
