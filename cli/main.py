@@ -41,6 +41,9 @@ def root(
 def _register() -> None:
     # Each command module adds its commands to `app` on import.
     from cli import generate  # noqa: F401
+    from cli import inspect as inspect_cmd_module  # noqa: F401
+    from cli import explain  # noqa: F401
+    from cli import heads  # noqa: F401
     try:
         from cli import weights_cmds  # noqa: F401
     except ImportError:  # pragma: no cover - during early development only
@@ -61,7 +64,7 @@ def main() -> None:
     _register()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="attn", standalone_mode=False)
         code = code if isinstance(code, int) else 0
     except typer.TyperException as e:  # typer's own usage errors (bad flag, bad value, missing argument)
         if _debug():

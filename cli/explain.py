@@ -1,0 +1,354 @@
+"""`attn explain`: one head's attention for one token, stage by stage, with the model's real numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from enum import Enum
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from cli.common import (
+    DEMO_SENTENCE,
+    ChatOpt,
+    Color,
+    ColorOpt,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    FileOpt,
+    InvalidUtf8Opt,
+    Loaded,
+    ModelOpt,
+    NoStdinOpt,
+    PromptArg,
+    PromptOpt,
+    QuietOpt,
+    SystemOpt,
+    VerboseOpt,
+    note,
+    open_model,
+    read_prompt,
+    use_color,
+    write_out,
+)
+from cli.main import app
+from model.errors import AttnError, UsageError
+from model.explain import Explanation, explain, query_rows
+
+EPILOG = """\
+Examples:
+
+  attn explain "a fluffy blue creature roamed the verdant forest" --token creature --layer 16 --head 0
+
+  attn explain --token creature                # demo sentence; picks the head with the sharpest attention
+
+  attn explain --token -1 -l 3 --head 2 --format json | jq .weights
+"""
+
+
+class ExplainFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+TokenOpt = Annotated[
+    Optional[str],
+    typer.Option("--token", "-t", help="The query token: index (negative from the end) or its text ('creature' matches ' creature'). [default: the last token]", show_default=False),
+]
+OccurrenceOpt = Annotated[int, typer.Option("--occurrence", min=1, help="With --token TEXT: which occurrence (1 = first).")]
+
+
+@app.command("explain", epilog=EPILOG)
+def explain_cmd(
+    prompt: PromptArg = None,
+    model: ModelOpt = None,
+    prompt_opt: PromptOpt = None,
+    file: FileOpt = None,
+    token: TokenOpt = None,
+    occurrence: OccurrenceOpt = 1,
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Layer (negative from the end). [default: with --head unset too, the head whose attention is sharpest]", show_default=False)] = None,
+    head: Annotated[Optional[int], typer.Option("--head", help="Query head. [default: as --layer]", show_default=False)] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Highlight the K strongest sources.")] = 3,
+    rows: Annotated[int, typer.Option("--rows", min=4, help="Sources listed per table before the rest is summarised.")] = 24,
+    preview: Annotated[int, typer.Option("--preview", min=1, max=64, help="Vector components shown in previews.")] = 6,
+    fmt: Annotated[Optional[ExplainFormat], typer.Option("--format", help="table (rich panels) or json. [default: table on a TTY, else json]", show_default=False)] = None,
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    no_stdin: NoStdinOpt = False,
+    invalid_utf8: InvalidUtf8Opt = "error",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    color: ColorOpt = Color.auto,
+) -> None:
+    """Walk through one attention head's computation for one token, with the model's own numbers."""
+    text = prompt_text(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
+    fmt = fmt or (ExplainFormat.table if sys.stdout.isatty() else ExplainFormat.json)
+    m = open_model(model, device, dtype, quiet)
+    ids, labels = encode_prompt(m, text, chat, system)
+    q = pick_token(labels, token, occurrence)
+    if layer is not None:
+        layer = pick_index(layer, m.cfg.n_layers, "--layer", "layers")
+    if head is not None:
+        head = pick_index(head, m.cfg.n_heads, "--head", "query heads")
+    if layer is None or head is None:
+        layer, head = sharpest_head(m, ids, q, layer, head)
+        note(f"explaining layer {layer} head {head}: where {labels[q]!r} attends most sharply (choose with --layer/--head)", quiet)
+    ex = explain(m.model, ids, q, layer, head)
+    if fmt is ExplainFormat.json:
+        write_out(json.dumps(explanation_json(m, ids, labels, ex), ensure_ascii=False) + "\n")
+        return
+    console = Console(file=sys.stdout, color_system="auto" if use_color(color, sys.stdout) else None, highlight=False, force_terminal=use_color(color, sys.stdout) or None)
+    for panel in explanation_panels(m, labels, ex, top, rows, preview):
+        console.print(panel)
+    console.print(Text(f"same numbers as JSON: attn explain … --token {q} --layer {layer} --head {head} --format json", style="dim"))
+
+
+# --- shared with `attn heads` ----------------------------------------------------------------------
+
+
+def prompt_text(prompt, prompt_opt, file, no_stdin: bool, invalid_utf8: str, quiet: bool) -> str:
+    """The prompt as the other commands read it; the demo sentence when there is none."""
+    text = read_prompt(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
+    if text is None:
+        note(f"no prompt given: using the demo sentence {DEMO_SENTENCE!r}", quiet)
+        return DEMO_SENTENCE
+    if text == "":
+        raise UsageError("empty prompt")
+    return text
+
+
+def encode_prompt(m: Loaded, text: str, chat: bool | None, system: str | None) -> tuple[list[int], list[str]]:
+    """Token ids and, for each, the exact piece of text it covers (raw unless --chat)."""
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids, labels = m.tokenizer.encode_with_offsets(m.tokenizer.render_chat(messages), add_special_tokens=False)
+    else:
+        ids, labels = m.tokenizer.encode_with_offsets(text)
+    if not ids:
+        raise UsageError("the prompt encodes to no tokens")
+    if len(ids) > m.cfg.max_len:
+        raise AttnError(f"prompt of {len(ids)} tokens exceeds the model's {m.cfg.max_len} positions")
+    return ids, labels
+
+
+def pick_index(value: int, n: int, flag: str, what: str) -> int:
+    """A 0-based index, negative from the end; out of range is a usage error."""
+    if not -n <= value < n:
+        raise UsageError(f"{flag} {value} is out of range: the model has {n} {what} (0..{n - 1}, or -{n}..-1)")
+    return value % n
+
+
+def pick_token(labels: list[str], token: str | None, occurrence: int = 1) -> int:
+    """The query index from --token: an index (negative from the end) or a token's text."""
+    n = len(labels)
+    if token is None:
+        return n - 1
+    try:
+        i = int(token)
+    except ValueError:
+        pass
+    else:
+        if not -n <= i < n:
+            raise UsageError(f"--token {i} is out of range: the prompt has {n} tokens (0..{n - 1}, or -{n}..-1)")
+        return i % n
+    hits = [i for i, t in enumerate(labels) if t == token] or [i for i, t in enumerate(labels) if t.strip() == token.strip()]
+    if not hits:
+        listing = ", ".join(f"{i} {t!r}" for i, t in enumerate(labels[:40])) + (" …" if n > 40 else "")
+        raise UsageError(f"no token {token!r} in the prompt; tokens: {listing}")
+    if occurrence > len(hits):
+        raise UsageError(f"--occurrence {occurrence}: {token!r} occurs {len(hits)} time(s)")
+    return hits[occurrence - 1]
+
+
+def sharpest_head(m: Loaded, ids: list[int], q: int, layer: int | None, head: int | None) -> tuple[int, int]:
+    """The (layer, head) whose weight on one source other than the first token and itself is largest."""
+    rows = query_rows(m.model, ids, q).float()  # (L, H, q + 1)
+    inner = rows[:, :, 1:q] if q >= 2 else rows  # sinks and self-attention say little about the token
+    best = inner.max(-1).values  # (L, H)
+    L, H = best.shape
+    allowed = torch.ones(L, H, dtype=torch.bool)
+    if layer is not None:
+        allowed &= (torch.arange(L) == layer)[:, None]
+    if head is not None:
+        allowed &= (torch.arange(H) == head)[None, :]
+    flat = int(best.masked_fill(~allowed, -1).flatten().argmax())
+    return flat // H, flat % H
+
+
+# --- formatting ------------------------------------------------------------------------------------
+
+
+def _floats(t) -> list[float]:
+    return [float(x) for x in t.tolist()]
+
+
+def explanation_json(m: Loaded, ids: list[int], labels: list[str], ex: Explanation) -> dict:
+    """The same numbers as the panels; arrays are aligned with `positions` (masked future positions left out)."""
+    return {
+        "model": m.name,
+        "tokens": [{"index": i, "id": t, "text": s} for i, (t, s) in enumerate(zip(ids, labels))],
+        "query": {"index": ex.query, "text": labels[ex.query]},
+        "layer": ex.layer,
+        "head": ex.head,
+        "kv_head": ex.kv_head,
+        "shared_kv_with": ex.shared_with,
+        "d_k": ex.d_k,
+        "scale": ex.scale,
+        "rope": ex.rope,
+        "input": {"residual_norm": float(ex.resid.norm()), "norm": float(ex.x.norm()), "dim": ex.x.numel(), "vector": _floats(ex.x)},
+        "q": {"norm": float(ex.q.norm()), "vector": _floats(ex.q), "rotated": _floats(ex.q_rot)},
+        "positions": list(range(ex.query + 1)),
+        "masked": list(range(ex.query + 1, ex.n_tokens)),
+        "key_norms": _floats(ex.keys.norm(dim=-1)),
+        "dots": _floats(ex.dots),
+        "scores": _floats(ex.scores),
+        "scores_unrotated": _floats(ex.scores_unrotated) if ex.scores_unrotated is not None else None,
+        "weights": _floats(ex.weights),
+        "entropy_bits": ex.entropy,
+        "value_vector_norms": _floats(ex.values.norm(dim=-1)),
+        "value_norms": _floats(ex.value_norms),
+        "output": {
+            "mixed_norm": float(ex.mixed.norm()),
+            "update_norm": float(ex.update.norm()),
+            "residual_norm": float(ex.resid.norm()),
+            "ratio": ex.update_ratio,
+            "cosine": ex.update_cosine,
+            "update": _floats(ex.update),
+        },
+    }
+
+
+def _vec(t, n: int) -> str:
+    head = ", ".join(f"{x:+.3f}" for x in t[:n].tolist())
+    return f"[{head}{', …' if t.numel() > n else ''}]  ({t.numel()} numbers)"
+
+
+def _shown(ex: Explanation, rows: int) -> list[int | None]:
+    """Positions to list: all when few; else the first, the strongest, the last few, None marking gaps."""
+    S = ex.query + 1
+    if S <= rows:
+        return list(range(S))
+    keep = {0, *range(S - 3, S), *ex.weights.topk(rows - 5).indices.tolist()}
+    out: list[int | None] = []
+    for j in sorted(keep):
+        if out and out[-1] is not None and j != out[-1] + 1:
+            out.append(None)
+        out.append(j)
+    return out
+
+
+def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, rows: int, preview: int) -> list[Panel]:
+    """The six stages as rich panels; marks (★, ✗) carry the meaning so NO_COLOR loses nothing."""
+    tok = lambda j: repr(labels[j])  # noqa: E731
+    q = ex.query
+    top_set = set(ex.weights.topk(min(top, q + 1)).indices.tolist())
+    shown = _shown(ex, rows)
+    norm_kind = "LayerNorm" if m.cfg.norm == "layer" else "RMSNorm"
+    title = f"{tok(q)} (token {q}) · layer {ex.layer} · head {ex.head}"
+
+    def table(*cols: str) -> Table:
+        t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for c in cols:
+            t.add_column(c, justify="left" if c in ("token",) else "right")
+        return t
+
+    def gap(t: Table, n: int) -> None:
+        t.add_row("…", "", *[""] * (n - 2))
+
+    p1 = Text.assemble(
+        f"residual stream entering layer {ex.layer}: ‖r‖ = {ex.resid.norm():.3f}\n",
+        f"after the layer's {norm_kind}: x = {_vec(ex.x, preview)}\n",
+        f"‖x‖ = {ex.x.norm():.3f}   — x is what Wq, Wk and Wv read",
+    )
+    k_tab = table("j", "token", "‖K_j‖")
+    for j in shown:
+        if j is None:
+            gap(k_tab, 3)
+        else:
+            k_tab.add_row(str(j), tok(j), f"{ex.keys[j].norm():.3f}")
+    bias = " + b_q" if m.cfg.qkv_bias else ""
+    lines = [f"Q = x·Wq{bias} = {_vec(ex.q, preview)}   ‖Q‖ = {ex.q.norm():.3f}   (d_k = {ex.d_k})"]
+    if ex.rope:
+        lines.append(f"RoPE rotates Q by position {q} and each K_j by position j: Q_rot = {_vec(ex.q_rot, preview)}")
+        lines.append("rotation keeps lengths; it changes the angles, so scores come to depend on j − i (stage 3)")
+    lines.append(f"keys K_j = x_j·Wk{' + b_k' if m.cfg.qkv_bias else ''} of the {q + 1} visible tokens (KV head {ex.kv_head}):")
+    p2 = Group(Text("\n".join(lines)), k_tab)
+
+    cols = ["j", "token", "Q·K_j", f"× 1/√{ex.d_k}", "score"] + (["no RoPE", "position adds"] if ex.rope else [])
+    s_tab = table(*cols)
+    for j in shown:
+        if j is None:
+            gap(s_tab, len(cols))
+            continue
+        row = [str(j), tok(j), f"{ex.dots[j]:+.3f}", f"{ex.scale:.4f}", f"{ex.scores[j]:+.3f}"]
+        if ex.rope:
+            row += [f"{ex.scores_unrotated[j]:+.3f}", f"{ex.scores[j] - ex.scores_unrotated[j]:+.3f}"]
+        s_tab.add_row(*row)
+    masked = ex.n_tokens - q - 1
+    mask_line = (
+        f"positions {q + 1}..{ex.n_tokens - 1} ({masked} later token{'s' if masked > 1 else ''}) are masked: score −∞ ✗, weight 0"
+        if masked
+        else "no later tokens: nothing to mask"
+    )
+    p3 = Group(s_tab, Text(mask_line))
+
+    w_tab = table("j", "token", "weight", "")
+    for j in shown:
+        if j is None:
+            gap(w_tab, 4)
+            continue
+        w = float(ex.weights[j])
+        mark = "★" if j in top_set else " "
+        bar = "█" * round(w * 30)
+        w_tab.add_row(str(j), tok(j), Text(f"{mark} {w:.3f}", style="bold yellow" if j in top_set else ""), Text(bar, style="yellow" if j in top_set else "dim"))
+    p4 = Group(
+        Text(f"weights = softmax(scores): each exp(score_j) / Σ exp(score); ★ marks the {len(top_set)} strongest"),
+        w_tab,
+        Text(f"entropy {ex.entropy:.3f} bits (0 = all on one token; {math.log2(q + 1):.3f} = spread evenly over {q + 1})"),
+    )
+
+    v_tab = table("j", "token", "‖V_j‖", "α_j", "‖α_j·V_j·W_O^h‖")
+    for j in shown:
+        if j is None:
+            gap(v_tab, 5)
+            continue
+        v_tab.add_row(str(j), tok(j), f"{ex.values[j].norm():.3f}", f"{ex.weights[j]:.3f}", f"{ex.value_norms[j]:.3f}")
+    cos = ex.update_cosine
+    p5 = Group(
+        v_tab,
+        Text.assemble(
+            f"Σ α_j·V_j = {_vec(ex.mixed, preview)}   ‖·‖ = {ex.mixed.norm():.3f}\n",
+            f"through head {ex.head}'s rows of W_O ({ex.d_k} × {ex.update.numel()}): update = {_vec(ex.update, preview)}\n",
+            f"‖update‖ = {ex.update.norm():.3f} = {ex.update_ratio:.1%} of ‖residual‖ {ex.resid.norm():.3f}; ",
+            f"cosine with the residual {cos:+.3f} ({'adds along' if cos > 0.1 else 'pushes against' if cos < -0.1 else 'nearly orthogonal to'} it)",
+        ),
+    )
+    G, H = m.cfg.n_kv_heads, m.cfg.n_heads
+    if G < H:
+        p6 = Text(
+            f"grouped-query attention: {H} query heads share {G} KV heads ({H // G} each).\n"
+            f"head {ex.head} reads KV head {ex.kv_head}, with query heads {', '.join(map(str, ex.shared_with))}: "
+            "same K_j and V_j, their own Q and their own rows of W_O."
+        )
+    else:
+        p6 = Text(f"multi-head attention: each of the {H} heads has its own K and V (no sharing).")
+    stages = [
+        ("1 · input to the layer", p1),
+        ("2 · query and keys", p2),
+        ("3 · scores: Q·K_j / √d_k, causal mask", p3),
+        ("4 · softmax", p4),
+        ("5 · values and output", p5),
+        ("6 · KV heads", p6),
+    ]
+    return [Panel(body, title=f"{name} — {title}" if i == 0 else name, title_align="left", box=box.ROUNDED) for i, (name, body) in enumerate(stages)]

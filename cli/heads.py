@@ -1,0 +1,277 @@
+"""`attn heads`: a map of what every head does — attention measures and head-detector scores."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from cli.common import (
+    ChatOpt,
+    Color,
+    ColorOpt,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    FileOpt,
+    InvalidUtf8Opt,
+    Loaded,
+    ModelOpt,
+    NoStdinOpt,
+    PromptArg,
+    PromptOpt,
+    QuietOpt,
+    SystemOpt,
+    VerboseOpt,
+    note,
+    open_model,
+    read_prompt,
+    use_color,
+    write_out,
+)
+from cli.explain import encode_prompt
+from cli.main import app
+from model.errors import AttnError, UsageError
+from model.heads import DETECTORS, MEASURES, HeadStats, head_stats, induction_sequence
+
+EPILOG = """\
+Examples:
+
+  attn heads                                   # the induction probe: random tokens, repeated
+
+  attn heads "a fluffy blue creature roamed the verdant forest" --sort previous --top 10
+
+  attn heads "some text" --probe induction --format csv > heads.csv
+
+  attn heads --sort induction -o heads.html
+"""
+
+COLUMNS = ("layer", "head", "kv_head", *MEASURES, *DETECTORS)
+HEADERS = {"kv_head": "kv", "previous": "prev", "previous_token": "prev-tok", "duplicate_token": "dup-tok", "distance": "dist", "induction": "induct"}
+
+
+class HeadsFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class ProbeKind(str, Enum):
+    induction = "induction"
+    none = "none"
+
+
+Column = Enum("Column", {c: c for c in COLUMNS}, type=str)  # type: ignore[misc]  # --sort / --measure choices
+
+
+@app.command("heads", epilog=EPILOG)
+def heads_cmd(
+    prompt: PromptArg = None,
+    model: ModelOpt = None,
+    prompt_opt: PromptOpt = None,
+    file: FileOpt = None,
+    probe: Annotated[Optional[ProbeKind], typer.Option("--probe", help="Also run the induction probe: a random token sequence, repeated; detectors are scored on it. [default: induction with no prompt, else none]", show_default=False)] = None,
+    probe_length: Annotated[int, typer.Option("--probe-length", min=4, max=1024, help="Random tokens in each half of the probe sequence.")] = 50,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the probe's random tokens.")] = 0,
+    sort: Annotated[Optional[Column], typer.Option("--sort", help="Column to sort by, strongest first. [default: induction when the probe ran, else previous]", show_default=False)] = None,
+    ascending: Annotated[bool, typer.Option("--ascending", help="Sort smallest first (e.g. the sharpest heads by entropy).")] = False,
+    top: Annotated[Optional[int], typer.Option("--top", min=0, help="Show the first K rows after sorting (0 = all). [default: 20 in the table, all in JSON/CSV]", show_default=False)] = None,
+    fmt: Annotated[Optional[HeadsFormat], typer.Option("--format", help="table, json or csv. [default: table on a TTY, else json]", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write a layers × heads grid coloured by --measure: FILE.svg or FILE.html (self-contained).", show_default=False)] = None,
+    measure: Annotated[Optional[Column], typer.Option("--measure", help="The measure the -o grid shows. [default: the sort column]", show_default=False)] = None,
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    no_stdin: NoStdinOpt = False,
+    invalid_utf8: InvalidUtf8Opt = "error",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    color: ColorOpt = Color.auto,
+) -> None:
+    """Measure what every (layer, head) attends to: entropy, distance, sink/previous/self shares, head detectors."""
+    if output is not None and output.suffix.lower() not in (".svg", ".html", ".htm"):
+        raise UsageError(f"-o {output}: the picture must be a .svg or .html file")
+    text = read_prompt(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
+    if text == "":
+        raise UsageError("empty prompt")
+    probe = probe or (ProbeKind.induction if text is None else ProbeKind.none)
+    fmt = fmt or (HeadsFormat.table if sys.stdout.isatty() else HeadsFormat.json)
+    m = open_model(model, device, dtype, quiet)
+    ids = labels = None
+    if text is not None:
+        ids, labels = encode_prompt(m, text, chat, system)
+        if len(ids) < 2:
+            raise UsageError("the prompt has one token: head measures need at least two")
+    probe_ids = None
+    if probe is ProbeKind.induction:
+        probe_ids = induction_probe(m, probe_length, seed)
+        if text is None:
+            note(f"no prompt: measuring on the induction probe ({probe_length} random tokens, repeated; seed {seed})", quiet)
+            ids, labels = probe_ids, [m.tokenizer.token_label(i) for i in probe_ids]
+    stats = head_stats(m.model, ids if text is not None else None, probe_ids)
+    rows = head_rows(m, stats)
+    by = (sort.value if sort else None) or ("induction" if probe_ids is not None else "previous")
+    rows = sort_rows(rows, by, ascending)
+    if output is not None:
+        by_measure = measure.value if measure else by
+        if by_measure in ("layer", "head", "kv_head"):
+            raise UsageError(f"--measure {by_measure}: choose a measure or detector column")
+        write_grid(output, m, stats, by_measure)
+        note(f"wrote {output}", quiet)
+    if fmt is HeadsFormat.json:
+        shown = rows[:top] if top else rows
+        doc = {"model": m.name, "tokens": [{"index": i, "id": t, "text": s} for i, (t, s) in enumerate(zip(ids, labels))], "heads": shown}
+        doc["probe"] = {"kind": "induction", "length": probe_length, "seed": seed, "ids": probe_ids} if probe_ids else None
+        write_out(json.dumps(doc, ensure_ascii=False) + "\n")
+    elif fmt is HeadsFormat.csv:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+        w.writeheader()
+        for r in rows[:top] if top else rows:
+            w.writerow({k: "" if v is None else v for k, v in r.items()})
+        write_out(buf.getvalue())
+    else:
+        k = 20 if top is None else top
+        render_table(rows[:k] if k else rows, len(rows), by, ascending, probe_ids is not None, use_color(color, sys.stdout))
+
+
+def induction_probe(m: Loaded, length: int, seed: int) -> list[int]:
+    """Random ordinary tokens (no special ones), repeated, after whatever the tokenizer puts at the start."""
+    prefix = m.tokenizer.encode("")  # e.g. Llama's <s>: prompts start this way, so the probe does too
+    vocab = min(m.tokenizer.vocab_size, m.cfg.vocab_size)
+    candidates = [i for i in range(vocab) if i not in m.tokenizer.special_ids]
+    if len(prefix) + 2 * length > m.cfg.max_len:
+        raise UsageError(f"--probe-length {length}: the probe of {len(prefix) + 2 * length} tokens exceeds the model's {m.cfg.max_len} positions")
+    try:
+        return induction_sequence(candidates, length, seed, prefix)
+    except ValueError as e:
+        raise UsageError(f"--probe-length {length}: {e}") from None
+
+
+def head_rows(m: Loaded, stats: HeadStats) -> list[dict]:
+    """One plain dict per (layer, head), every measure a float or None (detector not run)."""
+    L, H = stats.entropy.shape
+    cols = {name: stats.get(name) for name in (*MEASURES, *DETECTORS)}
+    rows = []
+    for layer in range(L):
+        for head in range(H):
+            r = {"layer": layer, "head": head, "kv_head": m.cfg.kv_head(head)}
+            for name, t in cols.items():
+                r[name] = None if t is None else float(t[layer, head])
+            rows.append(r)
+    return rows
+
+
+def sort_rows(rows: list[dict], by: str, ascending: bool) -> list[dict]:
+    """Strongest first (smallest with `ascending`); rows without the value (detector not run) last."""
+    if all(r[by] is None for r in rows):
+        raise UsageError(f"--sort {by}: that detector was not run (add --probe induction)")
+    if by in ("layer", "head", "kv_head"):
+        ascending = not ascending  # indices read naturally smallest first
+    sign = 1 if ascending else -1
+    return sorted(rows, key=lambda r: (r[by] is None, sign * (r[by] or 0), r["layer"], r["head"]))
+
+
+def render_table(rows: list[dict], total: int, by: str, ascending: bool, probed: bool, color: bool) -> None:
+    console = Console(file=sys.stdout, color_system="auto" if color else None, force_terminal=color or None, highlight=False)
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", collapse_padding=True)
+    t.title = f"sorted by {by}{' (smallest first)' if ascending else ''}" + ("" if probed else "; detectors on the prompt (induction: --probe induction)")
+    for c in COLUMNS:  # eleven columns in 80: headers short, nothing wraps
+        t.add_column(HEADERS.get(c, c), justify="right", no_wrap=True, style="underline" if c == by else None, header_style="bold underline" if c == by else "bold")
+    for r in rows:
+        cells = []
+        for c in COLUMNS:
+            v = r[c]
+            if v is None:
+                cells.append(Text("—", style="dim"))
+            elif isinstance(v, int):
+                cells.append(Text(str(v)))
+            else:
+                strong = c not in ("entropy", "distance") and v >= 0.5
+                cells.append(Text(f"{v:.1f}" if c == "distance" else f"{v:.3f}", style="bold" if strong else ""))
+        t.add_row(*cells)
+    console.print(t)
+    more = total - len(rows)
+    foot = f"{more} more row(s): --top 0 shows all; " if more else ""
+    console.print(Text(foot + "entropy in bits; dist in tokens; --format json|csv for pipelines", style="dim"))
+
+
+# --- the layers × heads picture -------------------------------------------------------------------
+
+
+SVG_NS = ' xmlns="http://www.w3.org/2000/svg"'  # a namespace name, never fetched; inline SVG in HTML needs none
+
+
+def _heat(v: float | None, lo: float, hi: float) -> str:
+    """White → deep blue over [lo, hi]; grey for no value."""
+    if v is None:
+        return "#dddddd"
+    f = 0.0 if hi <= lo else min(1.0, max(0.0, (v - lo) / (hi - lo)))
+    r, g, b = (round(255 + (c - 255) * f) for c in (8, 48, 107))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def grid_svg(values: list[list[float | None]], title: str, lo: float, hi: float, standalone: bool = True) -> str:
+    """A standalone SVG: one cell per (layer, head), layers down, heads across, value written in each cell."""
+    L, H = len(values), len(values[0])
+    cw, ch, left, top = 46, 20, 64, 48
+    w, h = left + H * cw + 20, top + L * ch + 44
+    out = [
+        f'<svg{SVG_NS if standalone else ""} width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{left}" y="18" font-size="14">{html.escape(title)}</text>',
+    ]
+    for j in range(H):
+        out.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 8}" text-anchor="middle">h{j}</text>')
+    for i in range(L):
+        y = top + i * ch
+        out.append(f'<text x="{left - 6}" y="{y + ch * 0.7}" text-anchor="end">layer {i}</text>')
+        for j in range(H):
+            v = values[i][j]
+            fill = _heat(v, lo, hi)
+            dark = v is not None and hi > lo and (v - lo) / (hi - lo) > 0.55
+            label = "—" if v is None else f"{v:.2f}"
+            out.append(
+                f'<rect x="{left + j * cw}" y="{y}" width="{cw - 1}" height="{ch - 1}" fill="{fill}"><title>layer {i} head {j}: {label}</title></rect>'
+                f'<text x="{left + j * cw + cw / 2}" y="{y + ch * 0.7}" text-anchor="middle" fill="{"white" if dark else "#222"}">{label}</text>'
+            )
+    out.append(f'<text x="{left}" y="{top + L * ch + 24}" fill="#555">colour: {lo:.2f} (white) → {hi:.2f} (blue); made by attn heads</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def write_grid(path: Path, m: Loaded, stats: HeadStats, name: str) -> None:
+    t = stats.get(name)
+    if t is None:
+        raise UsageError(f"--measure {name}: that detector was not run (add --probe induction)")
+    values = t.tolist()
+    flat = [v for row in values for v in row]
+    lo, hi = (0.0, 1.0) if name not in ("entropy", "distance") else (min(flat), max(flat))
+    title = f"{Path(m.name).name}: {name} per layer × head"
+    svg = grid_svg(values, title, lo, hi, standalone=path.suffix.lower() == ".svg")
+    if path.suffix.lower() == ".svg":
+        doc = '<?xml version="1.0" encoding="UTF-8"?>\n' + svg + "\n"
+    else:
+        doc = (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            "<style>body{font-family:sans-serif;margin:16px}</style></head><body>\n"
+            f"{svg}\n"
+            "<p style='color:#555;font-size:12px'>Hover a cell for its value. Rows are layers, columns query heads.</p>"
+            "</body></html>\n"
+        )
+    try:
+        path.write_text(doc, encoding="utf-8")
+    except OSError as e:
+        raise AttnError(f"cannot write {path}: {e.strerror}") from None

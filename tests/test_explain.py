@@ -1,0 +1,223 @@
+"""attn explain: every stage equals an independent computation from the raw weights and transformers' eager attention."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.explain import explain, head_updates
+from model.loading import load_model
+from tests.conftest import run_cli
+
+PROMPT = "a fluffy blue creature roamed the verdant forest"
+
+
+def ids_for(model, T: int = 12, seed: int = 5) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.cfg.vocab_size, (T,), generator=g).tolist()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def reference(hf, kind: str, ids: list[int], layer: int):
+    """Residual, normed x, q (H, T, D), k, v (G, T, D), unrotated q/k, W_O (H, D, C) straight from the HF modules."""
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
+        resid = out.hidden_states[layer][0]  # (T, C): hidden_states[l] is the input of layer l
+        T, C = resid.shape
+        if kind == "gpt2":
+            blk = hf.transformer.h[layer]
+            H = hf.config.n_head
+            G, D = H, C // H
+            x = blk.ln_1(resid)
+            qkv = x @ blk.attn.c_attn.weight + blk.attn.c_attn.bias  # Conv1D: (in, out)
+            q, k, v = (t.view(T, -1, D).transpose(0, 1) for t in qkv.split(C, dim=-1))
+            w_o = blk.attn.c_proj.weight.view(H, D, C)
+            q_raw, k_raw = q, k
+        else:
+            blk = hf.model.layers[layer]
+            a = blk.self_attn
+            H, G = hf.config.num_attention_heads, hf.config.num_key_value_heads
+            D = C // H
+            x = blk.input_layernorm(resid)
+            q_raw = a.q_proj(x).view(T, H, D).transpose(0, 1)  # (H, T, D)
+            k_raw = a.k_proj(x).view(T, G, D).transpose(0, 1)  # (G, T, D)
+            v = a.v_proj(x).view(T, G, D).transpose(0, 1)
+            # RoPE by hand: HF layout, frequency i paired with i + D/2.
+            theta = (getattr(hf.config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+            inv = 1.0 / (theta ** (torch.arange(0, D, 2).float() / D))
+            ang = torch.arange(T).float()[:, None] * inv[None, :]
+            cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+            q = q_raw * cos + rotate_half(q_raw) * sin
+            k = k_raw * cos + rotate_half(k_raw) * sin
+            w_o = a.o_proj.weight.t().reshape(H, D, C)  # nn.Linear stores (out, in)
+    return dict(resid=resid, x=x, q=q, k=k, v=v, q_raw=q_raw, k_raw=k_raw, w_o=w_o, attn=out.attentions[layer][0], H=H, G=G, D=D)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+def test_explain_equals_independent_computation(tiny_models, kind):
+    path, hf = tiny_models[kind]
+    model = load_model(path)
+    ids = ids_for(model)
+    for layer, head, query in [(0, 0, 7), (1, 3, 11), (1, 2, 0)]:
+        ref = reference(hf, kind, ids, layer)
+        R = ref["H"] // ref["G"]
+        g = head // R
+        S = query + 1
+        ex = explain(model, ids, query, layer, head)
+        qv, ks, vs = ref["q"][head, query], ref["k"][g, :S], ref["v"][g, :S]
+        dots = ks @ qv
+        scores = dots / ref["D"] ** 0.5
+        weights = scores.softmax(-1)
+        mixed = weights @ vs
+        update = mixed @ ref["w_o"][head]
+        close = lambda a, b, tol=1e-4: torch.testing.assert_close(a, b, rtol=tol, atol=tol)  # noqa: E731
+        close(ex.resid, ref["resid"][query])
+        close(ex.x, ref["x"][query])
+        close(ex.q, ref["q_raw"][head, query])
+        close(ex.keys, ref["k_raw"][g, :S])
+        close(ex.q_rot, qv)
+        close(ex.keys_rot, ks)
+        close(ex.dots, dots)
+        close(ex.scores, scores)
+        close(ex.weights, weights, 1e-5)
+        close(ex.weights, ref["attn"][head, query, :S], 1e-5)  # transformers' eager weights
+        if S < len(ids):  # transformers gives the future exactly 0; explain leaves it out
+            assert ref["attn"][head, query, S:].abs().max().item() == 0.0
+        assert ex.n_tokens == len(ids) and ex.weights.shape == (S,)
+        close(ex.values, vs)
+        close(ex.mixed, mixed)
+        close(ex.update, update)
+        close(ex.value_norms, ((weights[:, None] * vs) @ ref["w_o"][head]).norm(dim=-1))
+        assert abs(ex.entropy - float(-(weights * weights.log2()).sum())) < 1e-4
+        assert ex.kv_head == g and ex.shared_with == [h for h in range(g * R, (g + 1) * R) if h != head]
+        if kind == "gpt2":
+            assert ex.scores_unrotated is None and not ex.rope
+        else:
+            close(ex.scores_unrotated, (ref["k_raw"][g, :S] @ ref["q_raw"][head, query]) / ref["D"] ** 0.5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "llama_mha"])
+def test_head_updates_sum_to_the_attention_output(tiny_models, kind):
+    path, hf = tiny_models[kind]
+    model = load_model(path)
+    ids = ids_for(model, T=16)
+    for layer in range(model.cfg.n_layers):
+        attn = hf.transformer.h[layer].attn if kind == "gpt2" else hf.model.layers[layer].self_attn
+        seen = {}
+
+        def keep(mod, args, out) -> None:  # returns None: the module's output is left as it is
+            seen["y"] = out[0][0].detach()
+
+        hook = attn.register_forward_hook(keep)
+        try:
+            with torch.no_grad():
+                hf(torch.tensor([ids]))
+        finally:
+            hook.remove()
+        updates, bias = head_updates(model, ids, layer)
+        assert (bias is not None) == (kind != "llama")
+        total = updates.sum(0) + (bias if bias is not None else 0)
+        assert (total - seen["y"]).abs().max().item() <= 1e-4
+        ex = explain(model, ids, 9, layer, 1)
+        torch.testing.assert_close(ex.update, updates[1, 9], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_explain_agrees_with_inspect_probe(tiny_models, kind):
+    probe = pytest.importorskip("model.probe")
+    model = load_model(tiny_models[kind][0])
+    ids = ids_for(model)
+    layer, query = 1, 8
+    heads = list(range(model.cfg.n_heads))
+    got = {view: probe.capture(model, ids, query, [layer], heads, "from", view).layers[layer].values for view in probe.VIEWS}
+    for h in heads:
+        ex = explain(model, ids, query, layer, h)
+        torch.testing.assert_close(ex.weights, got["weights"][h].float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ex.scores, got["scores"][h].float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ex.value_norms, got["value-norms"][h].float(), rtol=1e-5, atol=1e-5)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def test_explain_json(tiny_models):
+    path, hf = tiny_models["llama"]
+    r = run_cli(["explain", "-m", str(path), PROMPT, "--token", "the", "--layer", "1", "--head", "3", "--format", "json"])
+    assert r.code == 0, r
+    d = json.loads(r.out)
+    q = d["query"]["index"]
+    assert d["query"]["text"] == " the" and d["tokens"][q]["text"] == " the"
+    assert (d["layer"], d["head"], d["kv_head"], d["shared_kv_with"]) == (1, 3, 1, [2])
+    assert d["positions"] == list(range(q + 1)) and d["masked"] == list(range(q + 1, len(d["tokens"])))
+    for key in ("key_norms", "dots", "scores", "scores_unrotated", "weights", "value_vector_norms", "value_norms"):
+        assert len(d[key]) == q + 1 and all(isinstance(x, float) for x in d[key]), key
+    assert abs(sum(d["weights"]) - 1) < 1e-5
+    with torch.no_grad():
+        ref = hf(torch.tensor([[t["id"] for t in d["tokens"]]]), output_attentions=True).attentions[1][0, 3, q, : q + 1]
+    assert max(abs(a - b) for a, b in zip(d["weights"], ref.tolist())) < 1e-5
+    assert set(d["output"]) == {"mixed_norm", "update_norm", "residual_norm", "ratio", "cosine", "update"}
+    assert r.err == ""
+
+
+def test_explain_panels_without_color(tiny_models):
+    path, _ = tiny_models["gpt2"]
+    r = run_cli(["explain", "-m", str(path), PROMPT, "--token", "-2", "--layer", "-1", "--head", "0", "--format", "table"], env={"NO_COLOR": "1"})
+    assert r.code == 0, r
+    assert "\x1b[" not in r.out
+    for stage in ("1 · input to the layer", "2 · query and keys", "3 · scores", "4 · softmax", "5 · values and output", "6 · KV heads"):
+        assert stage in r.out
+    assert "★" in r.out and "masked" in r.out and "entropy" in r.out
+    assert "multi-head attention" in r.out and "RoPE" not in r.out
+
+
+def test_explain_picks_a_head_when_none_given(tiny_models):
+    path, _ = tiny_models["llama"]
+    r = run_cli(["explain", "-m", str(path), "--format", "json", "--token", "the"], tty=True)
+    assert r.code == 0, r
+    d = json.loads(r.out)
+    assert d["query"]["text"] == " the"
+    assert "demo sentence" in r.err and f"layer {d['layer']} head {d['head']}" in r.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layer", "2", "--head", "0"], "--layer 2 is out of range"),
+        (["--layer", "-3", "--head", "0"], "--layer -3 is out of range"),
+        (["--layer", "0", "--head", "4"], "--head 4 is out of range"),
+        (["--layer", "0", "--head", "0", "--token", "99"], "--token 99 is out of range"),
+        (["--layer", "0", "--head", "0", "--token", "unicorn"], "no token 'unicorn' in the prompt; tokens: 0 "),
+        (["--layer", "0", "--head", "0", "--token", "the", "--occurrence", "2"], "occurs 1 time"),
+        (["--layer", "0", "--head", "0", "--format", "yaml"], "yaml"),
+    ],
+)
+def test_explain_usage_errors(tiny_models, args, message):
+    path, _ = tiny_models["llama"]
+    r = run_cli(["explain", "-m", str(path), PROMPT, *args])
+    assert r.code == 2, r
+    assert r.out == ""
+    assert message in r.err and r.err.startswith("attn: error: ") and r.err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_real_model_explain_blue_head(real_model_dir):
+    """On the demo sentence, the head that puts most of ' creature''s weight on ' blue' (as --find blue ranks) explains it."""
+    from model.explain import query_rows
+    from model.tokenizer import Tokenizer
+
+    ids, pieces = Tokenizer(real_model_dir).encode_with_offsets("a fluffy blue creature roamed the verdant forest")
+    q, blue = pieces.index(" creature"), pieces.index(" blue")
+    rows = query_rows(load_model(real_model_dir), ids, q)  # (L, H, q + 1)
+    flat = int(rows[:, :, blue].flatten().argmax())
+    layer, head = divmod(flat, rows.shape[1])
+    r = run_cli(["explain", "-m", str(real_model_dir), "--token", "creature", "--layer", str(layer), "--head", str(head), "--format", "json"], tty=True)
+    assert r.code == 0, r
+    d = json.loads(r.out)
+    assert d["weights"][blue] > 0.5
+    assert abs(d["weights"][blue] - float(rows[layer, head, blue])) < 1e-5
