@@ -1,0 +1,355 @@
+"""`attn inspect`: the attention of one chosen token, per layer and head, as a table, JSON, CSV or picture."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from cli.common import (
+    DEMO_SENTENCE,
+    Color,
+    ColorOpt,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    FileOpt,
+    InvalidUtf8Opt,
+    Loaded,
+    MinPOpt,
+    ModelOpt,
+    NoStdinOpt,
+    PromptArg,
+    PromptOpt,
+    QuietOpt,
+    RepeatLastNOpt,
+    RepeatPenaltyOpt,
+    SeedOpt,
+    SystemOpt,
+    TempOpt,
+    TopKOpt,
+    TopPOpt,
+    VerboseOpt,
+    note,
+    open_model,
+    read_prompt,
+    sampling_settings,
+    use_color,
+    write_out,
+)
+from cli.main import app
+from cli.render import HeadRow, View, show, table, to_csv, to_json
+from model.errors import AttnError, UsageError
+from model.generate import NonFiniteLogits, generate
+from model.loading import load_generation_config
+from model.probe import Capture, capture
+
+EPILOG = """\
+Examples:
+
+  attn inspect --head 3                       (the demo sentence, every layer)
+
+  attn inspect "a fluffy blue creature roamed the verdant forest" --token creature --find blue
+
+  attn inspect "The cat sat on the mat" -t -1 -l -1 --format json | jq .heads[0]
+
+  attn inspect "Once upon a time" --generate 8 --temp 0 -o attention.html
+"""
+
+
+class Direction(str, Enum):
+    from_ = "from"
+    to = "to"
+
+
+class Values(str, Enum):
+    weights = "weights"
+    scores = "scores"
+    value_norms = "value-norms"
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+InspectChatOpt = Annotated[bool, typer.Option("--chat/--raw", help="Apply the model's chat template to the prompt. [default: raw]", show_default=False)]
+
+
+@app.command("inspect", epilog=EPILOG)
+def inspect_cmd(
+    prompt: PromptArg = None,
+    model: ModelOpt = None,
+    prompt_opt: PromptOpt = None,
+    file: FileOpt = None,
+    token: Annotated[Optional[str], typer.Option("--token", "-t", help="The chosen token: an index (negative from the end) or its text ('creature' matches ' creature'). [default: the last token]", show_default=False)] = None,
+    occurrence: Annotated[Optional[int], typer.Option("--occurrence", help="With --token TEXT: which match, 1 = first, -1 = last. [default: 1]", show_default=False)] = None,
+    layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", help="Layer index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
+    head: Annotated[Optional[list[int]], typer.Option("--head", help="Query-head index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
+    direction: Annotated[Direction, typer.Option("--direction", help="from: the chosen token as query (a row); to: how much each later token attends to it (a column).")] = Direction.from_,
+    values: Annotated[Values, typer.Option("--values", help="weights (softmax), scores (QKᵀ/√d before softmax) or value-norms (‖α·v·W_O‖).")] = Values.weights,
+    skip_first: Annotated[bool, typer.Option("--skip-first", help="Leave the first token (often an attention sink) out and renormalise the rest; its raw share is still shown.")] = False,
+    find: Annotated[Optional[str], typer.Option("--find", help="Rank every (layer, head) by what the chosen token gives to tokens matching TEXT.", show_default=False)] = None,
+    top: Annotated[Optional[int], typer.Option("--top", min=1, help="Table: the K strongest sources per head [default: 3]; with --find, the K best heads [default: 10].", show_default=False)] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", help="table | json | csv. [default: table when stdout is a terminal, else json]", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a self-contained picture: FILE.html or FILE.svg.", show_default=False)] = None,
+    generate_n: Annotated[int, typer.Option("--generate", min=0, help="Generate N tokens first (sampling flags as in generate), then inspect prompt + generated.")] = 0,
+    temp: TempOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    repeat_last_n: RepeatLastNOpt = 64,
+    seed: SeedOpt = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="With --generate: keep going past end-of-sequence tokens.")] = False,
+    chat: InspectChatOpt = False,
+    system: SystemOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    no_stdin: NoStdinOpt = False,
+    invalid_utf8: InvalidUtf8Opt = "error",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    color: ColorOpt = Color.auto,
+) -> None:
+    """Show the attention of one token, per layer and head: where it looks, how strongly, and why."""
+    if output is not None and output.suffix.lower() not in (".html", ".htm", ".svg"):
+        raise UsageError(f"--output must end in .html or .svg (got {output.name!r})")
+    if occurrence == 0:
+        raise UsageError("--occurrence counts from 1 (or from -1 at the end); 0 is not a position")
+    if occurrence is not None and (token is None or is_index(token)):
+        raise UsageError("--occurrence goes with --token TEXT")
+    text = read_prompt(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
+    if text is None:
+        text = DEMO_SENTENCE
+        note(f'no prompt given: using the demo sentence "{DEMO_SENTENCE}"', quiet)
+    if text == "":
+        raise UsageError("empty prompt")
+
+    m = open_model(model, device, dtype, quiet)
+    ids, labels = tokenize(m, text, chat, system)
+    prompt_len = len(ids)
+    generated, cached = None, 0
+    if generate_n:
+        settings = sampling_settings(m.path, load_generation_config(m.path), temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+            if verbose:
+                note(f"seed {seed}")
+        new = run_generation(m, ids, generate_n, settings, seed, ignore_eos)
+        cached = len(ids) + len(new) - 1  # generation fed every token but the last one: their K, V are cached
+        gen_text = m.tokenizer.decode(new)
+        ids = ids + new
+        labels = labels + token_labels(m, new)
+        generated = {"tokens": len(new), "text": gen_text, "seed": seed}
+        note(f"generated {len(new)} tokens: {gen_text!r}", quiet)
+        if not new:
+            raise AttnError("the model ended the text at once (end-of-sequence); nothing generated (try --ignore-eos)")
+
+    query = pick_token(labels, token, occurrence)
+    layers = pick_indices(layer, m.cfg.n_layers, "layer", "layers")
+    heads = pick_indices(head, m.cfg.n_heads, "head", "query heads")
+    if skip_first and query == 0:
+        raise UsageError("--skip-first leaves out token 0, which is the chosen token: choose a later one")
+    find_pos = find_positions(labels, find, query, direction.value) if find is not None else []
+
+    cap = capture(m.model, ids, query, layers, heads, direction.value, values.value, cached=cached)
+    view = build_view(m, ids, labels, cap, skip_first, find, find_pos, prompt_len, generated)
+
+    if fmt is None and output is None:  # with -o the picture is the product; stdout only if --format asks
+        fmt = Format.table if sys.stdout.isatty() else Format.json
+    if output is not None:
+        from cli.pictures import write_picture
+
+        write_picture(view, output)
+        note(f"wrote {output} ({len(view.rows)} heads × {len(view.positions)} tokens)", quiet)
+    if fmt is Format.json:
+        write_out(to_json(view))
+    elif fmt is Format.csv:
+        write_out(to_csv(view))
+    elif fmt is Format.table:
+        width = shutil.get_terminal_size((80, 24)).columns
+        k = top if top is not None else (10 if find is not None else 3)
+        write_out(table(view, max(width, 20), use_color(color, sys.stdout), k))
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+
+def tokenize(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
+    """Ids and token texts of the prompt, through the chat template with --chat."""
+    tk = m.tokenizer
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids, pieces = tk.encode_with_offsets(tk.render_chat(messages), add_special_tokens=False)
+    else:
+        ids, pieces = tk.encode_with_offsets(text)
+    if not ids:
+        if m.cfg.bos_token_id is None:
+            raise UsageError("the prompt encodes to no tokens and the model has no BOS token to start from")
+        ids, pieces = [m.cfg.bos_token_id], [""]
+    return ids, token_labels(m, ids, pieces)
+
+
+def token_labels(m: Loaded, ids: list[int], pieces: list[str] | None = None) -> list[str]:
+    """Each token's own text: its exact bytes when they are whole UTF-8, else the text it covers."""
+    out = []
+    for n, i in enumerate(ids):
+        try:
+            out.append(m.tokenizer.token_bytes(i).decode("utf-8"))
+        except UnicodeDecodeError:  # part of a multi-byte character
+            out.append(pieces[n] if pieces and pieces[n] else m.tokenizer.token_bytes(i).decode("utf-8", errors="replace"))
+    return out
+
+
+def run_generation(m: Loaded, ids: list[int], n: int, settings, seed: int, ignore_eos: bool) -> list[int]:
+    """Sample up to n tokens after the prompt (stopping at end-of-sequence unless told not to)."""
+    if len(ids) + n > m.cfg.max_len:
+        raise AttnError(f"prompt ({len(ids)} tokens) + --generate ({n}) exceeds the context ({m.cfg.max_len} tokens)")
+    eos = set(m.cfg.eos_token_ids)
+    generator = torch.Generator(device=m.device).manual_seed(seed)
+    new: list[int] = []
+    steps = generate(m.model, ids, n, settings, generator)
+    try:
+        for step in steps:
+            if step.id in eos and not ignore_eos:
+                break
+            new.append(step.id)
+    except NonFiniteLogits as e:
+        raise AttnError(f"{e}; try --dtype float32") from None
+    finally:
+        steps.close()
+    return new
+
+
+def is_index(token: str) -> bool:
+    return re.fullmatch(r"[+-]?\d+", token.strip()) is not None
+
+
+def match_spans(labels: list[str], text: str) -> list[list[int]]:
+    """Tokens matching `text`: equal text, then equal ignoring surrounding space, then ignoring case,
+    then every run of tokens that spells it out (a word split into pieces)."""
+    for same in (lambda s: s == text, lambda s: s.strip() == text.strip(), lambda s: s.strip().casefold() == text.strip().casefold()):
+        hits = [[i] for i, s in enumerate(labels) if s and same(s)]
+        if hits:
+            return hits
+    needle = text.strip() or text
+    joined, starts, at = "", [], 0
+    for s in labels:
+        starts.append(at)
+        joined += s
+        at += len(s)
+    spans, k = [], joined.find(needle)
+    while k >= 0 and needle:
+        end = k + len(needle)
+        spans.append([i for i, s in enumerate(labels) if starts[i] < end and starts[i] + len(s) > k])
+        k = joined.find(needle, end)
+    return spans
+
+
+def token_list(labels: list[str], limit: int = 40) -> str:
+    shown = " ".join(f"{i}:{show(s, 16)}" for i, s in enumerate(labels[:limit]))
+    return shown + (f" … ({len(labels)} tokens; give an index)" if len(labels) > limit else "")
+
+
+def pick_token(labels: list[str], token: str | None, occurrence: int | None) -> int:
+    """The chosen token's index: last by default, an index (negative from the end), or matching text."""
+    N = len(labels)
+    if token is None:
+        return N - 1
+    if is_index(token):
+        i = int(token)
+        if not -N <= i < N:
+            raise UsageError(f"--token {i} is out of range: {N} tokens (0..{N - 1}, or -{N}..-1)")
+        return i % N
+    spans = match_spans(labels, token)
+    if not spans:
+        raise UsageError(f"no token matches {token!r}; the tokens are {token_list(labels)}")
+    n = occurrence or 1
+    if not -len(spans) <= n <= len(spans):
+        raise UsageError(f"{token!r} occurs {len(spans)} time(s): --occurrence must be 1..{len(spans)} (or -{len(spans)}..-1)")
+    span = spans[n - 1 if n > 0 else n]
+    return span[-1]  # a word in pieces: its last piece is where the whole word has been read
+
+
+def pick_indices(given: list[int] | None, n: int, what: str, plural: str) -> list[int]:
+    """Layer or head indices (negative from the end), checked, in order, without repeats."""
+    if not given:
+        return list(range(n))
+    out = []
+    for i in given:
+        if not -n <= i < n:
+            raise UsageError(f"--{what} {i} is out of range: this model has {n} {plural} (0..{n - 1}, or -{n}..-1)")
+        if i % n not in out:
+            out.append(i % n)
+    return sorted(out)
+
+
+def find_positions(labels: list[str], text: str, query: int, direction: str) -> list[int]:
+    """Token positions matching --find that the chosen token can see (from) or that can see it (to)."""
+    spans = match_spans(labels, text)
+    if not spans:
+        raise UsageError(f"--find {text!r}: no token matches; the tokens are {token_list(labels)}")
+    allowed = (lambda p: p <= query) if direction == "from" else (lambda p: p >= query)
+    pos = sorted({p for s in spans for p in s if allowed(p)})
+    if not pos:
+        where = "after" if direction == "from" else "before"
+        raise UsageError(
+            f"--find {text!r} matches only tokens {where} the chosen token {query} "
+            f"({', '.join(str(p) for s in spans for p in s)}): attention never reaches them in --direction {direction}"
+        )
+    return pos
+
+
+def build_view(m: Loaded, ids, labels, cap: Capture, skip_first: bool, find: str | None, find_pos: list[int], prompt_len: int, generated) -> View:
+    """The capture as plain rows: renormalised without the first token if asked, ranked for --find."""
+    positions = list(cap.positions)
+    keep = slice(1, None) if skip_first and cap.direction == "from" else slice(None)
+    renorm = skip_first and cap.view != "scores"  # scores are pre-softmax: leaving one out changes nothing else
+    rows = []
+    for layer, lc in cap.layers.items():
+        vals = lc.values
+        if renorm:
+            rest = 1.0 - lc.sink  # (h, P): what each query row gives to everything but the first token
+            vals = torch.where(rest > 0, vals / rest.clamp_min(1e-30), torch.zeros_like(vals))
+        vals = vals[:, keep]
+        first = lc.sink.mean(dim=-1)  # (h,): the row's share for `from`; the mean over later rows for `to`
+        for n, (h, g) in enumerate(zip(cap.heads, cap.kv_heads)):
+            rows.append(HeadRow(layer, h, g, vals[n].tolist(), float(first[n])))
+    positions = positions[keep]
+    if find is not None:
+        idx = [positions.index(p) for p in find_pos if p in positions]
+        if not idx:
+            raise UsageError(f"--find {find!r}: its only match is the first token, which --skip-first leaves out")
+        find_pos = [positions[j] for j in idx]
+        for r in rows:
+            picked = [r.values[j] for j in idx]
+            r.match = max(picked) if cap.view == "scores" else sum(picked)  # summed scores mean nothing: take the best
+        rows.sort(key=lambda r: (-(r.match or 0.0), r.layer, r.head))
+    else:
+        rows.sort(key=lambda r: (r.layer, r.kv_head, r.head))
+    return View(
+        model=m.path.name if Path(m.name).exists() else m.name,  # a directory given with -m: its name, not the path
+        ids=list(ids),
+        labels=labels,
+        query=cap.query,
+        direction=cap.direction,
+        values=cap.view,
+        positions=positions,
+        rows=rows,
+        skip_first=skip_first,
+        renormalized=renorm,
+        find=find,
+        find_positions=find_pos,
+        prompt_tokens=prompt_len,
+        generated=generated,
+    )
