@@ -1,0 +1,310 @@
+"""Every bad input, broken file and odd event ends in one clear line and the documented exit code."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import resource
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from model.errors import AttnError
+from model.generate import generate
+from model.loading import load_model
+from model.sampling import SamplingSettings
+from model.tokenizer import Tokenizer
+
+
+@pytest.fixture
+def model_copy(tiny_llama, tmp_path) -> Path:
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama, d)
+    return d
+
+
+def one_line_error(r, code: int, *needles: str) -> None:
+    assert r.code == code, r
+    assert r.out == "", r
+    assert r.err.count("\n") == 1 and r.err.startswith("attn: error: "), r
+    assert "Traceback" not in r.err
+    for n in needles:
+        assert n in r.err, (n, r.err)
+
+
+def gen(attn, model: Path, *extra: str, prompt: str = "hi"):
+    return attn(["generate", "-m", str(model), "--raw", "--temp", "0", "-n", "2", *extra, prompt])
+
+
+# --- model directories and config.json --------------------------------------------------
+
+
+def test_model_path_missing(attn, tmp_path):
+    one_line_error(gen(attn, tmp_path / "nowhere"), 1, "nowhere")
+
+
+def test_directory_without_config(attn, tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(gen(attn, tmp_path / "empty"), 1, "empty", "config.json")
+
+
+def test_config_not_json(attn, model_copy):
+    (model_copy / "config.json").write_text("{ not json")
+    one_line_error(gen(attn, model_copy), 1, "config.json", "invalid JSON")
+
+
+def test_unsupported_model_type(attn, model_copy):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    one_line_error(gen(attn, model_copy), 1, "'mamba'", "gpt2", "llama", "mistral", "qwen2")
+
+
+# --- safetensors files -----------------------------------------------------------------
+
+
+def weights_file(d: Path) -> Path:
+    return d / "model.safetensors"
+
+
+def test_truncated_safetensors(attn, model_copy):
+    f = weights_file(model_copy)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    one_line_error(gen(attn, model_copy), 1, "model.safetensors", "truncated")
+
+
+def test_header_length_larger_than_file(attn, model_copy):
+    f = weights_file(model_copy)
+    data = bytearray(f.read_bytes())
+    data[:8] = struct.pack("<Q", 10**15)  # a lying length must not be allocated
+    f.write_bytes(bytes(data))
+    one_line_error(gen(attn, model_copy), 1, "model.safetensors", "header length")
+
+
+def test_header_not_json(attn, model_copy):
+    f = weights_file(model_copy)
+    data = bytearray(f.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    data[8 : 8 + n] = b"x" * n
+    f.write_bytes(bytes(data))
+    one_line_error(gen(attn, model_copy), 1, "model.safetensors", "not valid JSON")
+
+
+def rewrite(d: Path, change) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(weights_file(d))
+    change(tensors)
+    save_file(tensors, weights_file(d))
+
+
+def test_wrong_shape_names_file_and_tensor(attn, model_copy):
+    rewrite(model_copy, lambda t: t.__setitem__("model.layers.1.mlp.down_proj.weight", torch.zeros(64, 100)))
+    one_line_error(gen(attn, model_copy), 1, "model.safetensors", "model.layers.1.mlp.down_proj.weight", "[64, 100]")
+
+
+def test_unsupported_dtype(attn, model_copy):
+    rewrite(model_copy, lambda t: t.__setitem__("model.norm.weight", torch.zeros(64, dtype=torch.int32)))
+    one_line_error(gen(attn, model_copy), 1, "model.norm.weight", "dtype")
+
+
+def test_missing_tensor(attn, model_copy):
+    rewrite(model_copy, lambda t: t.pop("model.layers.0.self_attn.k_proj.weight"))
+    one_line_error(gen(attn, model_copy), 1, "missing tensor model.layers.0.self_attn.k_proj.weight")
+
+
+def test_unexpected_tensor(attn, model_copy):
+    rewrite(model_copy, lambda t: t.__setitem__("model.layers.0.self_attn.rotary.inv_freq", torch.zeros(8)))
+    one_line_error(gen(attn, model_copy), 1, "unexpected tensor model.layers.0.self_attn.rotary.inv_freq")
+
+
+def test_sharded_index_names_a_missing_shard(attn, tmp_path, tokenizer_json):
+    from tests.conftest import save_model
+
+    save_model("llama", tmp_path, tokenizer_json, shards="20KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    one_line_error(gen(attn, tmp_path), 1, shard.name)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_safetensors_never_crash(tiny_llama, tmp_path_factory, data):
+    """Random byte mutations of a valid file: it loads, or raises AttnError; nothing else."""
+    d = tmp_path_factory.mktemp("fuzz")
+    shutil.copytree(tiny_llama, d, dirs_exist_ok=True)
+    f = weights_file(d)
+    raw = bytearray(f.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, 8 + n + 64))  # the length and the header are where parsing can go wrong
+        raw[at] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    f.write_bytes(bytes(raw))
+    try:
+        load_model(d)
+    except AttnError as e:
+        assert "\n" not in str(e)
+
+
+# --- tokenizer and chat template --------------------------------------------------------
+
+
+def test_tokenizer_missing(attn, model_copy):
+    (model_copy / "tokenizer.json").unlink()
+    one_line_error(gen(attn, model_copy), 1, "tokenizer.json")
+
+
+def test_tokenizer_unreadable(attn, model_copy):
+    (model_copy / "tokenizer.json").write_text('{"model": 42}')
+    one_line_error(gen(attn, model_copy), 1, "tokenizer.json", "unreadable tokenizer")
+
+
+def test_tokenizer_larger_than_embedding(attn, model_copy):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["vocab_size"] = 100
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    one_line_error(gen(attn, model_copy), 1, "tokenizer has", "100 rows")
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ cycler.__init__.__globals__.os.popen('touch /tmp/attn-pwned').read() }}",
+        "{{ messages.__class__.__base__.__subclasses__() }}",
+        "{% set x = [].append.__self__ %}{{ x.__class__.__init__.__globals__ }}",
+    ],
+)
+def test_hostile_chat_template_is_refused(attn, model_copy, template):
+    cfg = json.loads((model_copy / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (model_copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = attn(["generate", "-m", str(model_copy), "--chat", "-n", "2", "hi"])
+    one_line_error(r, 1, "chat template")
+    assert not Path("/tmp/attn-pwned").exists()
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+
+def test_empty_prompt_is_a_usage_error(attn, tiny_llama):
+    one_line_error(gen(attn, tiny_llama, prompt=""), 2, "empty prompt")
+
+
+def test_whitespace_prompt_with_raw_generates(attn, tiny_llama):
+    r = gen(attn, tiny_llama, "--json", prompt="   ")
+    assert r.code == 0 and json.loads(r.out)["usage"]["prompt_tokens"] >= 1
+
+
+def test_invalid_utf8_stdin_names_the_offset(attn, tiny_llama):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "-n", "2"], stdin=b"good text \xff\xfe more")
+    one_line_error(r, 2, "stdin", "byte offset 10")
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "-n", "2", "--invalid-utf8", "replace", "--json"], stdin=b"good \xff")
+    assert r.code == 0 and "warning" in r.err and "byte offset 5" in r.err
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=60))
+def test_any_stdin_bytes_end_cleanly(attn, tiny_llama, data):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "1", "--json"], stdin=data)
+    assert r.code in (0, 2), r
+    if r.code == 2:
+        last = r.err.splitlines()[-1]
+        assert last.startswith("attn: error: ") and ("byte offset" in last or "no prompt" in last or "empty" in last)
+    else:
+        json.loads(r.out)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=40))
+def test_any_unicode_prompt_generates_or_is_rejected(attn, tiny_llama, text):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "1", "--json", "--", text])
+    assert r.code in (0, 2), r
+    if r.code == 0:
+        assert "text" in json.loads(r.out)
+
+
+def test_cuda_without_cuda_is_a_runtime_error(attn, tiny_llama):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    one_line_error(gen(attn, tiny_llama, "--device", "cuda"), 1, "CUDA is not available")
+
+
+def test_non_finite_logits_stop_with_the_step(attn, model_copy):
+    rewrite(model_copy, lambda t: t.__setitem__("model.norm.weight", torch.full((64,), float("inf"))))
+    one_line_error(gen(attn, model_copy), 1, "NaN/inf logits at generation step 0")
+
+
+def test_cuda_out_of_memory_is_one_line_with_hint(attn, tiny_llama, monkeypatch):
+    import cli.common
+
+    def boom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cli.common, "load_model", boom)
+    one_line_error(gen(attn, tiny_llama), 1, "out of memory", "GiB", "--dtype", "--device cpu")
+
+
+def test_unwritable_attn_home_is_one_line(attn, tmp_path):
+    home = tmp_path / "ro"
+    home.mkdir()
+    home.chmod(0o500)
+    try:
+        if os.access(home, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        r = attn(["convert", str(tmp_path / "missing.gguf"), str(home / "out")])
+        assert r.code == 1 and r.err.count("\n") == 1
+    finally:
+        home.chmod(0o700)
+
+
+# --- soak -------------------------------------------------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.slow
+def test_soak_200_generations_no_growth(tiny_llama):
+    model = load_model(tiny_llama)
+    tok = Tokenizer(tiny_llama)
+    rng = random.Random(0)
+
+    def one(i: int) -> None:
+        s = SamplingSettings(
+            temperature=rng.choice([0, 0.7, 1.0, 1.5]), top_k=rng.choice([0, 5, 50]), top_p=rng.uniform(0.5, 1.0),
+            min_p=rng.choice([0, 0.05]), repeat_penalty=rng.choice([1.0, 1.2]),
+        )
+        ids = tok.encode("soak test prompt number " + str(i))
+        stream = tok.stream(ids)
+        for step in generate(model, ids, rng.randint(1, 40), s, torch.Generator().manual_seed(i)):
+            stream.push(step.id)
+
+    for i in range(20):  # warm-up: allocator pools and caches settle
+        one(i)
+    gc.collect()
+    rss0, fds0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _open_fds()
+    cur0 = _current_rss()
+    for i in range(20, 220):
+        one(i)
+    gc.collect()
+    assert _current_rss() <= cur0 * 1.10
+    assert _open_fds() <= fds0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss <= rss0 * 1.10
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
