@@ -20,6 +20,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,
     rich_markup_mode="rich",
+    epilog=(
+        "Examples:\n\n"
+        "  attn generate \"a fluffy blue creature roamed the verdant forest\"\n\n"
+        "  attn inspect --head 3\n\n"
+        "  cat notes.txt | attn generate \"Summarize:\" | tee summary.txt\n\n"
+        "Models live under $ATTN_HOME (default ~/.cache/attn); the default model is pulled on first use."
+    ),
 )
 
 
@@ -44,10 +51,7 @@ def _register() -> None:
     from cli import inspect as inspect_cmd_module  # noqa: F401
     from cli import explain  # noqa: F401
     from cli import heads  # noqa: F401
-    try:
-        from cli import weights_cmds  # noqa: F401
-    except ImportError:  # pragma: no cover - during early development only
-        pass
+    from cli import weights_cmds  # noqa: F401
 
 
 def _debug() -> bool:
