@@ -387,6 +387,7 @@ def tiny_gguf(tmp_path: Path, tokenizer: Any, arch: str = "llama", meta_changes:
         ("llama", {"tokenizer.ggml.model": "llama"}, [], "unsupported GGUF tokenizer 'llama'"),
         ("llama", {"tokenizer.ggml.pre": "made-up"}, [], "unsupported GGUF pre-tokenizer 'made-up'"),
         ("llama", {}, [("blk.0.attn_sinks.weight", np.ones(4, np.float32), Q.F32)], "unsupported tensor 'blk.0.attn_sinks.weight'"),
+        ("llama", {"llama.attention.head_count_kv": 4}, [], r"tensor 'blk.0.attn_k.weight' has shape \[32, 64\], the metadata implies \[64, 64\]"),
     ],
 )
 def test_unsupported_files_fail_clearly(tmp_path: Path, tokenizer: Any, arch: str, meta: dict, extra: list, message: str) -> None:

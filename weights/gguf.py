@@ -117,7 +117,10 @@ def convert_gguf(
         raise AttnError(f"{gguf_path} is not a readable GGUF file: {e}") from None
 
     meta = _Metadata(reader)
-    config = build_config(meta, [t.name for t in reader.tensors], dtype)
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise AttnError("GGUF file lacks tensor 'token_embd.weight'")
+    config = build_config(meta, [t.name for t in reader.tensors], dtype, int(embedding.shape[-1]))
     tokenizer_json, tokenizer_config = build_tokenizer(meta, config)
     plan = _plan(reader, config)
 
@@ -169,7 +172,7 @@ class _Metadata:
         return value
 
 
-def build_config(meta: _Metadata, tensor_names: list[str], dtype: str) -> dict[str, Any]:
+def build_config(meta: _Metadata, tensor_names: list[str], dtype: str, embedding_rows: int) -> dict[str, Any]:
     """A transformers-style config.json dict from GGUF metadata."""
     family = ARCHITECTURES.get(meta.arch)
     if family is None:
@@ -185,10 +188,8 @@ def build_config(meta: _Metadata, tensor_names: list[str], dtype: str) -> dict[s
         raise AttnError(f"unsupported GGUF: partial rotary embedding ({rope_dim} of {head_dim} dims)")
     if "rope_freqs.weight" in tensor_names:
         raise AttnError("unsupported GGUF: precomputed RoPE frequencies (rope_freqs.weight, Llama 3.1 scaling)")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    embed = meta.arch_key("vocab_size") or (len(tokens) if tokens else None)
-    if embed is None:
-        raise AttnError("GGUF metadata states no vocabulary size")
+    # The embedding's row count is the vocabulary size the weights were trained with.
+    embed = embedding_rows
 
     config: dict[str, Any] = {
         "architectures": [family["class"]],
@@ -349,6 +350,10 @@ def _plan(reader: Any, config: dict[str, Any]) -> list[tuple[Any, str, int | Non
         hf = GGUF_TO_HF.get(pattern)
         if hf is None or (layer is not None and layer >= layers):
             raise AttnError(f"unsupported tensor {t.name!r} in GGUF file")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        want = _expected_shape(pattern, config)
+        if shape != want:
+            raise AttnError(f"tensor {t.name!r} has shape {list(shape)}, the metadata implies {list(want)}")
         heads = None
         if permuted and pattern == PERMUTED_Q:
             heads = config["num_attention_heads"]
@@ -366,6 +371,29 @@ def _plan(reader: Any, config: dict[str, Any]) -> list[tuple[Any, str, int | Non
     if missing:
         raise AttnError(f"GGUF file lacks tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     return plan
+
+
+def _expected_shape(pattern: str, c: dict[str, Any]) -> tuple[int, ...]:
+    """The HF (row-major) shape a tensor must have under this config."""
+    C, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    return {
+        "token_embd.weight": (V, C),
+        "output.weight": (V, C),
+        "output_norm.weight": (C,),
+        "blk.{}.attn_norm.weight": (C,),
+        "blk.{}.ffn_norm.weight": (C,),
+        "blk.{}.attn_q.weight": (q, C),
+        "blk.{}.attn_k.weight": (kv, C),
+        "blk.{}.attn_v.weight": (kv, C),
+        "blk.{}.attn_q.bias": (q,),
+        "blk.{}.attn_k.bias": (kv,),
+        "blk.{}.attn_v.bias": (kv,),
+        "blk.{}.attn_output.weight": (C, q),
+        "blk.{}.ffn_gate.weight": (F, C),
+        "blk.{}.ffn_up.weight": (F, C),
+        "blk.{}.ffn_down.weight": (C, F),
+    }[pattern]
 
 
 def dequantize_tensor(t: Any) -> np.ndarray:

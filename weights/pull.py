@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Iterator
 
 from model.errors import AttnError
-from weights.gguf import _replace_dir, convert_gguf
+from weights.gguf import Progress, _replace_dir, convert_gguf
 from weights.registry import (
-    _HUB_ID,
     DEFAULT_MODEL,
     REGISTRY,
     KnownModel,
-    Progress,
     attn_home,
+    is_hub_id,
     is_model_dir,
     local_name,
     models_dir,
@@ -56,7 +55,7 @@ def pull(spec: str | None = None, *, force: bool = False, progress: Progress | N
         return _pull_gguf(path, force, progress, dtype or "float32")
     if path.is_dir():
         raise AttnError(f"{path} is a local directory already; use it with --model {spec}")
-    if _HUB_ID.fullmatch(spec):
+    if is_hub_id(spec):
         return _pull_hub(spec, force, progress)
     known = ", ".join(REGISTRY)
     raise AttnError(f"unknown model {spec!r}: not a known name ({known}), a .gguf file, or ORG/NAME")

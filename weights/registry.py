@@ -9,11 +9,9 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from model.errors import AttnError
-
-Progress = Callable[[str, int, "int | None"], None]
+from weights.gguf import Progress
 
 
 @dataclass(frozen=True)
@@ -50,6 +48,11 @@ REGISTRY: dict[str, KnownModel] = {
 }
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(spec: str) -> bool:
+    """ORG/NAME, as the Hugging Face Hub spells repository ids."""
+    return bool(_HUB_ID.fullmatch(spec))
 
 
 def attn_home() -> Path:
@@ -113,7 +116,7 @@ def resolve_model(spec: str | None, *, pull_missing: bool = True, progress: Prog
     pulled = models_dir() / local_name(spec)
     if not spec.startswith((".", "/", "~")) and is_model_dir(pulled):
         return pulled
-    if _HUB_ID.fullmatch(spec):
+    if is_hub_id(spec):
         cached = hub_cache_path(spec)
         if cached is not None:
             return cached
