@@ -193,23 +193,6 @@ def pick_dtype(choice: Dtype, device: torch.device) -> torch.dtype:
     return DTYPES[choice.value]
 
 
-def resolve_model_dir(spec: str | None, quiet: bool = False) -> Path:
-    """A model directory for --model: a path as given, else the weights registry (pulling the default once)."""
-    if spec and (os.sep in spec or spec.startswith(".")) and Path(spec).exists():
-        return Path(spec)
-    try:
-        from cli.weights_cmds import ensure_model
-    except ImportError:
-        ensure_model = None
-    if ensure_model is None:
-        if spec is None:
-            raise AttnError("no model given: use --model DIR")
-        if Path(spec).exists():
-            return Path(spec)
-        raise AttnError(f"model not found: {spec}")
-    return ensure_model(spec)
-
-
 @dataclass
 class Loaded:
     model: Decoder
@@ -227,9 +210,9 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False)
     t0 = time.perf_counter()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    path = resolve_model_dir(spec, quiet)
-    if not path.is_dir():
-        raise AttnError(f"{path}: not a directory")
+    from cli.weights_cmds import ensure_model  # a name, a directory, a .gguf or a hub id; pulls the default once
+
+    path = ensure_model(spec, quiet=quiet)
     cfg = ModelConfig.from_dir(path)
     tokenizer = Tokenizer(path)
     if tokenizer.vocab_size > cfg.vocab_size:
