@@ -18,7 +18,6 @@ from rich.text import Text
 
 from cli.common import (
     DEMO_SENTENCE,
-    ChatOpt,
     Color,
     ColorOpt,
     DeviceOpt,
@@ -40,6 +39,7 @@ from cli.common import (
     use_color,
     write_out,
 )
+from cli.inspect import InspectChatOpt, is_index, pick_indices, pick_token, tokenize
 from cli.main import app
 from model.errors import AttnError, UsageError
 from model.explain import Explanation, explain, query_rows
@@ -64,7 +64,7 @@ TokenOpt = Annotated[
     Optional[str],
     typer.Option("--token", "-t", help="The query token: index (negative from the end) or its text ('creature' matches ' creature'). [default: the last token]", show_default=False),
 ]
-OccurrenceOpt = Annotated[int, typer.Option("--occurrence", min=1, help="With --token TEXT: which occurrence (1 = first).")]
+OccurrenceOpt = Annotated[Optional[int], typer.Option("--occurrence", help="With --token TEXT: which match, 1 = first, -1 = last. [default: 1]", show_default=False)]
 
 
 @app.command("explain", epilog=EPILOG)
@@ -74,14 +74,14 @@ def explain_cmd(
     prompt_opt: PromptOpt = None,
     file: FileOpt = None,
     token: TokenOpt = None,
-    occurrence: OccurrenceOpt = 1,
+    occurrence: OccurrenceOpt = None,
     layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Layer (negative from the end). [default: with --head unset too, the head whose attention is sharpest]", show_default=False)] = None,
     head: Annotated[Optional[int], typer.Option("--head", help="Query head. [default: as --layer]", show_default=False)] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Highlight the K strongest sources.")] = 3,
     rows: Annotated[int, typer.Option("--rows", min=4, help="Sources listed per table before the rest is summarised.")] = 24,
     preview: Annotated[int, typer.Option("--preview", min=1, max=64, help="Vector components shown in previews.")] = 6,
     fmt: Annotated[Optional[ExplainFormat], typer.Option("--format", help="table (rich panels) or json. [default: table on a TTY, else json]", show_default=False)] = None,
-    chat: ChatOpt = False,
+    chat: InspectChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -92,15 +92,20 @@ def explain_cmd(
     color: ColorOpt = Color.auto,
 ) -> None:
     """Walk through one attention head's computation for one token, with the model's own numbers."""
+    if occurrence == 0:
+        raise UsageError("--occurrence counts from 1 (or from -1 at the end); 0 is not a position")
+    if occurrence is not None and (token is None or is_index(token)):
+        raise UsageError("--occurrence goes with --token TEXT")
     text = prompt_text(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
     fmt = fmt or (ExplainFormat.table if sys.stdout.isatty() else ExplainFormat.json)
     m = open_model(model, device, dtype, quiet)
     ids, labels = encode_prompt(m, text, chat, system)
     q = pick_token(labels, token, occurrence)
+    # The same selection rules, messages and labels as `attn inspect`, so both name the same token and head.
     if layer is not None:
-        layer = pick_index(layer, m.cfg.n_layers, "--layer", "layers")
+        layer = pick_indices([layer], m.cfg.n_layers, "layer", "layers")[0]
     if head is not None:
-        head = pick_index(head, m.cfg.n_heads, "--head", "query heads")
+        head = pick_indices([head], m.cfg.n_heads, "head", "query heads")[0]
     if layer is None or head is None:
         layer, head = sharpest_head(m, ids, q, layer, head)
         note(f"explaining layer {layer} head {head}: where {labels[q]!r} attends most sharply (choose with --layer/--head)", quiet)
@@ -128,47 +133,12 @@ def prompt_text(prompt, prompt_opt, file, no_stdin: bool, invalid_utf8: str, qui
     return text
 
 
-def encode_prompt(m: Loaded, text: str, chat: bool | None, system: str | None) -> tuple[list[int], list[str]]:
-    """Token ids and, for each, the exact piece of text it covers (raw unless --chat)."""
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        ids, labels = m.tokenizer.encode_with_offsets(m.tokenizer.render_chat(messages), add_special_tokens=False)
-    else:
-        ids, labels = m.tokenizer.encode_with_offsets(text)
-    if not ids:
-        raise UsageError("the prompt encodes to no tokens")
+def encode_prompt(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
+    """Token ids and labels exactly as `attn inspect` makes them (raw unless --chat), within the model's context."""
+    ids, labels = tokenize(m, text, chat, system)
     if len(ids) > m.cfg.max_len:
         raise AttnError(f"prompt of {len(ids)} tokens exceeds the model's {m.cfg.max_len} positions")
     return ids, labels
-
-
-def pick_index(value: int, n: int, flag: str, what: str) -> int:
-    """A 0-based index, negative from the end; out of range is a usage error."""
-    if not -n <= value < n:
-        raise UsageError(f"{flag} {value} is out of range: the model has {n} {what} (0..{n - 1}, or -{n}..-1)")
-    return value % n
-
-
-def pick_token(labels: list[str], token: str | None, occurrence: int = 1) -> int:
-    """The query index from --token: an index (negative from the end) or a token's text."""
-    n = len(labels)
-    if token is None:
-        return n - 1
-    try:
-        i = int(token)
-    except ValueError:
-        pass
-    else:
-        if not -n <= i < n:
-            raise UsageError(f"--token {i} is out of range: the prompt has {n} tokens (0..{n - 1}, or -{n}..-1)")
-        return i % n
-    hits = [i for i, t in enumerate(labels) if t == token] or [i for i, t in enumerate(labels) if t.strip() == token.strip()]
-    if not hits:
-        listing = ", ".join(f"{i} {t!r}" for i, t in enumerate(labels[:40])) + (" …" if n > 40 else "")
-        raise UsageError(f"no token {token!r} in the prompt; tokens: {listing}")
-    if occurrence > len(hits):
-        raise UsageError(f"--occurrence {occurrence}: {token!r} occurs {len(hits)} time(s)")
-    return hits[occurrence - 1]
 
 
 def sharpest_head(m: Loaded, ids: list[int], q: int, layer: int | None, head: int | None) -> tuple[int, int]:

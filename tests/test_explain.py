@@ -192,7 +192,7 @@ def test_explain_picks_a_head_when_none_given(tiny_models):
         (["--layer", "-3", "--head", "0"], "--layer -3 is out of range"),
         (["--layer", "0", "--head", "4"], "--head 4 is out of range"),
         (["--layer", "0", "--head", "0", "--token", "99"], "--token 99 is out of range"),
-        (["--layer", "0", "--head", "0", "--token", "unicorn"], "no token 'unicorn' in the prompt; tokens: 0 "),
+        (["--layer", "0", "--head", "0", "--token", "unicorn"], "no token matches 'unicorn'; the tokens are 0:"),
         (["--layer", "0", "--head", "0", "--token", "the", "--occurrence", "2"], "occurs 1 time"),
         (["--layer", "0", "--head", "0", "--format", "yaml"], "yaml"),
     ],
