@@ -322,7 +322,8 @@ def build_view(m: Loaded, ids, labels, cap: Capture, skip_first: bool, find: str
             rest = 1.0 - lc.sink  # (h, P): what each query row gives to everything but the first token
             vals = torch.where(rest > 0, vals / rest.clamp_min(1e-30), torch.zeros_like(vals))
         vals = vals[:, keep]
-        first = lc.sink.mean(dim=-1)  # (h,): the row's share for `from`; the mean over later rows for `to`
+        # (h,): the query row's share for `from`; for `to`, the mean over the later rows
+        first = lc.sink[:, 0] if cap.direction == "from" else lc.sink.double().mean(dim=-1)
         for n, (h, g) in enumerate(zip(cap.heads, cap.kv_heads)):
             rows.append(HeadRow(layer, h, g, vals[n].tolist(), float(first[n])))
     positions = positions[keep]

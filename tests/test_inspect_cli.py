@@ -1,0 +1,264 @@
+"""`attn inspect` as a user meets it: the JSON/CSV contract, selection and its errors, the table
+under NO_COLOR on 40 columns, the pictures, --generate through the KV cache, and the real model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+from cli.common import DEMO_SENTENCE
+from model.tokenizer import Tokenizer
+
+SENTENCE = "a fluffy blue creature roamed the verdant forest"
+
+
+def no_constants(name: str):
+    raise AssertionError(f"JSON holds {name}")
+
+
+def inspect_json(attn, path, *args: str, err: str = "") -> dict:
+    r = attn(["inspect", "-m", str(path), *args])
+    assert r.code == 0, r
+    assert r.err.startswith(err) and (err or r.err == "")
+    return json.loads(r.out, parse_constant=no_constants)
+
+
+def hf_attentions(hf, ids: list[int]):
+    with torch.no_grad():
+        return hf(torch.tensor([ids]), output_attentions=True).attentions
+
+
+def check_contract(d: dict) -> None:
+    """The object CLI.md promises, with plain finite floats."""
+    assert {"model", "tokens", "query", "direction", "values", "positions", "heads"} <= d.keys()
+    assert isinstance(d["model"], str)
+    for i, t in enumerate(d["tokens"]):
+        assert t.keys() >= {"index", "id", "text"} and t["index"] == i
+        assert isinstance(t["id"], int) and isinstance(t["text"], str)
+    assert d["query"] == {"index": d["query"]["index"], "text": d["tokens"][d["query"]["index"]]["text"]}
+    assert d["direction"] in ("from", "to") and d["values"] in ("weights", "scores", "value-norms")
+    assert all(isinstance(p, int) and 0 <= p < len(d["tokens"]) for p in d["positions"])
+    assert isinstance(d["renormalized"], bool)
+    for h in d["heads"]:
+        assert {"layer", "head", "kv_head", "values", "first_token_share"} <= h.keys()
+        assert len(h["values"]) == len(d["positions"])
+        assert all(type(x) is float and math.isfinite(x) for x in h["values"])
+        assert 0.0 <= h["first_token_share"] <= 1.0
+
+
+# --- JSON and CSV -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_json_is_the_contract_and_matches_transformers(attn, tiny_models, kind):
+    path, hf = tiny_models[kind]
+    d = inspect_json(attn, path, SENTENCE)
+    check_contract(d)
+    ids = [t["id"] for t in d["tokens"]]
+    assert ids == Tokenizer(path).encode(SENTENCE)
+    q = len(ids) - 1
+    assert d["query"]["index"] == q and d["direction"] == "from" and d["values"] == "weights"
+    assert d["positions"] == list(range(q + 1))
+    ref = hf_attentions(hf, ids)
+    H, G = hf.config.num_attention_heads, getattr(hf.config, "num_key_value_heads", hf.config.num_attention_heads)
+    assert [(h["layer"], h["head"]) for h in d["heads"]] == [(l, h) for l in range(len(ref)) for h in range(H)]
+    for h in d["heads"]:
+        assert h["kv_head"] == h["head"] // (H // G)
+        want = ref[h["layer"]][0, h["head"], q, : q + 1]
+        assert (torch.tensor(h["values"]) - want).abs().max().item() <= 1e-5
+        assert abs(sum(h["values"]) - 1.0) <= 1e-5
+        assert h["first_token_share"] == pytest.approx(h["values"][0], abs=1e-7)
+
+
+def test_scores_and_value_norms_are_finite_json(attn, tiny_llama):
+    for view in ("scores", "value-norms"):
+        for direction in ("from", "to"):
+            d = inspect_json(attn, tiny_llama, SENTENCE, "--values", view, "--direction", direction, "-t", "3")
+            check_contract(d)
+            assert d["values"] == view and d["direction"] == direction
+            assert d["positions"] == (list(range(4)) if direction == "from" else list(range(3, len(d["tokens"]))))
+
+
+def test_direction_to_is_the_column(attn, tiny_models):
+    path, hf = tiny_models["qwen2"]
+    d = inspect_json(attn, path, SENTENCE, "--direction", "to", "-t", "2")
+    ids = [t["id"] for t in d["tokens"]]
+    ref = hf_attentions(hf, ids)
+    assert d["positions"] == list(range(2, len(ids)))
+    for h in d["heads"]:
+        want = ref[h["layer"]][0, h["head"], 2:, 2]
+        assert (torch.tensor(h["values"]) - want).abs().max().item() <= 1e-5
+
+
+def test_csv_parses_and_agrees_with_json(attn, tiny_llama):
+    args = ["inspect", "-m", str(tiny_llama), SENTENCE, "-t", "creature", "-l", "1"]
+    r = attn(args + ["--format", "csv"])
+    assert r.code == 0 and r.err == "", r
+    rows = list(csv.reader(io.StringIO(r.out)))
+    assert rows[0] == ["layer", "head", "kv_head", "query", "position", "token", "value"]
+    d = json.loads(attn(args + ["--format", "json"]).out)
+    assert len(rows) - 1 == len(d["heads"]) * len(d["positions"])
+    by_key = {(int(r[0]), int(r[1]), int(r[4])): (int(r[2]), int(r[3]), r[5], float(r[6])) for r in rows[1:]}
+    for h in d["heads"]:
+        for p, x in zip(d["positions"], h["values"]):
+            assert by_key[(h["layer"], h["head"], p)] == (h["kv_head"], d["query"]["index"], d["tokens"][p]["text"], x)
+
+
+# --- selection and its errors ----------------------------------------------------------------------
+
+
+def test_token_by_index_negative_text_and_occurrence(attn, tiny_llama):
+    text = "so the cat saw the dog and the bird"
+    d = inspect_json(attn, tiny_llama, text, "-t", "0", "-l", "0")
+    labels = [t["text"] for t in d["tokens"]]
+    assert d["query"]["index"] == 0 and d["positions"] == [0]
+    assert inspect_json(attn, tiny_llama, text, "-t", "-2", "-l", "0")["query"]["index"] == len(labels) - 2
+    the = [i for i, s in enumerate(labels) if s.strip() == "the"]
+    assert len(the) == 3
+    assert inspect_json(attn, tiny_llama, text, "-t", "the", "-l", "0")["query"]["index"] == the[0]
+    assert inspect_json(attn, tiny_llama, text, "-t", "the", "--occurrence", "2", "-l", "0")["query"]["index"] == the[1]
+    assert inspect_json(attn, tiny_llama, text, "-t", "the", "--occurrence", "-1", "-l", "0")["query"]["index"] == the[2]
+    assert inspect_json(attn, tiny_llama, text, "-t", "THE", "-l", "0")["query"]["index"] == the[0]  # case only as a fallback
+
+
+def test_layer_and_head_selection_negative_and_repeated(attn, tiny_llama):
+    d = inspect_json(attn, tiny_llama, SENTENCE, "-l", "-1", "--head", "3", "--head", "-4", "--head", "3")
+    assert [(h["layer"], h["head"], h["kv_head"]) for h in d["heads"]] == [(1, 0, 0), (1, 3, 1)]
+
+
+def one_error_line(r, code: int, *needles: str) -> None:
+    assert r.code == code, r
+    assert r.out == ""
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attn: error: "), r.err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_selection_errors_are_one_line_exit_2(attn, tiny_llama):
+    base = ["inspect", "-m", str(tiny_llama), SENTENCE]
+    r = attn(base + ["-t", "zebra"])
+    one_error_line(r, 2, "zebra", "0:a", "1:␣f")  # the tokens, with their indices
+    one_error_line(attn(base + ["-l", "2"]), 2, "--layer 2", "0..1")
+    one_error_line(attn(base + ["-l", "-3"]), 2, "-2..-1")
+    one_error_line(attn(base + ["--head", "4"]), 2, "--head 4", "0..3")
+    one_error_line(attn(base + ["-t", "99"]), 2, "--token 99", "0..")
+    one_error_line(attn(base + ["-t", "creature", "--occurrence", "2"]), 2, "--occurrence must be 1..1")
+    one_error_line(attn(base + ["-t", "0", "--skip-first"]), 2, "--skip-first")
+    one_error_line(attn(base + ["-t", "blue", "--find", "forest"]), 2, "after the chosen token")
+    one_error_line(attn(base + ["-o", "x.png"]), 2, ".html or .svg")
+
+
+# --- views ---------------------------------------------------------------------------------------
+
+
+def test_skip_first_renormalises_and_keeps_the_raw_share(attn, tiny_llama):
+    raw = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature")
+    d = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature", "--skip-first")
+    assert d["skip_first"] is True and d["renormalized"] is True and raw["renormalized"] is False
+    assert d["positions"] == raw["positions"][1:]
+    for h, r in zip(d["heads"], raw["heads"]):
+        assert h["first_token_share"] == r["first_token_share"] == r["values"][0]
+        assert sum(h["values"]) == pytest.approx(1.0, abs=1e-5)
+        rest = 1 - r["values"][0]
+        assert h["values"] == pytest.approx([x / rest for x in r["values"][1:]], rel=1e-5)
+
+
+def test_find_ranks_heads_by_weight_on_the_matching_tokens(attn, tiny_llama):
+    d = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature", "--find", "blue")
+    labels = [t["text"] for t in d["tokens"]]
+    assert "".join(labels[d["query"]["index"] - 3 : d["query"]["index"] + 1]) == " creature"  # a word in pieces: its last
+    # The tiny tokenizer spells " blue" in pieces: --find takes every piece of the word.
+    assert d["find"]["text"] == "blue" and "".join(labels[p] for p in d["find"]["positions"]) == " blue"
+    js = [d["positions"].index(p) for p in d["find"]["positions"]]
+    matches = [h["match"] for h in d["heads"]]
+    assert matches == sorted(matches, reverse=True)
+    assert all(h["match"] == pytest.approx(sum(h["values"][j] for j in js)) for h in d["heads"])
+    table = attn(["inspect", "-m", str(tiny_llama), SENTENCE, "-t", "creature", "--find", "blue", "--format", "table"], env={"NO_COLOR": "1"})
+    assert table.code == 0 and "ranked" in table.out
+
+
+def test_demo_sentence_when_no_prompt_and_a_terminal(attn, tiny_llama):
+    r = attn(["inspect", "-m", str(tiny_llama), "--head", "3"], tty=True)
+    assert r.code == 0, r
+    assert "demo sentence" in r.err
+    d = json.loads(r.out)
+    assert "".join(t["text"] for t in d["tokens"]) == DEMO_SENTENCE
+    assert {h["head"] for h in d["heads"]} == {3} and len(d["heads"]) == 2  # every layer
+
+
+def test_table_without_colour_fits_40_columns(attn, tiny_llama):
+    r = attn(["inspect", "-m", str(tiny_llama), SENTENCE, "-t", "creature", "--format", "table", "--skip-first"], env={"NO_COLOR": "1", "COLUMNS": "40"})
+    assert r.code == 0 and r.err == "", r
+    d = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature")
+    q = d["query"]["index"]
+    assert "\x1b" not in r.out
+    lines = r.out.splitlines()
+    assert all(len(line) <= 40 for line in lines), [l for l in lines if len(l) > 40]
+    assert f"[{q} {d['tokens'][q]['text']}]" in r.out and "renormalised" in r.out and "--format json" in r.out
+    assert re.search(r"^ *1 +0 +0 ", r.out, re.M)  # layer 1, kv head 0, head 0 opens its group
+    assert re.search(r"^ +1 ", r.out, re.M)  # head 1 shares kv head 0: no repeated group label
+
+
+def test_table_of_a_long_prompt_is_windowed(attn, tiny_llama):
+    long = " ".join(["the quick brown fox jumps over the lazy dog"] * 30)
+    r = attn(["inspect", "-m", str(tiny_llama), long, "-t", "-1", "-l", "0", "--format", "table"], env={"NO_COLOR": "1", "COLUMNS": "80"})
+    assert r.code == 0, r
+    lines = r.out.splitlines()
+    assert len(lines) < 30 and all(len(line) <= 80 for line in lines)
+    assert "tokens …" in r.out and "max per" in r.out
+
+
+def test_html_is_self_contained_and_svg_is_standalone(attn, tiny_llama, tmp_path):
+    for name in ("a.html", "a.svg"):
+        out = tmp_path / name
+        r = attn(["inspect", "-m", str(tiny_llama), SENTENCE, "-t", "creature", "-o", str(out)])
+        assert r.code == 0 and r.out == "", r
+        assert name in r.err
+        text = out.read_text(encoding="utf-8")
+        for ref in ("http://", "https://", "//cdn", "<link", "<script src", "@import", "<img"):
+            assert ref not in text.replace('xmlns="http://www.w3.org/2000/svg"', ""), ref
+        assert "␣b" in text  # a token label, shown with its space made visible
+    root = ET.parse(tmp_path / "a.svg").getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert (tmp_path / "a.html").read_text().startswith("<!doctype html>")
+
+
+# --- generation: the KV-cache path -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generated_tokens_equal_one_full_pass(attn, tiny_models, kind):
+    path, hf = tiny_models[kind]
+    prompt = "the quick brown fox"
+    n_prompt = len(Tokenizer(path).encode(prompt))
+    for token, direction in (("-1", "from"), ("-3", "from"), (str(n_prompt + 1), "to"), ("1", "to")):
+        d = inspect_json(attn, path, prompt, "--generate", "6", "--temp", "0", "--ignore-eos", "-t", token, "--direction", direction, err="attn: generated 6 tokens: ")
+        assert d["generated"]["tokens"] == 6 and len(d["tokens"]) == n_prompt + 6
+        ids = [t["id"] for t in d["tokens"]]
+        ref = hf_attentions(hf, ids)
+        q = d["query"]["index"]
+        for h in d["heads"]:
+            full = ref[h["layer"]][0, h["head"]]
+            want = full[q, : q + 1] if direction == "from" else full[q:, q]
+            assert (torch.tensor(h["values"]) - want).abs().max().item() <= 1e-5
+
+
+# --- the real default model --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_model_has_a_blue_head(attn, real_model_dir):
+    d = inspect_json(attn, real_model_dir, SENTENCE, "--token", "creature", "--find", "blue")
+    assert d["query"]["text"] == " creature"
+    assert [d["tokens"][p]["text"] for p in d["find"]["positions"]] == [" blue"]
+    assert d["heads"][0]["match"] > 0.5
+    r = attn(["inspect", "-m", str(real_model_dir), SENTENCE, "--token", "creature", "--find", "blue", "--format", "table"], env={"NO_COLOR": "1"})
+    assert r.code == 0 and "2:␣blue" in r.out
