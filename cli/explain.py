@@ -114,7 +114,7 @@ def explain_cmd(
         write_out(json.dumps(explanation_json(m, ids, labels, ex), ensure_ascii=False) + "\n")
         return
     console = Console(file=sys.stdout, color_system="auto" if use_color(color, sys.stdout) else None, highlight=False, force_terminal=use_color(color, sys.stdout) or None)
-    for panel in explanation_panels(m, labels, ex, top, rows, preview):
+    for panel in explanation_panels(m, labels, ex, top, rows, preview, console.width):
         console.print(panel)
     console.print(Text(f"same numbers as JSON: attn explain … --token {q} --layer {layer} --head {head} --format json", style="dim"))
 
@@ -218,7 +218,7 @@ def _shown(ex: Explanation, rows: int) -> list[int | None]:
     return out
 
 
-def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, rows: int, preview: int) -> list[Panel]:
+def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, rows: int, preview: int, width: int = 80) -> list[Panel]:
     """The six stages as rich panels; marks (★, ✗) carry the meaning so NO_COLOR loses nothing."""
     tok = lambda j: repr(labels[j])  # noqa: E731
     q = ex.query
@@ -227,75 +227,85 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
     norm_kind = "LayerNorm" if m.cfg.norm == "layer" else "RMSNorm"
     title = f"{tok(q)} (token {q}) · layer {ex.layer} · head {ex.head}"
 
-    def table(*cols: str) -> Table:
+    def table(cols: list[str], body: list[list | None]) -> Table:
+        """Rows under headers, None for a gap; numbers keep their full width, a long token or the bar gives way."""
         t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        for c in cols:
-            t.add_column(c, justify="left" if c in ("token",) else "right")
+        for n, c in enumerate(cols):
+            cells = [len(str(r[n])) for r in body if r is not None]
+            if c in ("token", ""):
+                t.add_column(c, justify="left", no_wrap=True, overflow="crop" if c == "" else "ellipsis", max_width=16 if c else None)
+            else:
+                t.add_column(c, justify="right", no_wrap=True, min_width=max([len(c), *cells]))
+        for r in body:
+            t.add_row(*(["…"] + [""] * (len(cols) - 1) if r is None else r))
         return t
-
-    def gap(t: Table, n: int) -> None:
-        t.add_row("…", "", *[""] * (n - 2))
 
     p1 = Text.assemble(
         f"residual stream entering layer {ex.layer}: ‖r‖ = {ex.resid.norm():.3f}\n",
         f"after the layer's {norm_kind}: x = {_vec(ex.x, preview)}\n",
         f"‖x‖ = {ex.x.norm():.3f}   — x is what Wq, Wk and Wv read",
     )
-    k_tab = table("j", "token", "‖K_j‖")
-    for j in shown:
-        if j is None:
-            gap(k_tab, 3)
-        else:
-            k_tab.add_row(str(j), tok(j), f"{ex.keys[j].norm():.3f}")
+    k_tab = table(["j", "token", "‖K_j‖"], [None if j is None else [str(j), tok(j), f"{ex.keys[j].norm():.3f}"] for j in shown])
     bias = " + b_q" if m.cfg.qkv_bias else ""
     lines = [f"Q = x·Wq{bias} = {_vec(ex.q, preview)}   ‖Q‖ = {ex.q.norm():.3f}   (d_k = {ex.d_k})"]
     if ex.rope:
         lines.append(f"RoPE rotates Q by position {q} and each K_j by position j: Q_rot = {_vec(ex.q_rot, preview)}")
-        lines.append("rotation keeps lengths; it changes the angles, so scores come to depend on j − i (stage 3)")
+        lines.append("rotation keeps lengths and turns the angles, so scores come to depend on the distance i − j (stage 3)")
     lines.append(f"keys K_j = x_j·Wk{' + b_k' if m.cfg.qkv_bias else ''} of the {q + 1} visible tokens (KV head {ex.kv_head}):")
     p2 = Group(Text("\n".join(lines)), k_tab)
 
-    cols = ["j", "token", "Q·K_j", f"× 1/√{ex.d_k}", "score"] + (["no RoPE", "position adds"] if ex.rope else [])
-    s_tab = table(*cols)
+    # On a narrow terminal the RoPE comparison gives way (it is in the JSON); the stages stay whole.
+    rope_cols = ex.rope and width >= 50
+    wide = width >= 64
+    cols = ["j", "token", "Q·K_j", "score"] + (["no RoPE"] if rope_cols else []) + (["RoPE adds"] if rope_cols and wide else [])
+    body: list[list | None] = []
     for j in shown:
         if j is None:
-            gap(s_tab, len(cols))
+            body.append(None)
             continue
-        row = [str(j), tok(j), f"{ex.dots[j]:+.3f}", f"{ex.scale:.4f}", f"{ex.scores[j]:+.3f}"]
-        if ex.rope:
-            row += [f"{ex.scores_unrotated[j]:+.3f}", f"{ex.scores[j] - ex.scores_unrotated[j]:+.3f}"]
-        s_tab.add_row(*row)
+        row = [str(j), tok(j), f"{ex.dots[j]:+.3f}", f"{ex.scores[j]:+.3f}"]
+        if rope_cols:
+            row.append(f"{ex.scores_unrotated[j]:+.3f}")
+            if wide:
+                row.append(f"{ex.scores[j] - ex.scores_unrotated[j]:+.3f}")
+        body.append(row)
+    s_tab = table(cols, body)
     masked = ex.n_tokens - q - 1
     mask_line = (
         f"positions {q + 1}..{ex.n_tokens - 1} ({masked} later token{'s' if masked > 1 else ''}) are masked: score −∞ ✗, weight 0"
         if masked
         else "no later tokens: nothing to mask"
     )
-    p3 = Group(s_tab, Text(mask_line))
+    scale_line = f"score = Q·K_j × 1/√d_k = Q·K_j × 1/√{ex.d_k} = Q·K_j × {ex.scale:.4f}" + (
+        "; 'no RoPE': the score of the unrotated Q and K_j" if rope_cols else ""
+    )
+    p3 = Group(Text(scale_line), s_tab, Text(mask_line))
 
-    w_tab = table("j", "token", "weight", "")
+    body = []
     for j in shown:
         if j is None:
-            gap(w_tab, 4)
+            body.append(None)
             continue
-        w = float(ex.weights[j])
-        mark = "★" if j in top_set else " "
-        bar = "█" * round(w * 30)
-        w_tab.add_row(str(j), tok(j), Text(f"{mark} {w:.3f}", style="bold yellow" if j in top_set else ""), Text(bar, style="yellow" if j in top_set else "dim"))
+        w, star = float(ex.weights[j]), j in top_set
+        body.append([str(j), tok(j), Text(f"{'★' if star else ' '} {w:.3f}", style="bold yellow" if star else ""), Text("█" * round(w * 30), style="yellow" if star else "dim")])
+    w_tab = table(["j", "token", "weight", ""], body)
     p4 = Group(
         Text(f"weights = softmax(scores): each exp(score_j) / Σ exp(score); ★ marks the {len(top_set)} strongest"),
         w_tab,
         Text(f"entropy {ex.entropy:.3f} bits (0 = all on one token; {math.log2(q + 1):.3f} = spread evenly over {q + 1})"),
     )
 
-    v_tab = table("j", "token", "‖V_j‖", "α_j", "‖α_j·V_j·W_O^h‖")
-    for j in shown:
-        if j is None:
-            gap(v_tab, 5)
-            continue
-        v_tab.add_row(str(j), tok(j), f"{ex.values[j].norm():.3f}", f"{ex.weights[j]:.3f}", f"{ex.value_norms[j]:.3f}")
+    alpha = width >= 50  # α_j repeats stage 4: it gives way on a narrow terminal
+    v_tab = table(
+        ["j", "token", "‖V_j‖", *(["α_j"] if alpha else []), "‖α·V·W_O‖"],
+        [
+            None if j is None else [str(j), tok(j), f"{ex.values[j].norm():.3f}", *([f"{ex.weights[j]:.3f}"] if alpha else []), f"{ex.value_norms[j]:.3f}"]
+            for j in shown
+        ],
+    )
     cos = ex.update_cosine
     p5 = Group(
+        Text(f"‖α·V·W_O‖: the size of what each source sends through head {ex.head} (inspect's --values value-norms)"),
         v_tab,
         Text.assemble(
             f"Σ α_j·V_j = {_vec(ex.mixed, preview)}   ‖·‖ = {ex.mixed.norm():.3f}\n",
@@ -316,7 +326,7 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
     stages = [
         ("1 · input to the layer", p1),
         ("2 · query and keys", p2),
-        ("3 · scores: Q·K_j / √d_k, causal mask", p3),
+        ("3 · scores and the mask", p3),
         ("4 · softmax", p4),
         ("5 · values and output", p5),
         ("6 · KV heads", p6),

@@ -170,10 +170,19 @@ def test_explain_panels_without_color(tiny_models):
     r = run_cli(["explain", "-m", str(path), PROMPT, "--token", "-2", "--layer", "-1", "--head", "0", "--format", "table"], env={"NO_COLOR": "1"})
     assert r.code == 0, r
     assert "\x1b[" not in r.out
-    for stage in ("1 · input to the layer", "2 · query and keys", "3 · scores", "4 · softmax", "5 · values and output", "6 · KV heads"):
+    for stage in ("1 · input to the layer", "2 · query and keys", "3 · scores and the mask", "4 · softmax", "5 · values and output", "6 · KV heads"):
         assert stage in r.out
     assert "★" in r.out and "masked" in r.out and "entropy" in r.out
     assert "multi-head attention" in r.out and "RoPE" not in r.out
+
+
+def test_explain_fits_a_40_column_terminal(tiny_models):
+    path, _ = tiny_models["llama"]
+    r = run_cli(["explain", "-m", str(path), PROMPT, "--layer", "0", "--head", "1", "--format", "table", "--rows", "6"], env={"NO_COLOR": "1", "COLUMNS": "40"})
+    assert r.code == 0, r
+    lines = r.out.splitlines()
+    assert max(len(ln) for ln in lines) <= 40
+    assert "6 · KV heads" in r.out and "…" in r.out  # a long row summarised, every stage still there
 
 
 def test_explain_picks_a_head_when_none_given(tiny_models):
