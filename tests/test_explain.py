@@ -230,3 +230,19 @@ def test_real_model_explain_blue_head(real_model_dir):
     d = json.loads(r.out)
     assert d["weights"][blue] > 0.5
     assert abs(d["weights"][blue] - float(rows[layer, head, blue])) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_explain_json_equals_inspect_json(tiny_models, kind):
+    path, _ = tiny_models[kind]
+    sel = [PROMPT, "--token", "the", "--layer", "1", "--head", "2", "--format", "json"]
+    r = run_cli(["explain", "-m", str(path), *sel])
+    assert r.code == 0, r
+    ex = json.loads(r.out)
+    for view, key in (("weights", "weights"), ("scores", "scores"), ("value-norms", "value_norms")):
+        r = run_cli(["inspect", "-m", str(path), *sel, "--values", view])
+        assert r.code == 0, r
+        ins = json.loads(r.out)
+        assert ins["query"] == ex["query"] and ins["positions"] == ex["positions"]
+        assert ins["heads"][0]["kv_head"] == ex["kv_head"]
+        assert max(abs(a - b) for a, b in zip(ins["heads"][0]["values"], ex[key])) < 1e-6, view
