@@ -20,8 +20,9 @@ from model.decoder import Attention, Decoder, attention_scores
 DIRECTIONS = ("from", "to")
 VIEWS = ("weights", "scores", "value-norms")
 
-# Float32 elements one chunk of `to` rows may hold: (heads, rows, S) scores and weights (~16 MiB).
-CHUNK_ELEMENTS = 1 << 22
+# Float32 elements one chunk of `to` rows may hold in its (heads, rows, S) scores (1 MiB). Small on
+# purpose: with larger blocks glibc's per-thread arenas kept ~300 MiB of freed chunks resident (2,048 tokens).
+CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -95,9 +96,10 @@ class AttentionProbe:
             b = min(a + rows, T)
             scores = attention_scores(q[:, :, a:b], k, torch.arange(start + a, start + b, device=q.device))[0]  # (h, n, S)
             weights = scores.softmax(dim=-1)
-            col_scores.append(scores[:, :, c])
-            col_weights.append(weights[:, :, c])
-            sinks.append(weights[:, :, 0])
+            # Copies, not views: a view would keep this chunk's whole (h, n, S) block alive.
+            col_scores.append(scores[:, :, c].clone())
+            col_weights.append(weights[:, :, c].clone())
+            sinks.append(weights[:, :, 0].clone())
             del scores, weights
         scores, weights, sink = (torch.cat(t, dim=1) for t in (col_scores, col_weights, sinks))  # (h, P) each
         if self.view == "scores":
