@@ -359,3 +359,16 @@ def test_cli_errors_are_one_line(home: Path) -> None:
     assert r.stderr == "attn: error: unknown model 'no-such-model': not a known name (smollm2-135m-instruct), a .gguf file, or ORG/NAME\n"
     r = attn("models", env=env)
     assert r.returncode == 0 and r.stdout == "" and "attn pull" in r.stderr
+
+
+def test_read_only_home_is_one_line(home: Path, fake: FakePip, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weights home that cannot be written (EROFS; chmod does not stop root, so the error is injected)."""
+    import tempfile
+
+    def read_only(*args: Any, **kwargs: Any) -> str:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(AttnError) as e:
+        wp.pull("tiny")
+    assert_one_line_failure(e, home, "Read-only file system")

@@ -256,19 +256,6 @@ def test_cuda_out_of_memory_is_one_line_with_hint(attn, tiny_llama, monkeypatch)
     one_line_error(gen(attn, tiny_llama), 1, "out of memory", "GiB", "--dtype", "--device cpu")
 
 
-def test_unwritable_attn_home_is_one_line(attn, tmp_path):
-    home = tmp_path / "ro"
-    home.mkdir()
-    home.chmod(0o500)
-    try:
-        if os.access(home, os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
-        r = attn(["convert", str(tmp_path / "missing.gguf"), str(home / "out")])
-        assert r.code == 1 and r.err.count("\n") == 1
-    finally:
-        home.chmod(0o700)
-
-
 # --- soak -------------------------------------------------------------------------------
 
 
@@ -289,7 +276,7 @@ def test_soak_200_generations_no_growth(tiny_llama):
         )
         ids = tok.encode("soak test prompt number " + str(i))
         stream = tok.stream(ids)
-        for step in generate(model, ids, rng.randint(1, 40), s, torch.Generator().manual_seed(i)):
+        for step in generate(model, ids, rng.randint(1, 12), s, torch.Generator().manual_seed(i)):
             stream.push(step.id)
 
     for i in range(20):  # warm-up: allocator pools and caches settle
