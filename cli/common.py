@@ -57,6 +57,12 @@ NoStdinOpt = Annotated[bool, typer.Option("--no-stdin", help="Ignore stdin even 
 ChatOpt = Annotated[
     Optional[bool], typer.Option("--chat/--raw", help="Apply the model's chat template (default: on when the model ships one).", show_default=False)
 ]
+RawChatOpt = Annotated[bool, typer.Option("--chat/--raw", help="Apply the model's chat template to the prompt. [default: raw]", show_default=False)]
+TokenOpt = Annotated[
+    Optional[str],
+    typer.Option("--token", "-t", help="The chosen token: an index (negative from the end) or its text ('creature' matches ' creature'). [default: the last token]", show_default=False),
+]
+OccurrenceOpt = Annotated[Optional[int], typer.Option("--occurrence", help="With --token TEXT: which match, 1 = first, -1 = last. [default: 1]", show_default=False)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message (chat mode).", show_default=False)]
 InvalidUtf8Opt = Annotated[
     str, typer.Option("--invalid-utf8", help="Input that is not UTF-8: 'error' (exit 2) or 'replace' (U+FFFD, with a warning).")

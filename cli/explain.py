@@ -28,10 +28,13 @@ from cli.common import (
     Loaded,
     ModelOpt,
     NoStdinOpt,
+    OccurrenceOpt,
     PromptArg,
     PromptOpt,
     QuietOpt,
+    RawChatOpt,
     SystemOpt,
+    TokenOpt,
     VerboseOpt,
     note,
     open_model,
@@ -39,7 +42,7 @@ from cli.common import (
     use_color,
     write_out,
 )
-from cli.inspect import InspectChatOpt, is_index, pick_indices, pick_token, tokenize
+from cli.inspect import is_index, pick_indices, pick_token, tokenize
 from cli.main import app
 from model.errors import AttnError, UsageError
 from model.explain import Explanation, explain, query_rows
@@ -60,13 +63,6 @@ class ExplainFormat(str, Enum):
     json = "json"
 
 
-TokenOpt = Annotated[
-    Optional[str],
-    typer.Option("--token", "-t", help="The query token: index (negative from the end) or its text ('creature' matches ' creature'). [default: the last token]", show_default=False),
-]
-OccurrenceOpt = Annotated[Optional[int], typer.Option("--occurrence", help="With --token TEXT: which match, 1 = first, -1 = last. [default: 1]", show_default=False)]
-
-
 @app.command("explain", epilog=EPILOG)
 def explain_cmd(
     prompt: PromptArg = None,
@@ -81,7 +77,7 @@ def explain_cmd(
     rows: Annotated[int, typer.Option("--rows", min=4, help="Sources listed per table before the rest is summarised.")] = 24,
     preview: Annotated[int, typer.Option("--preview", min=1, max=64, help="Vector components shown in previews.")] = 6,
     fmt: Annotated[Optional[ExplainFormat], typer.Option("--format", help="table (rich panels) or json. [default: table on a TTY, else json]", show_default=False)] = None,
-    chat: InspectChatOpt = False,
+    chat: RawChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,

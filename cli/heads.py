@@ -31,6 +31,7 @@ from cli.common import (
     PromptArg,
     PromptOpt,
     QuietOpt,
+    RawChatOpt,
     SystemOpt,
     VerboseOpt,
     note,
@@ -40,7 +41,6 @@ from cli.common import (
     write_out,
 )
 from cli.explain import encode_prompt
-from cli.inspect import InspectChatOpt
 from cli.main import app
 from model.errors import AttnError, UsageError
 from model.heads import DETECTORS, MEASURES, HeadStats, head_stats, induction_sequence
@@ -90,7 +90,7 @@ def heads_cmd(
     fmt: Annotated[Optional[HeadsFormat], typer.Option("--format", help="table, json or csv. [default: table on a TTY, else json]", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write a layers × heads grid coloured by --measure: FILE.svg or FILE.html (self-contained).", show_default=False)] = None,
     measure: Annotated[Optional[Column], typer.Option("--measure", help="The measure the -o grid shows. [default: the sort column]", show_default=False)] = None,
-    chat: InspectChatOpt = False,
+    chat: RawChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,

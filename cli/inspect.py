@@ -27,14 +27,17 @@ from cli.common import (
     MinPOpt,
     ModelOpt,
     NoStdinOpt,
+    OccurrenceOpt,
     PromptArg,
     PromptOpt,
     QuietOpt,
+    RawChatOpt,
     RepeatLastNOpt,
     RepeatPenaltyOpt,
     SeedOpt,
     SystemOpt,
     TempOpt,
+    TokenOpt,
     TopKOpt,
     TopPOpt,
     VerboseOpt,
@@ -82,7 +85,6 @@ class Format(str, Enum):
     csv = "csv"
 
 
-InspectChatOpt = Annotated[bool, typer.Option("--chat/--raw", help="Apply the model's chat template to the prompt. [default: raw]", show_default=False)]
 
 
 @app.command("inspect", epilog=EPILOG)
@@ -91,8 +93,8 @@ def inspect_cmd(
     model: ModelOpt = None,
     prompt_opt: PromptOpt = None,
     file: FileOpt = None,
-    token: Annotated[Optional[str], typer.Option("--token", "-t", help="The chosen token: an index (negative from the end) or its text ('creature' matches ' creature'). [default: the last token]", show_default=False)] = None,
-    occurrence: Annotated[Optional[int], typer.Option("--occurrence", help="With --token TEXT: which match, 1 = first, -1 = last. [default: 1]", show_default=False)] = None,
+    token: TokenOpt = None,
+    occurrence: OccurrenceOpt = None,
     layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", help="Layer index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
     head: Annotated[Optional[list[int]], typer.Option("--head", help="Query-head index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
     direction: Annotated[Direction, typer.Option("--direction", help="from: the chosen token as query (a row); to: how much each later token attends to it (a column).")] = Direction.from_,
@@ -111,7 +113,7 @@ def inspect_cmd(
     repeat_last_n: RepeatLastNOpt = 64,
     seed: SeedOpt = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="With --generate: keep going past end-of-sequence tokens.")] = False,
-    chat: InspectChatOpt = False,
+    chat: RawChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
