@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.compile import decode_step
 from model.decoder import Decoder
 from model.sampling import SamplingSettings, sample
 
@@ -37,7 +38,7 @@ def generate(
     want_logprobs: bool = False,
 ) -> Iterator[Step]:
     """Sample up to `max_new_tokens` tokens after `prompt_ids`. The caller stops early by not asking for more."""
-    device = model.head.weight.device
+    device = model.device
     total = len(prompt_ids) + max_new_tokens
     if model.cache_len < total:
         model.setup_cache(total)
@@ -45,6 +46,7 @@ def generate(
     tokens[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
     pos = len(prompt_ids)
     logits = model(tokens[None, :pos], 0, last_only=True)[0, -1]
+    step = decode_step(model)  # the compiled one-token step when `--compile` built one
     window = settings.repeat_last_n
     for i in range(max_new_tokens):
         recent = None
@@ -59,7 +61,7 @@ def generate(
         if i == max_new_tokens - 1:
             return
         tokens[pos] = tok
-        logits = model(tokens[None, pos : pos + 1], pos, last_only=True)[0, -1]
+        logits = step(tokens[pos : pos + 1][None], pos)[0, -1]  # (1, 1): the same strides every step
         pos += 1
 
 
