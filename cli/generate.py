@@ -45,6 +45,7 @@ from cli.common import (
     write_out,
 )
 from cli.main import app
+from cli.speed import CompileOpt, Quantize, QuantizeOpt, apply_speed_options
 from model.errors import AttnError, UsageError
 from model.generate import NonFiniteLogits, StopStrings, generate
 from model.loading import load_generation_config
@@ -89,6 +90,8 @@ def generate_cmd(
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
+    quantize: QuantizeOpt = Quantize.none,
+    compile_step: CompileOpt = False,
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", min=1, help="Context length (default: the model's).", show_default=False)] = None,
     truncate: Annotated[Truncate, typer.Option("--truncate", help="Prompt + max tokens over the context: error, or keep the tail (left).")] = Truncate.error,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object at the end instead of streamed text.")] = False,
@@ -123,6 +126,7 @@ def generate_cmd(
     settings = sampling_settings(m.path, load_generation_config(m.path), temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
     ids = prompt_ids(m, text, chat, system)
     ids = fit_context(m, ids, max_tokens, ctx_size, truncate, quiet)
+    apply_speed_options(m, quantize, compile_step, len(ids) + max_tokens, quiet)
     if seed is None:
         seed = secrets.randbelow(2**31)
         if verbose:

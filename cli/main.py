@@ -48,6 +48,7 @@ def root(
 def _register() -> None:
     # Each command module adds its commands to `app` on import.
     from cli import generate  # noqa: F401
+    from cli import bench  # noqa: F401
     from cli import inspect as inspect_cmd_module  # noqa: F401
     from cli import explain  # noqa: F401
     from cli import heads  # noqa: F401

@@ -1,0 +1,345 @@
+"""`attn bench`: prefill and decode speed, time to first token and peak memory — the llama-bench of attn.
+
+Each repetition runs the same path as `attn generate` (greedy, no stop on EOS) on a fixed random
+prompt; a warm-up run is excluded. `--compare transformers` runs Hugging Face transformers on the
+same weights in the same process, alternating repetitions so that machine drift hits both.
+Quality (top-1 agreement with float32 and perplexity over a fixed text) is measured whenever the
+weights are not float32 (`--quantize int8`, `--dtype bfloat16`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from enum import Enum
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from cli.common import (
+    ColorOpt,
+    Color,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    Loaded,
+    ModelOpt,
+    QuietOpt,
+    VerboseOpt,
+    note,
+    open_model,
+    peak_memory_mb,
+    use_color,
+    write_out,
+)
+from cli.main import app
+from cli.speed import CompileOpt, Quantize, QuantizeOpt, ThreadsOpt, apply_speed_options, set_threads
+from model.errors import AttnError
+from model.generate import generate
+from model.sampling import SamplingSettings
+
+EPILOG = """\
+Examples:
+
+  attn bench                                  # 64-token prompt, 128 generated tokens, 5 repetitions
+
+  attn bench -p 64 -p 512 -n 128 -r 5 --json
+
+  attn bench --quantize int8                  # speed, plus top-1 agreement and perplexity vs float32
+
+  attn bench --compare transformers           # the same weights through transformers, ratio printed
+"""
+
+GREEDY = SamplingSettings(temperature=0.0)
+
+# The fixed text for quality numbers (written for attn; the first 512 tokens are used).
+QUALITY_TEXT = """\
+The lighthouse stood at the end of a long spit of sand, and for most of the year the only people who \
+saw it up close were the keeper and the man who brought his supplies on the first Monday of every month. \
+The keeper had come to the island as a young man, expecting to stay a season, and had stayed forty years. \
+He kept a logbook in which he wrote the weather, the ships he saw, the birds that rested on the gallery \
+rail, and, very rarely, a thought of his own. Most of the entries were short. "Wind northeast, strong. \
+Two trawlers heading south. Lamp cleaned." On some days he wrote nothing but the date.
+
+When the lamp was finally automated, an engineer from the mainland came to install the new equipment. \
+She was patient with the old man, who followed her up and down the spiral stairs asking what each part \
+did and why it had to be replaced. She explained that the new light would switch itself on at dusk and \
+off at dawn, that a sensor would measure the fog and start the horn, and that a small computer would \
+report any fault by radio. Nothing, she said, would need a person any more. The keeper listened, nodded, \
+and asked who would write in the logbook.
+
+The engineer did not have an answer. That evening, after the work was done, they sat in the kitchen and \
+read through the old books together. There were forty of them, one for each year, bound in the same green \
+cloth. In the early volumes the handwriting was careful and upright; later it leaned forward, as if in a \
+hurry, and in the last few years it had grown large and uneven. Between the weather reports there were \
+small drawings of gulls, a pressed flower, a list of the names of ships that had sunk within sight of the \
+island, and a note that a child on a passing ferry had waved for a full minute.
+
+Before she left the next morning, the engineer asked whether she could take one of the logbooks to the \
+museum in the harbour town. The keeper chose the volume from his first year, when everything had been new \
+to him, and wrapped it in brown paper. Then he walked her down to the boat, watched it round the point, \
+and went back up the stairs to see the new lamp turn itself on. It worked exactly as she had promised. \
+He stood beside it for a long time, and then he went down to the kitchen, opened a fresh logbook, and \
+wrote the date, the wind, and the words: "Light came on by itself. Nobody needed."
+
+Years later, visitors to the museum could read that first volume under glass. A card beside it explained \
+what a lighthouse keeper did, how the lamps were trimmed and the lenses polished, and why the work had \
+ended. Most people read the card and moved on. A few stayed to turn the pages on the screen beside the \
+case, reading about winds and trawlers and birds, and some of them laughed at the note about the child on \
+the ferry, because they had been children on that ferry once, and had waved."""
+
+
+class Compare(str, Enum):
+    transformers = "transformers"
+
+
+@app.command("bench", epilog=EPILOG)
+def bench_cmd(
+    model: ModelOpt = None,
+    prompt_lens: Annotated[Optional[list[int]], typer.Option("--prompt-tokens", "-p", min=1, help="Prompt length in tokens (repeatable). [default: 64]", show_default=False)] = None,
+    n_gen: Annotated[int, typer.Option("--gen-tokens", "-n", min=1, help="Tokens generated per repetition.")] = 128,
+    reps: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Timed repetitions (after one warm-up run).")] = 5,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    threads: ThreadsOpt = None,
+    quantize: QuantizeOpt = Quantize.none,
+    compile_step: CompileOpt = False,
+    compare: Annotated[Optional[Compare], typer.Option("--compare", help="Also run this engine on the same weights, alternating repetitions.", show_default=False)] = None,
+    quality: Annotated[Optional[bool], typer.Option("--quality/--no-quality", help="Top-1 agreement and perplexity vs float32 over a fixed text. [default: on when the weights are not float32]", show_default=False)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of a table.")] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    color: ColorOpt = Color.auto,
+) -> None:
+    """Measure prefill and decode speed, time to first token and peak memory."""
+    hf_cls = _transformers_class() if compare is Compare.transformers else None  # fails before any loading
+    set_threads(threads)
+    prompt_lens = prompt_lens or [64]
+    max_len = max(prompt_lens) + n_gen
+    m = open_model(model, device, dtype, quiet)
+    if max_len > m.cfg.max_len:
+        raise AttnError(f"prompt ({max(prompt_lens)}) + generated ({n_gen}) tokens exceed the model's context ({m.cfg.max_len})")
+    weights_mb = sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()]) / 2**20
+    compile_s = apply_speed_options(m, quantize, compile_step, max_len, quiet)
+    if not compile_step:
+        m.model.setup_cache(max_len)
+    kv_mb = sum(b.numel() * b.element_size() for n, b in m.model.named_buffers() if n.endswith((".k", ".v"))) / 2**20
+    if quantize is Quantize.int8:
+        weights_mb = sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()]) / 2**20 - kv_mb
+    hf = _load_transformers(hf_cls, m) if hf_cls is not None else None
+
+    vocab = min(m.cfg.vocab_size, m.tokenizer.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    prompts = {p: torch.randint(0, vocab, (p,), generator=g).tolist() for p in prompt_lens}
+    _attn_run(m, prompts[prompt_lens[0]][:8], min(4, n_gen))  # warm-up, excluded
+    if hf is not None:
+        _hf_run(hf, m, prompts[prompt_lens[0]][:8], min(4, n_gen))
+
+    results = []
+    for p in prompt_lens:
+        ours, theirs = [], []
+        for _ in range(reps):
+            ours.append(_attn_run(m, prompts[p], n_gen))
+            if hf is not None:
+                theirs.append(_hf_run(hf, m, prompts[p], n_gen))
+        row = {"prompt_tokens": p, "gen_tokens": n_gen, **_summarise(ours), "peak_memory_mb": round(peak_memory_mb(m.device), 1)}
+        if hf is not None:
+            row["transformers"] = _summarise(theirs)
+            row["ratio"] = {
+                k: round(row[f"{k}_tps"]["median"] / row["transformers"][f"{k}_tps"]["median"], 2)
+                if row["transformers"][f"{k}_tps"]["median"] else None
+                for k in ("prefill", "decode")
+            }
+        results.append(row)
+
+    want_quality = quality if quality is not None else (quantize is not Quantize.none or m.dtype != torch.float32)
+    out = {
+        "model": m.name,
+        "path": str(m.path),
+        "device": str(m.device),
+        "dtype": str(m.dtype).removeprefix("torch."),
+        "quantize": quantize.value,
+        "compile": compile_s is not None,
+        "compile_s": round(compile_s, 2) if compile_s is not None else None,
+        "threads": torch.get_num_threads(),
+        "repetitions": reps,
+        "load_ms": round(m.load_ms, 1),
+        "weights_mb": round(weights_mb, 1),
+        "kv_cache_mb": round(kv_mb, 1),
+        "results": results,
+        "quality": quality_vs_float32(m) if want_quality else None,
+        "compare": compare.value if compare else None,
+    }
+    if json_out:
+        write_out(json.dumps(out) + "\n")
+    else:
+        _print_table(out, use_color(color, None))
+
+
+# --- one repetition of each engine ---------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _attn_run(m: Loaded, prompt: list[int], n: int) -> dict:
+    """One generation through `model.generate` (the path `attn generate` takes): TTFT, prefill and decode rates."""
+    _reset_peak(m.device)
+    t0 = time.perf_counter()
+    t_first = None
+    count = 0
+    for _ in generate(m.model, prompt, n, GREEDY):
+        count += 1
+        if count == 1:
+            t_first = time.perf_counter()
+    _sync(m.device)
+    t_end = time.perf_counter()
+    return _rates(len(prompt), count, t0, t_first, t_end)
+
+
+def _hf_run(hf, m: Loaded, prompt: list[int], n: int) -> dict:
+    """transformers' `generate`: one call for the first token (TTFT), one for all n; decode = the difference."""
+    ids = torch.tensor([prompt], device=m.device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        _sync(m.device)
+        t1 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        _sync(m.device)
+        t2 = time.perf_counter()
+    first = t1 - t0
+    return _rates(len(prompt), n, t1 - first, t1, t1 + (t2 - t1))
+
+
+def _rates(p: int, count: int, t0: float, t_first: float, t_end: float) -> dict:
+    ttft = t_first - t0
+    decode = t_end - t_first
+    return {
+        "ttft_ms": ttft * 1e3,
+        "prefill_tps": p / ttft if ttft > 0 else 0.0,
+        "decode_tps": (count - 1) / decode if count > 1 and decode > 0 else None,
+    }
+
+
+def _summarise(runs: list[dict]) -> dict:
+    """Median and spread (min, max, every value) of each measure over the repetitions."""
+    out = {}
+    for key in ("prefill_tps", "decode_tps", "ttft_ms"):
+        vals = [r[key] for r in runs if r[key] is not None]
+        if not vals:
+            out[key] = {"median": None, "min": None, "max": None, "values": []}
+            continue
+        out[key] = {
+            "median": round(statistics.median(vals), 2),
+            "min": round(min(vals), 2),
+            "max": round(max(vals), 2),
+            "values": [round(v, 2) for v in vals],
+        }
+    return out
+
+
+# --- transformers ----------------------------------------------------------------------------
+
+
+def _transformers_class():
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise AttnError("--compare transformers needs the transformers package (pip install transformers)") from None
+    return AutoModelForCausalLM
+
+
+def _load_transformers(cls, m: Loaded):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        hf = cls.from_pretrained(m.path, dtype=m.dtype, attn_implementation="sdpa")
+    except Exception as e:  # transformers raises many types for a directory it cannot read
+        raise AttnError(f"transformers could not load {m.path}: {type(e).__name__}: {e}") from None
+    return hf.to(m.device).eval()
+
+
+# --- quality -----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def quality_vs_float32(m: Loaded, max_tokens: int = 512) -> dict:
+    """Top-1 agreement with float32 (same next-token argmax, teacher-forced) and perplexity, over QUALITY_TEXT."""
+    from model.loading import load_model
+
+    ids = m.tokenizer.encode(QUALITY_TEXT)[:max_tokens]
+    x = torch.tensor([ids], device=m.device)
+    ref = load_model(m.path, torch.float32, m.device)
+    ref.setup_cache(len(ids))
+    ref_logits = ref(x, 0)[0].float()  # (T, V)
+    del ref
+    m.model.setup_cache(len(ids))
+    logits = m.model(x, 0)[0].float()
+    agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    nll = torch.nn.functional.cross_entropy(logits[:-1], x[0, 1:]).item()
+    ref_nll = torch.nn.functional.cross_entropy(ref_logits[:-1], x[0, 1:]).item()
+    return {
+        "text_tokens": len(ids),
+        "top1_agreement": round(agree, 4),
+        "perplexity": round(math.exp(nll), 3),
+        "perplexity_float32": round(math.exp(ref_nll), 3),
+        "perplexity_diff": round(math.exp(nll) - math.exp(ref_nll), 3),
+    }
+
+
+# --- table ----------------------------------------------------------------------------------------
+
+
+def _cell(s: dict | None, digits: int = 1) -> str:
+    if not s or s.get("median") is None:
+        return "—"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def _print_table(out: dict, color: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    import sys
+
+    mode = out["dtype"] + (" int8" if out["quantize"] == "int8" else "") + (" compiled" if out["compile"] else "")
+    title = f"{out['model']} · {out['device']} · {mode} · {out['threads']} threads · median (min–max) of {out['repetitions']}"
+    table = Table(title=title)
+    for col in ("prompt", "gen", "prefill tok/s", "decode tok/s", "TTFT ms", "peak MiB"):
+        table.add_column(col, justify="right")
+    compare = out["compare"]
+    if compare:
+        for col in (f"{compare} prefill", f"{compare} decode", "× prefill", "× decode"):
+            table.add_column(col, justify="right")
+    for r in out["results"]:
+        cells = [str(r["prompt_tokens"]), str(r["gen_tokens"]), _cell(r["prefill_tps"]), _cell(r["decode_tps"]), _cell(r["ttft_ms"], 0), f"{r['peak_memory_mb']:.0f}"]
+        if compare:
+            t = r["transformers"]
+            ratio = r["ratio"]
+            cells += [_cell(t["prefill_tps"]), _cell(t["decode_tps"]), f"{ratio['prefill']}×", f"{ratio['decode']}×"]
+        table.add_row(*cells)
+    console = Console(file=sys.stdout, no_color=not color, highlight=False, width=200 if not sys.stdout.isatty() else None)
+    console.print(table)
+    notes = [f"weights {out['weights_mb']:.0f} MiB, KV cache {out['kv_cache_mb']:.1f} MiB, load {out['load_ms']:.0f} ms"]
+    if out["compile_s"] is not None:
+        notes.append(f"compile {out['compile_s']:.1f} s (not in the timings)")
+    q = out["quality"]
+    if q:
+        notes.append(
+            f"quality over {q['text_tokens']} tokens: top-1 agreement with float32 {q['top1_agreement']:.1%}, "
+            f"perplexity {q['perplexity']:.3f} vs {q['perplexity_float32']:.3f} (float32)"
+        )
+    console.print("\n".join(notes))

@@ -1,0 +1,70 @@
+"""`attn bench`: the --json shape, the int8 quality block, --compare transformers, and its absence."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+TIMING_KEYS = {"median", "min", "max", "values"}
+
+
+def bench_json(attn, path, *extra) -> dict:
+    r = attn(["bench", "-m", str(path), "-p", "8", "-p", "12", "-n", "4", "-r", "2", "--json", *extra])
+    assert r.code == 0, r
+    return json.loads(r.out)
+
+
+def test_bench_json_keys(attn, tiny_llama):
+    d = bench_json(attn, tiny_llama)
+    assert {"model", "device", "dtype", "quantize", "compile", "compile_s", "threads", "repetitions",
+            "load_ms", "weights_mb", "kv_cache_mb", "results", "quality", "compare"} <= d.keys()
+    assert d["dtype"] == "float32" and d["quantize"] == "none" and d["quality"] is None
+    assert [r["prompt_tokens"] for r in d["results"]] == [8, 12]
+    for row in d["results"]:
+        assert row["gen_tokens"] == 4 and row["peak_memory_mb"] > 0
+        for key in ("prefill_tps", "decode_tps", "ttft_ms"):
+            assert row[key].keys() == TIMING_KEYS and len(row[key]["values"]) == 2
+            assert 0 < row[key]["min"] <= row[key]["median"] <= row[key]["max"]
+
+
+def test_bench_int8_reports_quality(attn, tiny_llama):
+    d = bench_json(attn, tiny_llama, "--quantize", "int8", "--threads", "1")
+    assert d["quantize"] == "int8" and d["threads"] == 1
+    q = d["quality"]
+    assert {"text_tokens", "top1_agreement", "perplexity", "perplexity_float32", "perplexity_diff"} == q.keys()
+    assert 0.9 <= q["top1_agreement"] <= 1.0 and q["text_tokens"] > 100
+
+
+def test_bench_compare_transformers(attn, tiny_llama):
+    d = bench_json(attn, tiny_llama, "--compare", "transformers")
+    row = d["results"][0]
+    assert d["compare"] == "transformers"
+    assert row["transformers"]["decode_tps"]["median"] > 0
+    assert row["ratio"]["decode"] > 0 and row["ratio"]["prefill"] > 0
+
+
+def test_bench_table_on_stdout(attn, tiny_llama):
+    r = attn(["bench", "-m", str(tiny_llama), "-p", "8", "-n", "3", "-r", "1"])
+    assert r.code == 0, r
+    assert "decode tok/s" in r.out and "weights" in r.out
+
+
+def test_bench_compare_without_transformers_is_one_clear_error(attn, tiny_llama, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_transformers(name, *a, **kw):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("No module named 'transformers'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    r = attn(["bench", "-m", str(tiny_llama), "--compare", "transformers"])
+    assert r.code == 1
+    assert r.err.strip().splitlines() == ["attn: error: --compare transformers needs the transformers package (pip install transformers)"]
+    assert r.out == ""
+
+
+def test_generate_accepts_quantize_and_compile_flags(attn, tiny_llama):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "5", "--quantize", "int8", "--json", "hello"])
+    assert r.code == 0, r
+    assert json.loads(r.out)["usage"]["completion_tokens"] >= 1
