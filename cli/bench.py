@@ -265,6 +265,7 @@ def _load_transformers(cls, m: Loaded):
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # stderr stays for attn's own notes
     try:
         hf = cls.from_pretrained(m.path, dtype=m.dtype, attn_implementation="sdpa")
     except Exception as e:  # transformers raises many types for a directory it cannot read
