@@ -7,10 +7,8 @@ import signal
 import sys
 import traceback
 
-import torch
 import typer
 
-from cli import common
 from model.errors import AttnError
 
 app = typer.Typer(
@@ -59,16 +57,23 @@ def _debug() -> bool:
     return os.environ.get("ATTN_DEBUG", "") not in ("", "0") or "-v" in sys.argv or "--verbose" in sys.argv
 
 
+_terminated = False
+
+
 def _on_sigterm(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+    from cli import common
+
     common.TERMINATED = True
     raise KeyboardInterrupt
 
 
 def main() -> None:
     """Console-script entry point: run the app, map every failure to one stderr line and an exit code."""
-    _register()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        _register()  # inside the try: Ctrl-C while torch is still importing also ends quietly
         code = app(prog_name="attn", standalone_mode=False)
         code = code if isinstance(code, int) else 0
     except typer.TyperException as e:  # typer's own usage errors (bad flag, bad value, missing argument)
@@ -86,22 +91,30 @@ def main() -> None:
         code = e.exit_code
     except (KeyboardInterrupt, typer.Abort):
         code = 130
-    except (common.PipeClosed, BrokenPipeError):
+    except BrokenPipeError:
         code = 141
-    except torch.cuda.OutOfMemoryError:
-        _error("out of memory on the GPU; try --dtype bfloat16, a shorter prompt, or --device cpu")
-        code = 1
     except MemoryError:
         _error("out of memory; try --dtype bfloat16 or a shorter prompt")
         code = 1
-    except Exception as e:  # a bug: still one line, the traceback with ATTN_DEBUG=1
-        if _debug():
-            traceback.print_exc()
-        _error(f"internal error: {type(e).__name__}: {e} (ATTN_DEBUG=1 shows the traceback)")
-        code = 1
-    if code == 130 and common.TERMINATED:
+    except Exception as e:
+        code = _other_failure(e)
+    if code == 130 and _terminated:
         code = 143
     _exit(code)
+
+
+def _other_failure(e: Exception) -> int:
+    """The exit code for what the named cases above do not cover."""
+    name = type(e).__name__
+    if name == "PipeClosed":  # cli.common's: the reader of stdout went away
+        return 141
+    if name == "OutOfMemoryError":  # torch.cuda's
+        _error("out of memory on the GPU; try --dtype bfloat16, a shorter prompt, or --device cpu")
+        return 1
+    if _debug():  # a bug: still one line, the traceback with ATTN_DEBUG=1
+        traceback.print_exc()
+    _error(f"internal error: {name}: {e} (ATTN_DEBUG=1 shows the traceback)")
+    return 1
 
 
 def _error(message: str) -> None:
