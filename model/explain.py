@@ -78,7 +78,7 @@ def run_layer(model: Decoder, ids: list[int], layer: int) -> tuple[torch.Tensor,
         model.setup_cache(T)
     try:
         with torch.inference_mode():
-            model(torch.tensor([ids], device=model.head.weight.device), 0, probe=cap)
+            model(torch.tensor([ids], device=model.device), 0, probe=cap)
     finally:
         hook.remove()
     return cap.resid[0].float(), cap.q[0], cap.k[0], cap.v[0]
@@ -93,7 +93,7 @@ def explain(model: Decoder, ids: list[int], query: int, layer: int, head: int) -
     D, G, R = cfg.head_dim, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
     g = head // R
     S = query + 1
-    x = model.layers[layer].attn_norm(resid.to(model.head.weight.dtype))  # (T, C)
+    x = model.layers[layer].attn_norm(resid.to(model.dtype))  # (T, C)
     # Unrotated projections from the same weights: what each score would be without position.
     q_raw, k_raw, _ = attn.project(x[None], None)  # (1, H, T, D), (1, G, T, D)
     q_pos = torch.tensor([query], device=q_all.device)
@@ -106,7 +106,7 @@ def explain(model: Decoder, ids: list[int], query: int, layer: int, head: int) -
         unrot = (k_raw[0, g, :S].float() @ q_raw[0, head, query].float()) * D**-0.5
     weights = scores.softmax(-1)
     values = v_all[g, :S].float()
-    w_o = attn.o.weight[head * D : (head + 1) * D].float()  # (D, C): this head's rows of W_O
+    w_o = attn.o.dense_weight()[head * D : (head + 1) * D].float()  # (D, C): this head's rows of W_O
     mixed = weights @ values
     return Explanation(
         layer=layer,
@@ -145,7 +145,7 @@ def head_updates(model: Decoder, ids: list[int], layer: int) -> tuple[torch.Tens
     G = k.shape[0]
     weights = attention_scores(q[None], k[None], torch.arange(T, device=q.device)).softmax(-1)[0]  # (H, T, S)
     mixed = weights.view(G, H // G, T, T) @ v.float()[:, None]  # (G, R, T, D)
-    w_o = attn.o.weight.float().view(H, D, -1)  # (H, D, C)
+    w_o = attn.o.dense_weight().float().view(H, D, -1)  # (H, D, C)
     updates = mixed.reshape(H, T, D) @ w_o  # (H, T, C)
     bias = attn.o.bias.float() if attn.o.bias is not None else None
     return updates, bias
@@ -170,5 +170,5 @@ def query_rows(model: Decoder, ids: list[int], query: int) -> torch.Tensor:
 
     if model.cache_len < len(ids):
         model.setup_cache(len(ids))
-    model(torch.tensor([ids], device=model.head.weight.device), 0, probe=Rows())
+    model(torch.tensor([ids], device=model.device), 0, probe=Rows())
     return torch.stack(rows)

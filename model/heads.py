@@ -121,7 +121,7 @@ def head_patterns(model: Decoder, ids: list[int], detectors: bool = True) -> dic
     probe = PatternProbe(model.cfg.n_layers, ids, detectors)
     if model.cache_len < len(ids):
         model.setup_cache(len(ids))
-    model(torch.tensor([ids], device=model.head.weight.device), 0, probe=probe)
+    model(torch.tensor([ids], device=model.device), 0, probe=probe)
     return {n: None if any(v is None for v in vs) else torch.stack(vs) for n, vs in probe.out.items()}
 
 

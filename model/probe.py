@@ -68,7 +68,7 @@ class AttentionProbe:
         gs = torch.tensor(self.kv_heads, device=q.device)
         # Pair every chosen query head with its own KV head, so the explicit path sees h == G (no grouping).
         q, k, v = q[:1, hs], k[:1, gs], v[:1, gs]  # (1, h, T, D), (1, h, S, D), (1, h, S, D)
-        w_o = attn.o.weight.reshape(attn.n_heads, attn.head_dim, -1)[hs.to(attn.o.weight.device)]  # (h, D, C): W_O^h
+        w_o = attn.o.dense_weight().reshape(attn.n_heads, attn.head_dim, -1)[hs.to(q.device)]  # (h, D, C): W_O^h
         if self.direction == "from":
             self.captured[layer] = self._row(q, k, v, w_o, start)
         else:
@@ -144,7 +144,7 @@ def capture(
         if start:
             raise ValueError("the KV cache is too short for the cached positions it is said to hold")
         model.setup_cache(end)
-    device = model.head.weight.device
+    device = model.device
     x = torch.tensor(ids[start:end], dtype=torch.long, device=device)[None]  # (1, T)
     model(x, start, probe=probe)
     positions = list(range(end)) if direction == "from" else list(range(query, N))
