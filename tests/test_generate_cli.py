@@ -250,3 +250,17 @@ def test_sigint_with_json_still_writes_the_object(slow_model):
     assert p.returncode == 143, err
     done = json.loads(out.decode().splitlines()[-1])
     assert done["type"] == "done" and done["finish_reason"] == "interrupted"
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.0, 2.5])
+def test_sigint_at_any_moment_exits_130_quietly(slow_model, delay):
+    """Start-up, model load, prefill or decode: wherever Ctrl-C lands, exit 130 and no traceback."""
+    p = spawn(["generate", "-m", str(slow_model), "--raw", "--temp", "1", "--ignore-eos", "-n", "15000", "--json", "hello " * 200],
+              stdin=subprocess.DEVNULL)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert b"Traceback" not in err and b"Aborted" not in err
+    if out:  # once generation had begun, the JSON object is still written
+        assert json.loads(out)["finish_reason"] == "interrupted"
