@@ -264,3 +264,12 @@ def test_sigint_at_any_moment_exits_130_quietly(slow_model, delay):
     assert b"Traceback" not in err and b"Aborted" not in err
     if out:  # once generation had begun, the JSON object is still written
         assert json.loads(out)["finish_reason"] == "interrupted"
+
+
+def test_shell_completion_completes_commands_and_flags():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "_ATTN_COMPLETE": "complete_bash", "COMP_WORDS": "attn gen", "COMP_CWORD": "1"}
+    p = subprocess.run(ATTN, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.split() == ["generate"]
+    env.update({"_ATTN_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "attn generate --max"})
+    p = subprocess.run(ATTN, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "--max-tokens" in p.stdout
