@@ -1,7 +1,7 @@
 """torch.compile of the one-token decode step (opt-in: `--compile`), with a fallback to eager.
 
-Only the step generation repeats hundreds of times is compiled: `Decoder.forward` for one
-token with `last_only=True`. The position is a dynamic integer, so the cache length S is a
+Only the step generation repeats hundreds of times is compiled: `Decoder.step`, the
+one-token `Decoder.forward(..., last_only=True)`. The position is a dynamic integer, so the cache length S is a
 symbolic size and one compiled graph serves every step (no recompiling per token). On CPU
 inductor fuses the element-wise work between the matrix products (norms, RoPE, SiLU·up,
 residual adds) into a few C++ loops and leaves the products to the same BLAS calls as eager.
@@ -31,7 +31,7 @@ def compile_decode_step(model: Decoder, max_len: int) -> float:
     """
 
     def step(ids: torch.Tensor, start: int) -> torch.Tensor:
-        return model(ids, start, last_only=True)
+        return model.step(ids, start)
 
     compiled = torch.compile(step, dynamic=True)
     model.setup_cache(max(max_len, 3))
@@ -51,4 +51,4 @@ def compile_decode_step(model: Decoder, max_len: int) -> float:
 def decode_step(model: Decoder) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """The function generation calls for one token: the compiled step when there is one."""
     step = getattr(model, "decode_step", None)
-    return step if step is not None else (lambda ids, start: model(ids, start, last_only=True))
+    return step if step is not None else model.step

@@ -109,3 +109,24 @@ def test_compiled_step_gives_the_same_tokens(tiny_models):
         pytest.skip(f"torch.compile unavailable here: {e}")
     assert seconds > 0 and model.decode_step is not None
     assert greedy(model, prompt, 16) == want
+
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_token_step_equals_forward(tiny_models, kind):
+    """Decoder.step (generation's hot loop) gives Decoder.forward's one-token logits at every position."""
+    model = load_model(tiny_models[kind][0])
+    prompt = prompt_for(model)
+    n = 12
+    ids = list(prompt)
+    with torch.inference_mode():
+        model.setup_cache(len(prompt) + n)
+        model(torch.tensor([prompt[:-1]]), 0)
+        for pos in range(len(prompt) - 1, len(prompt) - 1 + n):
+            x = torch.tensor([[ids[-1]]])
+            want = model(x, pos, last_only=True)  # (1, 1, V); writes this position's K, V
+            got = model.step(x, pos)  # writes the same K, V again
+            assert got.shape == want.shape
+            assert (got - want).abs().max().item() <= 1e-5
+            ids.append(int(got[0, -1].argmax()))
+    assert ids[len(prompt) :] == recompute_greedy(model, prompt, n)
