@@ -52,8 +52,10 @@ def generate(
         recent = None
         if settings.repeat_penalty != 1.0 and window != 0:
             recent = tokens[: pos] if window < 0 else tokens[max(0, pos - window) : pos]
-        finite = torch.isfinite(logits).all()
-        tok = sample(torch.where(finite, logits, 0.0), settings, recent, generator)
+        # One reduction for the NaN/inf check (a sum of finite logits overflows only past 1e33 each);
+        # sampling sees the logits with any NaN/inf zeroed so that it cannot fail before the error is raised.
+        finite = torch.isfinite(logits.sum())
+        tok = sample(logits.nan_to_num(0.0, 0.0, 0.0), settings, recent, generator)
         tid, ok = torch.stack([tok, finite.long()]).tolist()  # the one host sync per token
         if not ok:
             raise NonFiniteLogits(i)
