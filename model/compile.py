@@ -33,7 +33,11 @@ def compile_decode_step(model: Decoder, max_len: int) -> float:
     def step(ids: torch.Tensor, start: int) -> torch.Tensor:
         return model.step(ids, start)
 
-    compiled = torch.compile(step, dynamic=True)
+    # On CPU, inductor's C++ wrapper calls the kernels from C++ instead of generated Python: measured
+    # 46 against 43 tok/s (float32, SmolLM2-135M, 2 cores), for a first compile of ≈ 47 s instead of
+    # ≈ 21 s (seconds once inductor's cache holds the graph). CUDA keeps the default wrapper.
+    options = {"cpp_wrapper": True} if model.device.type == "cpu" else None
+    compiled = torch.compile(step, dynamic=True, options=options)
     model.setup_cache(max(max_len, 3))
     t0 = time.perf_counter()
     try:
