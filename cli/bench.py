@@ -29,7 +29,6 @@ from cli.common import (
     ModelOpt,
     QuietOpt,
     VerboseOpt,
-    note,
     open_model,
     peak_memory_mb,
     use_color,

@@ -230,7 +230,9 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False)
     except torch.cuda.OutOfMemoryError:
         raise AttnError(oom_message(path, dev, dt)) from None
     params = sum(p.numel() for p in model.parameters())
-    return Loaded(model, tokenizer, cfg, path, spec or DEFAULT_MODEL, dev, dt, (time.perf_counter() - t0) * 1e3, params)
+    # The name outputs carry: the registry name or hub id as given; for a directory, its own name.
+    name = path.name if spec and Path(spec).expanduser().exists() else spec or DEFAULT_MODEL
+    return Loaded(model, tokenizer, cfg, path, name, dev, dt, (time.perf_counter() - t0) * 1e3, params)
 
 
 def oom_message(path: Path, device: torch.device, dtype: torch.dtype) -> str:

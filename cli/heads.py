@@ -259,7 +259,7 @@ def write_grid(path: Path, m: Loaded, stats: HeadStats, name: str) -> None:
     values = t.tolist()
     flat = [v for row in values for v in row]
     lo, hi = (0.0, 1.0) if name not in ("entropy", "distance") else (min(flat), max(flat))
-    title = f"{Path(m.name).name}: {name} per layer × head"
+    title = f"{m.name}: {name} per layer × head"
     svg = grid_svg(values, title, lo, hi, standalone=path.suffix.lower() == ".svg")
     if path.suffix.lower() == ".svg":
         doc = '<?xml version="1.0" encoding="UTF-8"?>\n' + svg + "\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
@@ -341,7 +340,7 @@ def build_view(m: Loaded, ids, labels, cap: Capture, skip_first: bool, find: str
     else:
         rows.sort(key=lambda r: (r.layer, r.kv_head, r.head))
     return View(
-        model=m.path.name if Path(m.name).exists() else m.name,  # a directory given with -m: its name, not the path
+        model=m.name,
         ids=list(ids),
         labels=labels,
         query=cap.query,

@@ -84,6 +84,17 @@ class ModelConfig:
         return cfg
 
 
+def read_json_object(f: Path) -> dict:
+    """An optional JSON file of a model directory: {} when absent, one clear error when broken."""
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AttnError(f"{f}: invalid JSON ({e})") from None
+    return d if isinstance(d, dict) else {}
+
+
 def _merge_ids(ids: list[int], extra: Any) -> list[int]:
     more = extra if isinstance(extra, list) else [extra] if isinstance(extra, int) else []
     return list(dict.fromkeys([*ids, *more]))

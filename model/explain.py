@@ -90,7 +90,7 @@ def explain(model: Decoder, ids: list[int], query: int, layer: int, head: int) -
     cfg = model.cfg
     attn = model.layers[layer].attn
     resid, q_all, k_all, v_all = run_layer(model, ids, layer)
-    D, G, R = cfg.head_dim, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+    D, R = cfg.head_dim, cfg.group
     g = head // R
     S = query + 1
     x = model.layers[layer].attn_norm(resid.to(model.dtype))  # (T, C)

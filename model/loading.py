@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from model.config import ModelConfig
+from model.config import ModelConfig, read_json_object
 from model.decoder import Decoder
 from model.errors import AttnError
 
@@ -265,11 +265,5 @@ def read_weights(plan: dict[str, list], expected: dict[str, tuple], cfg: ModelCo
 
 
 def load_generation_config(path: Path) -> dict:
-    f = Path(path) / "generation_config.json"
-    if not f.is_file():
-        return {}
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AttnError(f"{f}: invalid JSON ({e})") from None
-    return d if isinstance(d, dict) else {}
+    """generation_config.json's settings ({} when the model has none)."""
+    return read_json_object(Path(path) / "generation_config.json")

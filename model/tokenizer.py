@@ -10,6 +10,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
+from model.config import read_json_object
 from model.errors import AttnError
 
 
@@ -23,7 +24,7 @@ class Tokenizer:
             self.tk = HFTokenizer.from_file(str(f))
         except Exception as e:  # the Rust side raises plain Exceptions for every parse problem
             raise AttnError(f"{f}: unreadable tokenizer ({str(e).splitlines()[0][:200]})") from None
-        self.config = _read_json(path / "tokenizer_config.json")
+        self.config = read_json_object(path / "tokenizer_config.json")
         template = self.config.get("chat_template")
         if isinstance(template, list):  # a list of named templates: take the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
@@ -133,13 +134,3 @@ def _token_str(tok: Any) -> str | None:
     if isinstance(tok, dict):
         return tok.get("content")
     return tok if isinstance(tok, str) else None
-
-
-def _read_json(f: Path) -> dict:
-    if not f.is_file():
-        return {}
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AttnError(f"{f}: invalid JSON ({e})") from None
-    return d if isinstance(d, dict) else {}
