@@ -273,3 +273,12 @@ def test_shell_completion_completes_commands_and_flags():
     env.update({"_ATTN_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "attn generate --max"})
     p = subprocess.run(ATTN, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "--max-tokens" in p.stdout
+
+
+def test_stdout_closed_before_any_output_exits_141_silently(slow_model):
+    """The reader is gone before prefill ends (`| head -c 0`): the first write ends it, quietly."""
+    p = spawn(["generate", "-m", str(slow_model), "--raw", "--temp", "0", "-n", "50", "hello " * 300], stdin=subprocess.DEVNULL)
+    p.stdout.close()
+    code = p.wait(timeout=120)
+    err = p.stderr.read().decode()
+    assert code == 141 and err == ""
