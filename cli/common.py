@@ -235,6 +235,21 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False)
     return Loaded(model, tokenizer, cfg, path, name, dev, dt, (time.perf_counter() - t0) * 1e3, params)
 
 
+def encode_prompt_text(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
+    """Ids of the prompt (through the chat template when `chat`) and the piece of text each covers."""
+    tk = m.tokenizer
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids, pieces = tk.encode_with_offsets(tk.render_chat(messages), add_special_tokens=False)
+    else:
+        ids, pieces = tk.encode_with_offsets(text)
+    if not ids:
+        if m.cfg.bos_token_id is None:
+            raise UsageError("the prompt encodes to no tokens and the model has no BOS token to start from")
+        ids, pieces = [m.cfg.bos_token_id], [""]
+    return ids, pieces
+
+
 def oom_message(path: Path, device: torch.device, dtype: torch.dtype) -> str:
     size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
     free = ""

@@ -42,6 +42,7 @@ from cli.common import (
     peak_memory_mb,
     read_prompt,
     sampling_settings,
+    encode_prompt_text,
     write_out,
 )
 from cli.main import app
@@ -158,16 +159,7 @@ def generate_cmd(
 def prompt_ids(m: Loaded, text: str, chat: bool | None, system: str | None) -> list[int]:
     """Token ids of the prompt: through the chat template when chat mode is on (default: when the model has one)."""
     use_chat = chat if chat is not None else bool(m.tokenizer.chat_template)
-    if use_chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        ids = m.tokenizer.encode(m.tokenizer.render_chat(messages), add_special_tokens=False)
-    else:
-        ids = m.tokenizer.encode(text)
-    if not ids:
-        if m.cfg.bos_token_id is None:
-            raise UsageError("the prompt encodes to no tokens and the model has no BOS token to start from")
-        ids = [m.cfg.bos_token_id]
-    return ids
+    return encode_prompt_text(m, text, use_chat, system)[0]
 
 
 def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None, truncate: Truncate, quiet: bool) -> list[int]:

@@ -45,6 +45,7 @@ from cli.common import (
     read_prompt,
     sampling_settings,
     use_color,
+    encode_prompt_text,
     write_out,
 )
 from cli.main import app
@@ -82,8 +83,6 @@ class Format(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
-
-
 
 
 @app.command("inspect", epilog=EPILOG)
@@ -188,16 +187,7 @@ def inspect_cmd(
 
 def tokenize(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
     """Ids and token texts of the prompt, through the chat template with --chat."""
-    tk = m.tokenizer
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        ids, pieces = tk.encode_with_offsets(tk.render_chat(messages), add_special_tokens=False)
-    else:
-        ids, pieces = tk.encode_with_offsets(text)
-    if not ids:
-        if m.cfg.bos_token_id is None:
-            raise UsageError("the prompt encodes to no tokens and the model has no BOS token to start from")
-        ids, pieces = [m.cfg.bos_token_id], [""]
+    ids, pieces = encode_prompt_text(m, text, chat, system)
     return ids, token_labels(m, ids, pieces)
 
 
