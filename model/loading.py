@@ -64,6 +64,8 @@ TABLES = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA}
 
 # Stored (in, out) already: GPT-2's Conv1D. Everything else that is 2-D comes (out, in) and is transposed.
 NOT_TRANSPOSED = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# Embedding tables keep their (rows, C) layout.
+EMBEDDINGS = {"tok_emb.weight", "pos_emb.weight"}
 # Buffers some GPT-2 files carry (the causal mask), not weights.
 IGNORED = re.compile(r"h\.\d+\.attn\.(masked_)?bias$")
 
@@ -195,7 +197,7 @@ def plan_loading(cfg: ModelConfig, files: dict[str, Path], expected: dict[str, t
         info = headers[f].get(raw_key)
         if info is None:
             raise AttnError(f"{f}: tensor {raw_key} is listed in the index but not in the file")
-        transpose = len(info["shape"]) == 2 and not NOT_TRANSPOSED.search(key) and name != "pos_emb.weight" and name != "tok_emb.weight"
+        transpose = len(info["shape"]) == 2 and not NOT_TRANSPOSED.search(key) and name not in EMBEDDINGS
         want = _piece_shape(expected[name], part, cfg)
         got = tuple(info["shape"][::-1]) if transpose else tuple(info["shape"])
         if got != want:
@@ -203,19 +205,22 @@ def plan_loading(cfg: ModelConfig, files: dict[str, Path], expected: dict[str, t
             need = want[::-1] if transpose else want
             raise AttnError(f"{f}: tensor {raw_key} has shape {list(shown)}, expected {list(need)} from config.json")
         plan.setdefault(name, []).append((raw_key, f, part, transpose))
+    parts_needed: dict[str, list[str]] = {}  # our generic name → the parts the table fills it from ("" = whole)
+    for ours in table.values():
+        generic, _, part = ours.partition(":")
+        parts_needed.setdefault(generic, []).append(part)
     for name in expected:
-        pieces = plan.get(name, [])
-        parts_needed = PART_ORDER[name.split(".")[-2]] if _is_fused(name, cfg) else ("",)
-        have = {p for _, _, p, _ in pieces}
-        missing = [p for p in parts_needed if p not in have]
+        have = {p for _, _, p, _ in plan.get(name, [])}
+        missing = [p for p in parts_needed.get(_generic(name), [""]) if p not in have]
         if missing:
             ckpt = _ckpt_name(table, name, missing[0])
             raise AttnError(f"missing tensor {ckpt} in the checkpoint ({', '.join(sorted({str(p) for p in files.values()}))})")
     return plan
 
 
-def _is_fused(name: str, cfg: ModelConfig) -> bool:
-    return cfg.model_type != "gpt2" and (".attn.qkv." in name or (".mlp.up." in name))
+def _generic(name: str) -> str:
+    """Our tensor name with the layer index as `{}`, as the tables write it."""
+    return re.sub(r"layers\.\d+\.", "layers.{}.", name)
 
 
 def _piece_shape(full: tuple, part: str, cfg: ModelConfig) -> tuple:
@@ -235,7 +240,7 @@ def _match(patterns: list[tuple[re.Pattern, str]], key: str) -> str | None:
 
 def _ckpt_name(table: dict[str, str], name: str, part: str) -> str:
     layer = re.search(r"layers\.(\d+)\.", name)
-    generic = re.sub(r"layers\.\d+\.", "layers.{}.", name) + (f":{part}" if part else "")
+    generic = _generic(name) + (f":{part}" if part else "")
     for k, v in table.items():
         if v == generic:
             return k.replace("{}", layer.group(1)) if layer else k
