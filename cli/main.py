@@ -136,5 +136,7 @@ def _exit(code: int) -> None:
     sys.exit(code)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m cli.main`: run the importable module, whose `app` the commands register on
+    from cli.main import main as _main
+
+    _main()

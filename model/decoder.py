@@ -93,13 +93,17 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         return self.head(self.norm(x))
 
-    def step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """`forward(ids, start, last_only=True)` for one token per row (B, 1): generation's hot loop.
 
         The same arithmetic, but the parts' `forward` is called directly: no hooks, no probe, and
         none of `nn.Module.__call__`'s per-call cost (≈ 270 calls per token).
+
+        `start` may also be a (1,) integer tensor on the model's device: then every shape is the
+        same at every position (the whole cache is read, keys past `start` masked) and nothing is
+        read back to the host, which is what capturing the step as a CUDA graph needs (model/compile.py).
         """
-        if start + 1 > self.cache_len:
+        if isinstance(start, int) and start + 1 > self.cache_len:
             raise ValueError(f"positions up to {start + 1} exceed the cache of {self.cache_len}")
         x = self.embed(ids)  # (B, 1, C)
         if self.pos_emb is not None:
@@ -111,8 +115,10 @@ class Decoder(nn.Module):
             x = block.forward(x, start, rope, None)
         return self.head.forward(self.norm.forward(x))
 
-    def rope_at(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_at(self, start: int | torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin of positions start..start+T-1, shaped to broadcast over (B, T, H, D)."""
+        if isinstance(start, torch.Tensor):  # one position held on the device (T == 1)
+            return self.rope_cos.index_select(0, start)[:, None], self.rope_sin.index_select(0, start)[:, None]
         return self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None]  # (T, 1, D)
 
 
@@ -125,7 +131,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
 
     # The parts are called through `forward`: hooks attach to the Block (model/explain.py) or above.
-    def forward(self, x: torch.Tensor, start: int, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
         x = x + self.attn.forward(self.attn_norm.forward(x), start, rope, probe)
         return x + self.mlp.forward(self.mlp_norm.forward(x))
 
@@ -152,7 +158,7 @@ class Attention(nn.Module):
         q, k, v = qkv.transpose(1, 2).split([H, G, G], dim=1)  # (B, H+2G, T, D) → q, k, v
         return q, k, v
 
-    def forward(self, x: torch.Tensor, start: int, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, rope)
         k, v = self.cache.update(start, k, v)  # (B, G, S, D), S = start + T
@@ -171,7 +177,16 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this chunk's k, v at start..; the keys and values of positions 0..start+T-1.
+
+        With `start` a (1,) device tensor (one token, Decoder.step) the whole cache is returned:
+        positions after `start` are masked by `attention`.
+        """
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v
         T = k.shape[2]
         self.k.narrow(2, start, T).copy_(k)
         self.v.narrow(2, start, T).copy_(v)
@@ -186,10 +201,12 @@ def causal_mask(q_pos: torch.Tensor, S: int) -> torch.Tensor:
     return torch.arange(S, device=q_pos.device)[None, :] <= q_pos[:, None]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
     """softmax(QKᵀ/√D + mask)·V with the fused kernel. q (B, H, T, D) at start..start+T-1; k, v (B, G, S, D)."""
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if isinstance(start, torch.Tensor):  # one query at a device-held position over the whole cache
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(start, S), enable_gqa=gqa)
     if T == 1:  # one new query sees every cached key: no mask at all
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if start == 0:  # square causal: the kernel's own top-left-aligned mask is the right one

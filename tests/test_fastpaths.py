@@ -111,7 +111,6 @@ def test_compiled_step_gives_the_same_tokens(tiny_models):
     assert greedy(model, prompt, 16) == want
 
 
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_token_step_equals_forward(tiny_models, kind):
     """Decoder.step (generation's hot loop) gives Decoder.forward's one-token logits at every position."""
@@ -130,3 +129,42 @@ def test_one_token_step_equals_forward(tiny_models, kind):
             assert (got - want).abs().max().item() <= 1e-5
             ids.append(int(got[0, -1].argmax()))
     assert ids[len(prompt) :] == recompute_greedy(model, prompt, n)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_shape_step_equals_forward(tiny_models, kind):
+    """The step at a device-held position (whole cache read, later keys masked: what a CUDA graph
+    replays) gives the same logits as forward, and leaves the same cache, on a stale cache too."""
+    model = load_model(tiny_models[kind][0])
+    prompt = prompt_for(model)
+    n = 10
+    ids = list(prompt)
+    with torch.inference_mode():
+        model.setup_cache(len(prompt) + n + 4)
+        for layer in model.layers:  # garbage past the filled prefix must be masked, not read
+            layer.attn.cache.k.normal_()
+            layer.attn.cache.v.normal_()
+        model(torch.tensor([prompt[:-1]]), 0)
+        for pos in range(len(prompt) - 1, len(prompt) - 1 + n):
+            x = torch.tensor([[ids[-1]]])
+            want = model(x, pos, last_only=True)
+            k_want = model.layers[-1].attn.cache.k[:, :, : pos + 1].clone()
+            got = model.step(x, torch.tensor([pos]))
+            assert (got - want).abs().max().item() <= 1e-5
+            assert torch.allclose(model.layers[-1].attn.cache.k[:, :, : pos + 1], k_want, atol=1e-5)
+            ids.append(int(got[0, -1].argmax()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+def test_cuda_graph_step_gives_the_same_tokens(tiny_models, kind):
+    from model.compile import compile_decode_step
+
+    path = tiny_models[kind][0]
+    eager = load_model(path, torch.float32, torch.device("cuda"))
+    prompt = prompt_for(eager)
+    want = greedy(eager, prompt, 16)
+    model = load_model(path, torch.float32, torch.device("cuda"))
+    compile_decode_step(model, len(prompt) + 16)
+    assert greedy(model, prompt, 16) == want
+    assert greedy(model, prompt, 40) == greedy(eager, prompt, 40)  # a longer cache: captured again
