@@ -37,84 +37,110 @@ def compile_decode_step(model: Decoder, max_len: int) -> float:
     """
     model.setup_cache(max(max_len, 3))
     t0 = time.perf_counter()
-    if model.device.type == "cuda":
-        model.decode_step = GraphStep(model)
-        return time.perf_counter() - t0
-
-    def step(ids: torch.Tensor, start: int) -> torch.Tensor:
-        return model.step(ids, start)
-
-    # inductor's C++ wrapper calls the kernels from C++ instead of generated Python: measured
-    # 46 against 43 tok/s (float32, SmolLM2-135M, 2 cores), for a first compile of ≈ 47 s instead of
-    # ≈ 21 s (seconds once inductor's cache holds the graph).
-    compiled = torch.compile(step, dynamic=True, options={"cpp_wrapper": True})
-    try:
-        with torch.inference_mode():
-            ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-            compiled(ids, 1)
-            compiled(ids, 2)  # a second position: proves the graph is not specialised to one
-    except Exception as e:  # inductor raises many types; any of them means "stay eager"
-        model.decode_step = None
-        raise CompileFailed(_first_line(e)) from e
-    model.decode_step = compiled
+    model.decode_step = None
+    model.decode_step = GraphStep(model) if model.device.type == "cuda" else InductorStep(model)
     return time.perf_counter() - t0
 
 
-class GraphStep:
-    """`Decoder.step` captured as a CUDA graph over static input buffers: one replay per token.
-
-    The graph reads and writes the cache tensors that existed when it was captured; when the
-    model sets up a new cache (a longer generation), the step is captured again.
-    """
+class BuiltStep:
+    """A step built for the cache tensors the model holds now, built again when they are replaced."""
 
     def __init__(self, model: Decoder) -> None:
         self.model = model
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
-        self.inductor = True
-        self.capture()
+        self._build()
 
     def _cache_id(self) -> int:
         return self.model.layers[0].attn.cache.k.data_ptr()
 
-    def capture(self) -> None:
-        model = self.model
-        fn = model.step
+    def _build(self) -> None:
+        # Building runs the step at positions 0..2, which writes their keys and values: a rebuild
+        # comes after the prompt is in the cache, so what was there is put back.
+        caches = [block.attn.cache for block in self.model.layers]
+        saved = [(c.k[:, :, :3].clone(), c.v[:, :, :3].clone()) for c in caches]
+        try:
+            with torch.inference_mode():
+                self.build()
+                for c, (k, v) in zip(caches, saved):
+                    c.k[:, :, :3] = k
+                    c.v[:, :, :3] = v
+        except Exception as e:  # inductor and CUDA graphs raise many types; any of them means "stay eager"
+            self.model.decode_step = None
+            raise CompileFailed(_first_line(e)) from e
+        self.built_for = self._cache_id()
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        if start + 1 > self.model.cache_len:
+            raise ValueError(f"positions up to {start + 1} exceed the cache of {self.model.cache_len}")
+        if self._cache_id() != self.built_for:
+            self._build()
+        return self.run(ids, start)
+
+    def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class InductorStep(BuiltStep):
+    """CPU: `Decoder.step` through inductor with a dynamic position (one graph for every step)."""
+
+    def build(self) -> None:
+        # Dynamo checks ≈ 1,800 guards on every call, ≈ 0.5 ms a token, nearly all on the modules'
+        # attributes and weights, which nothing changes after loading. They are skipped; what does
+        # change, the cache tensors (a longer generation), rebuilds the step (BuiltStep), and the
+        # reset drops the graphs built for the old ones (they would pass the skipped guards).
+        # inductor's C++ wrapper calls the kernels from C++ instead of generated Python.
+        # Measured: README, Performance.
+        torch._dynamo.reset()
+        options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self.fn = torch.compile(self.model.step, dynamic=True, options=options)
+        self.fn(self.ids, 1)
+        self.fn(self.ids, 2)  # a second position: the graph for every position after 1
+
+    def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        return self.fn(ids, start)
+
+
+class GraphStep(BuiltStep):
+    """CUDA: the static-shape step, compiled by inductor, captured as a CUDA graph; one replay per token.
+
+    The graph reads and writes the cache tensors that existed when it was captured, and its
+    output buffer is overwritten by the next replay.
+    """
+
+    inductor = True
+
+    def build(self) -> None:
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.model.device)
+        fn = self.model.step
         if self.inductor:
             try:
-                fn = torch.compile(model.step, dynamic=False, fullgraph=True)
+                fn = torch.compile(self.model.step, dynamic=False, fullgraph=True)
                 self._warm(fn)
             except Exception:  # inductor failed: capture the eager step (most of the gain is the graph)
-                self.inductor, fn = False, model.step
-        try:
-            self._warm(fn)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(self.graph):
-                self.out = fn(self.ids, self.pos)
-        except Exception as e:
-            model.decode_step = None
-            raise CompileFailed(_first_line(e)) from e
-        self.captured_for = self._cache_id()
+                self.inductor, fn = False, self.model.step
+        self._warm(fn)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn(self.ids, self.pos)
 
     def _warm(self, fn: Callable) -> None:
         """Run on a side stream before capture, as CUDA graphs require (and inductor compiles here)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(side):
+        with torch.cuda.stream(side):
             for _ in range(2):
                 fn(self.ids, self.pos)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
 
-    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        if start + 1 > self.model.cache_len:
-            raise ValueError(f"positions up to {start + 1} exceed the cache of {self.model.cache_len}")
-        if self._cache_id() != self.captured_for:
-            self.capture()
+    def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         self.ids.copy_(ids)
         self.pos.fill_(start)
         self.graph.replay()
-        return self.out  # overwritten by the next replay
+        return self.out
 
 
 def _first_line(e: Exception) -> str:
