@@ -107,7 +107,7 @@ def bench_cmd(
     quantize: QuantizeOpt = Quantize.none,
     compile_step: CompileOpt = False,
     compare: Annotated[Optional[Compare], typer.Option("--compare", help="Also run this engine on the same weights, alternating repetitions.", show_default=False)] = None,
-    quality: Annotated[Optional[bool], typer.Option("--quality/--no-quality", help="Top-1 agreement and perplexity vs float32 over a fixed text. [default: on when the weights are not float32]", show_default=False)] = None,
+    quality: Annotated[Optional[bool], typer.Option("--quality/--no-quality", help="Top-1 agreement and perplexity vs float32 over a fixed text, and greedy output identical to float32 on 5 prompts. [default: on unless float32 eager]", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of a table.")] = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -154,7 +154,7 @@ def bench_cmd(
             }
         results.append(row)
 
-    want_quality = quality if quality is not None else (quantize is not Quantize.none or m.dtype != torch.float32)
+    want_quality = quality if quality is not None else (quantize is not Quantize.none or m.dtype != torch.float32 or compile_step)
     out = {
         "model": m.name,
         "path": str(m.path),
@@ -275,17 +275,33 @@ def _load_transformers(cls, m: Loaded):
 # --- quality -----------------------------------------------------------------------------------
 
 
+# Prompts for the greedy-output check: 32 tokens each, compared with float32 eager on the same device.
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "A fluffy blue creature roamed the verdant forest. It",
+    "The three primary colors are",
+    "Once upon a time, in a small village by the sea,",
+]
+GREEDY_TOKENS = 32
+
+
 @torch.inference_mode()
 def quality_vs_float32(m: Loaded, max_tokens: int = 512) -> dict:
-    """Top-1 agreement with float32 (same next-token argmax, teacher-forced) and perplexity, over QUALITY_TEXT."""
+    """How far this mode is from float32 eager: teacher-forced top-1 agreement and perplexity over
+    QUALITY_TEXT, and on how many of GREEDY_PROMPTS 32 greedy tokens (this mode's own decode path,
+    compiled step included) are identical."""
     from model.loading import load_model
 
     ids = m.tokenizer.encode(QUALITY_TEXT)[:max_tokens]
     x = torch.tensor([ids], device=m.device)
+    prompts = [m.tokenizer.encode(p) for p in GREEDY_PROMPTS]
     ref = load_model(m.path, torch.float32, m.device)
     ref.setup_cache(len(ids))
     ref_logits = ref(x, 0)[0].float()  # (T, V)
+    ref_greedy = [[s.id for s in generate(ref, p, GREEDY_TOKENS, GREEDY)] for p in prompts]
     del ref
+    ours = [[s.id for s in generate(m.model, p, GREEDY_TOKENS, GREEDY)] for p in prompts]
     m.model.setup_cache(len(ids))
     logits = m.model(x, 0)[0].float()
     agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
@@ -297,6 +313,9 @@ def quality_vs_float32(m: Loaded, max_tokens: int = 512) -> dict:
         "perplexity": round(math.exp(nll), 3),
         "perplexity_float32": round(math.exp(ref_nll), 3),
         "perplexity_diff": round(math.exp(nll) - math.exp(ref_nll), 3),
+        "greedy_identical": sum(a == b for a, b in zip(ours, ref_greedy)),
+        "greedy_prompts": len(prompts),
+        "greedy_tokens": GREEDY_TOKENS,
     }
 
 
@@ -340,6 +359,7 @@ def _print_table(out: dict, color: bool) -> None:
     if q:
         notes.append(
             f"quality over {q['text_tokens']} tokens: top-1 agreement with float32 {q['top1_agreement']:.1%}, "
-            f"perplexity {q['perplexity']:.3f} vs {q['perplexity_float32']:.3f} (float32)"
+            f"perplexity {q['perplexity']:.3f} vs {q['perplexity_float32']:.3f} (float32); "
+            f"{q['greedy_tokens']} greedy tokens identical to float32 on {q['greedy_identical']}/{q['greedy_prompts']} prompts"
         )
     console.print("\n".join(notes))

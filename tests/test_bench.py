@@ -31,8 +31,18 @@ def test_bench_int8_reports_quality(attn, tiny_llama):
     d = bench_json(attn, tiny_llama, "--quantize", "int8", "--threads", "1")
     assert d["quantize"] == "int8" and d["threads"] == 1
     q = d["quality"]
-    assert {"text_tokens", "top1_agreement", "perplexity", "perplexity_float32", "perplexity_diff"} == q.keys()
+    assert {"text_tokens", "top1_agreement", "perplexity", "perplexity_float32", "perplexity_diff",
+            "greedy_identical", "greedy_prompts", "greedy_tokens"} == q.keys()
     assert 0.9 <= q["top1_agreement"] <= 1.0 and q["text_tokens"] > 100
+    assert 0 <= q["greedy_identical"] <= q["greedy_prompts"] == 5 and q["greedy_tokens"] == 32
+
+
+def test_bench_float32_quality_is_identical_to_itself(attn, tiny_llama):
+    """The check itself: float32 eager against float32 eager agrees everywhere."""
+    d = bench_json(attn, tiny_llama, "--quality")
+    q = d["quality"]
+    assert q["top1_agreement"] == 1.0 and q["perplexity_diff"] == 0.0
+    assert q["greedy_identical"] == q["greedy_prompts"] == 5
 
 
 def test_bench_compare_transformers(attn, tiny_llama):
