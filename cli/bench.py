@@ -133,9 +133,10 @@ def bench_cmd(
     vocab = min(m.cfg.vocab_size, m.tokenizer.vocab_size)
     g = torch.Generator().manual_seed(0)
     prompts = {p: torch.randint(0, vocab, (p,), generator=g).tolist() for p in prompt_lens}
-    _attn_run(m, prompts[prompt_lens[0]][:8], min(4, n_gen))  # warm-up, excluded
-    if hf is not None:
-        _hf_run(hf, m, prompts[prompt_lens[0]][:8], min(4, n_gen))
+    for p in prompt_lens:  # warm-up at every prompt length (kernel choices, allocator, CUDA caches), excluded
+        _attn_run(m, prompts[p], min(8, n_gen))
+        if hf is not None:
+            _hf_run(hf, m, prompts[p], min(8, n_gen))
 
     results = []
     for p in prompt_lens:

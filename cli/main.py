@@ -44,13 +44,28 @@ def root(
 
 
 def _register() -> None:
-    # Each command module adds its commands to `app` on import.
-    from cli import generate  # noqa: F401
-    from cli import bench  # noqa: F401
-    from cli import inspect as inspect_cmd_module  # noqa: F401
-    from cli import explain  # noqa: F401
-    from cli import heads  # noqa: F401
-    from cli import weights_cmds  # noqa: F401
+    """Import the command modules (each adds its commands to `app`), with Ctrl-C and SIGTERM held.
+
+    An interrupt inside an import (torch's takes ≈ 1.4 s) can be swallowed by a library's own
+    import fallback, leaving a half-imported numpy that fails later with a confusing error; the
+    signal is acted on as soon as the imports are done instead.
+    """
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        from cli import generate  # noqa: F401
+        from cli import bench  # noqa: F401
+        from cli import inspect as inspect_cmd_module  # noqa: F401
+        from cli import explain  # noqa: F401
+        from cli import heads  # noqa: F401
+        from cli import weights_cmds  # noqa: F401
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        if signal.SIGTERM in held:
+            _on_sigterm(signal.SIGTERM, None)
+        raise KeyboardInterrupt
 
 
 def _debug() -> bool:
