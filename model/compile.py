@@ -37,7 +37,6 @@ def compile_decode_step(model: Decoder, max_len: int) -> float:
     """
     model.setup_cache(max(max_len, 3))
     t0 = time.perf_counter()
-    model.decode_step = None
     model.decode_step = GraphStep(model) if model.device.type == "cuda" else InductorStep(model)
     return time.perf_counter() - t0
 
@@ -60,10 +59,12 @@ class BuiltStep:
         saved = [(c.k[:, :, :3].clone(), c.v[:, :, :3].clone()) for c in caches]
         try:
             with torch.inference_mode():
-                self.build()
-                for c, (k, v) in zip(caches, saved):
-                    c.k[:, :, :3] = k
-                    c.v[:, :, :3] = v
+                try:
+                    self.build()
+                finally:
+                    for c, (k, v) in zip(caches, saved):
+                        c.k[:, :, :3] = k
+                        c.v[:, :, :3] = v
         except Exception as e:  # inductor and CUDA graphs raise many types; any of them means "stay eager"
             self.model.decode_step = None
             raise CompileFailed(_first_line(e)) from e
@@ -76,7 +77,10 @@ class BuiltStep:
         if start + 1 > self.model.cache_len:
             raise ValueError(f"positions up to {start + 1} exceed the cache of {self.model.cache_len}")
         if self._cache_id() != self.built_for:
-            self._build()
+            try:
+                self._build()
+            except CompileFailed:  # mid-generation: go on eager (the model's decode_step is cleared)
+                self.built_for, self.run = self._cache_id(), self.model.step
         return self.run(ids, start)
 
     def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
