@@ -47,6 +47,7 @@ def apply_speed_options(m: Loaded, quantize: Quantize, compile_step: bool, max_l
     # beside the models it outlives the /tmp default.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(attn_home() / "inductor"))
 
+    note("compiling the one-token step (≈ 45 s on CPU the first time, seconds once cached)", quiet)
     try:
         return compile_decode_step(m.model, max_len)
     except CompileFailed as e:

@@ -78,3 +78,12 @@ def test_generate_accepts_quantize_and_compile_flags(attn, tiny_llama):
     r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "5", "--quantize", "int8", "--json", "hello"])
     assert r.code == 0, r
     assert json.loads(r.out)["usage"]["completion_tokens"] >= 1
+
+
+def test_generate_compile_prints_the_same_tokens(attn, tiny_llama):
+    args = ["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "12", "--ignore-eos", "--json", "hello"]
+    eager = attn(args)
+    compiled = attn([*args, "--compile"])
+    assert eager.code == 0 and compiled.code == 0, compiled
+    assert json.loads(compiled.out)["text"] == json.loads(eager.out)["text"]
+    assert "compiling the one-token step" in compiled.err
