@@ -53,7 +53,7 @@ class BuiltStep:
         return self.model.layers[0].attn.cache.k.data_ptr()
 
     def _build(self) -> None:
-        # Building runs the step at positions 0..2, which writes their keys and values: a rebuild
+        # Building runs the step at position 0 or 2, which writes its keys and values: a rebuild
         # comes after the prompt is in the cache, so what was there is put back.
         caches = [block.attn.cache for block in self.model.layers]
         saved = [(c.k[:, :, :3].clone(), c.v[:, :, :3].clone()) for c in caches]
@@ -100,8 +100,7 @@ class InductorStep(BuiltStep):
         torch._dynamo.reset()
         options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self.fn = torch.compile(self.model.step, dynamic=True, options=options)
-        self.fn(self.ids, 1)
-        self.fn(self.ids, 2)  # a second position: the graph for every position after 1
+        self.fn(self.ids, 2)  # with dynamic=True the position is symbolic from the first call: one graph for all
 
     def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         return self.fn(ids, start)
