@@ -98,7 +98,10 @@ class InductorStep(BuiltStep):
         # inductor's C++ wrapper calls the kernels from C++ instead of generated Python.
         # Measured: README, Performance.
         torch._dynamo.reset()
-        options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options = {"cpp_wrapper": True}
+        skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch ≥ 2.8
+        if skip_module_guards is not None:
+            options["guard_filter_fn"] = skip_module_guards
         self.fn = torch.compile(self.model.step, dynamic=True, options=options)
         self.fn(self.ids, 2)  # with dynamic=True the position is symbolic from the first call: one graph for all
 
