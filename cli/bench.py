@@ -25,16 +25,15 @@ from cli.common import (
     DeviceOpt,
     Dtype,
     DtypeOpt,
-    Loaded,
     ModelOpt,
     QuietOpt,
     VerboseOpt,
-    open_model,
     peak_memory_mb,
     use_color,
     write_out,
 )
 from cli.main import app
+from cli.models import Loaded, open_model
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, ThreadsOpt, apply_speed_options, set_threads
 from model.errors import AttnError
 from model.generate import generate

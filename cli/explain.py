@@ -17,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import (
-    DEMO_SENTENCE,
     Color,
     ColorOpt,
     DeviceOpt,
@@ -25,7 +24,6 @@ from cli.common import (
     DtypeOpt,
     FileOpt,
     InvalidUtf8Opt,
-    Loaded,
     ModelOpt,
     NoStdinOpt,
     OccurrenceOpt,
@@ -37,14 +35,14 @@ from cli.common import (
     TokenOpt,
     VerboseOpt,
     note,
-    open_model,
-    read_prompt,
     use_color,
     write_out,
 )
-from cli.inspect import is_index, pick_indices, pick_token, tokenize
 from cli.main import app
-from model.errors import AttnError, UsageError
+from cli.models import Loaded, open_model
+from cli.prompt import encode_prompt, prompt_or_demo
+from cli.tokens import is_index, pick_indices, pick_token
+from model.errors import UsageError
 from model.explain import Explanation, explain, query_rows
 
 EPILOG = """\
@@ -92,7 +90,7 @@ def explain_cmd(
         raise UsageError("--occurrence counts from 1 (or from -1 at the end); 0 is not a position")
     if occurrence is not None and (token is None or is_index(token)):
         raise UsageError("--occurrence goes with --token TEXT")
-    text = prompt_text(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
+    text = prompt_or_demo(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
     fmt = fmt or (ExplainFormat.table if sys.stdout.isatty() else ExplainFormat.json)
     m = open_model(model, device, dtype, quiet)
     ids, labels = encode_prompt(m, text, chat, system)
@@ -115,26 +113,7 @@ def explain_cmd(
     console.print(Text(f"same numbers as JSON: attn explain … --token {q} --layer {layer} --head {head} --format json", style="dim"))
 
 
-# --- shared with `attn heads` ----------------------------------------------------------------------
-
-
-def prompt_text(prompt, prompt_opt, file, no_stdin: bool, invalid_utf8: str, quiet: bool) -> str:
-    """The prompt as the other commands read it; the demo sentence when there is none."""
-    text = read_prompt(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
-    if text is None:
-        note(f"no prompt given: using the demo sentence {DEMO_SENTENCE!r}", quiet)
-        return DEMO_SENTENCE
-    if text == "":
-        raise UsageError("empty prompt")
-    return text
-
-
-def encode_prompt(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
-    """Token ids and labels exactly as `attn inspect` makes them (raw unless --chat), within the model's context."""
-    ids, labels = tokenize(m, text, chat, system)
-    if len(ids) > m.cfg.max_len:
-        raise AttnError(f"prompt of {len(ids)} tokens exceeds the model's {m.cfg.max_len} positions")
-    return ids, labels
+# --- the head to explain --------------------------------------------------------------------------
 
 
 def sharpest_head(m: Loaded, ids: list[int], q: int, layer: int | None, head: int | None) -> tuple[int, int]:

@@ -21,7 +21,6 @@ from cli.common import (
     DtypeOpt,
     FileOpt,
     InvalidUtf8Opt,
-    Loaded,
     MinPOpt,
     ModelOpt,
     NoStdinOpt,
@@ -38,14 +37,13 @@ from cli.common import (
     VerboseOpt,
     interrupted_code,
     note,
-    open_model,
     peak_memory_mb,
-    read_prompt,
     sampling_settings,
-    encode_prompt_text,
     write_out,
 )
 from cli.main import app
+from cli.models import Loaded, open_model
+from cli.prompt import encode_prompt_text, read_prompt
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, apply_speed_options
 from model.errors import AttnError, UsageError
 from model.generate import NonFiniteLogits, StopStrings, generate

@@ -25,7 +25,6 @@ from cli.common import (
     DtypeOpt,
     FileOpt,
     InvalidUtf8Opt,
-    Loaded,
     ModelOpt,
     NoStdinOpt,
     PromptArg,
@@ -35,13 +34,12 @@ from cli.common import (
     SystemOpt,
     VerboseOpt,
     note,
-    open_model,
-    read_prompt,
     use_color,
     write_out,
 )
-from cli.explain import encode_prompt
 from cli.main import app
+from cli.models import Loaded, open_model
+from cli.prompt import encode_prompt, read_prompt
 from model.errors import AttnError, UsageError
 from model.heads import DETECTORS, MEASURES, HeadStats, head_stats, induction_sequence
 

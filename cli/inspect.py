@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 import shutil
 import sys
@@ -14,7 +13,6 @@ import torch
 import typer
 
 from cli.common import (
-    DEMO_SENTENCE,
     Color,
     ColorOpt,
     DeviceOpt,
@@ -22,7 +20,6 @@ from cli.common import (
     DtypeOpt,
     FileOpt,
     InvalidUtf8Opt,
-    Loaded,
     MinPOpt,
     ModelOpt,
     NoStdinOpt,
@@ -41,15 +38,15 @@ from cli.common import (
     TopPOpt,
     VerboseOpt,
     note,
-    open_model,
-    read_prompt,
     sampling_settings,
     use_color,
-    encode_prompt_text,
     write_out,
 )
 from cli.main import app
-from cli.render import HeadRow, View, show, table, to_csv, to_json
+from cli.models import Loaded, open_model
+from cli.prompt import encode_labelled, prompt_or_demo
+from cli.render import HeadRow, View, table, to_csv, to_json
+from cli.tokens import find_positions, is_index, pick_indices, pick_token, token_labels
 from model.errors import AttnError, UsageError
 from model.generate import NonFiniteLogits, generate
 from model.loading import load_generation_config
@@ -128,15 +125,9 @@ def inspect_cmd(
         raise UsageError("--occurrence counts from 1 (or from -1 at the end); 0 is not a position")
     if occurrence is not None and (token is None or is_index(token)):
         raise UsageError("--occurrence goes with --token TEXT")
-    text = read_prompt(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
-    if text is None:
-        text = DEMO_SENTENCE
-        note(f'no prompt given: using the demo sentence "{DEMO_SENTENCE}"', quiet)
-    if text == "":
-        raise UsageError("empty prompt")
-
+    text = prompt_or_demo(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
     m = open_model(model, device, dtype, quiet)
-    ids, labels = tokenize(m, text, chat, system)
+    ids, labels = encode_labelled(m, text, chat, system)
     prompt_len = len(ids)
     generated, cached = None, 0
     if generate_n:
@@ -149,7 +140,7 @@ def inspect_cmd(
         cached = len(ids) + len(new) - 1  # generation fed every token but the last one: their K, V are cached
         gen_text = m.tokenizer.decode(new)
         ids = ids + new
-        labels = labels + token_labels(m, new)
+        labels = labels + token_labels(m.tokenizer, new)
         generated = {"tokens": len(new), "text": gen_text, "seed": seed}
         note(f"generated {len(new)} tokens: {gen_text!r}", quiet)
         if not new:
@@ -185,23 +176,6 @@ def inspect_cmd(
 # --- steps ------------------------------------------------------------------------------------
 
 
-def tokenize(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
-    """Ids and token texts of the prompt, through the chat template with --chat."""
-    ids, pieces = encode_prompt_text(m, text, chat, system)
-    return ids, token_labels(m, ids, pieces)
-
-
-def token_labels(m: Loaded, ids: list[int], pieces: list[str] | None = None) -> list[str]:
-    """Each token's own text: its exact bytes when they are whole UTF-8, else the text it covers."""
-    out = []
-    for n, i in enumerate(ids):
-        try:
-            out.append(m.tokenizer.token_bytes(i).decode("utf-8"))
-        except UnicodeDecodeError:  # part of a multi-byte character
-            out.append(pieces[n] if pieces and pieces[n] else m.tokenizer.token_bytes(i).decode("utf-8", errors="replace"))
-    return out
-
-
 def run_generation(m: Loaded, ids: list[int], n: int, settings, seed: int, ignore_eos: bool) -> list[int]:
     """Sample up to n tokens after the prompt (stopping at end-of-sequence unless told not to)."""
     if len(ids) + n > m.cfg.max_len:
@@ -220,85 +194,6 @@ def run_generation(m: Loaded, ids: list[int], n: int, settings, seed: int, ignor
     finally:
         steps.close()
     return new
-
-
-def is_index(token: str) -> bool:
-    return re.fullmatch(r"[+-]?\d+", token.strip()) is not None
-
-
-def match_spans(labels: list[str], text: str) -> list[list[int]]:
-    """Tokens matching `text`: equal text, then equal ignoring surrounding space, then ignoring case,
-    then every run of tokens that spells it out (a word split into pieces)."""
-    for same in (lambda s: s == text, lambda s: s.strip() == text.strip(), lambda s: s.strip().casefold() == text.strip().casefold()):
-        hits = [[i] for i, s in enumerate(labels) if s and same(s)]
-        if hits:
-            return hits
-    needle = text.strip() or text
-    joined, starts, at = "", [], 0
-    for s in labels:
-        starts.append(at)
-        joined += s
-        at += len(s)
-    spans, k = [], joined.find(needle)
-    while k >= 0 and needle:
-        end = k + len(needle)
-        spans.append([i for i, s in enumerate(labels) if starts[i] < end and starts[i] + len(s) > k])
-        k = joined.find(needle, end)
-    return spans
-
-
-def token_list(labels: list[str], limit: int = 40) -> str:
-    shown = " ".join(f"{i}:{show(s, 16)}" for i, s in enumerate(labels[:limit]))
-    return shown + (f" … ({len(labels)} tokens; give an index)" if len(labels) > limit else "")
-
-
-def pick_token(labels: list[str], token: str | None, occurrence: int | None) -> int:
-    """The chosen token's index: last by default, an index (negative from the end), or matching text."""
-    N = len(labels)
-    if token is None:
-        return N - 1
-    if is_index(token):
-        i = int(token)
-        if not -N <= i < N:
-            raise UsageError(f"--token {i} is out of range: {N} tokens (0..{N - 1}, or -{N}..-1)")
-        return i % N
-    spans = match_spans(labels, token)
-    if not spans:
-        raise UsageError(f"no token matches {token!r}; the tokens are {token_list(labels)}")
-    n = occurrence or 1
-    if not -len(spans) <= n <= len(spans):
-        raise UsageError(f"{token!r} occurs {len(spans)} time(s): --occurrence must be 1..{len(spans)} (or -{len(spans)}..-1)")
-    span = spans[n - 1 if n > 0 else n]
-    return span[-1]  # a word in pieces: its last piece is where the whole word has been read
-
-
-def pick_indices(given: list[int] | None, n: int, what: str, plural: str) -> list[int]:
-    """Layer or head indices (negative from the end), checked, in order, without repeats."""
-    if not given:
-        return list(range(n))
-    out = []
-    for i in given:
-        if not -n <= i < n:
-            raise UsageError(f"--{what} {i} is out of range: this model has {n} {plural} (0..{n - 1}, or -{n}..-1)")
-        if i % n not in out:
-            out.append(i % n)
-    return sorted(out)
-
-
-def find_positions(labels: list[str], text: str, query: int, direction: str) -> list[int]:
-    """Token positions matching --find that the chosen token can see (from) or that can see it (to)."""
-    spans = match_spans(labels, text)
-    if not spans:
-        raise UsageError(f"--find {text!r}: no token matches; the tokens are {token_list(labels)}")
-    allowed = (lambda p: p <= query) if direction == "from" else (lambda p: p >= query)
-    pos = sorted({p for s in spans for p in s if allowed(p)})
-    if not pos:
-        where = "after" if direction == "from" else "before"
-        raise UsageError(
-            f"--find {text!r} matches only tokens {where} the chosen token {query} "
-            f"({', '.join(str(p) for s in spans for p in s)}): attention never reaches them in --direction {direction}"
-        )
-    return pos
 
 
 def build_view(m: Loaded, ids, labels, cap: Capture, skip_first: bool, find: str | None, find_pos: list[int], prompt_len: int, generated) -> View:

@@ -7,7 +7,8 @@ import html
 import os
 from pathlib import Path
 
-from cli.render import View, bins, describe, fmt, levels, show
+from cli.render import View, bins, describe, fmt, levels
+from cli.tokens import show
 from model.errors import AttnError
 
 MAX_COLUMNS = 400  # longer rows are shown as runs of tokens (max per run), so files stay small

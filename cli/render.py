@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.text import Text
 
+from cli.tokens import show
+
 BARS = "▁▂▃▄▅▆▇█"
 # Heat colours for the 8 bar levels (only used when colour is on; the bar heights carry it without).
 HEAT = ["grey35", "grey50", "steel_blue", "dodger_blue2", "green3", "yellow3", "dark_orange", "red1"]
@@ -51,16 +53,7 @@ class View:
     generated: dict | None = None  # --generate: {"tokens", "text", "seed"}
 
 
-# --- token texts ------------------------------------------------------------------------------
-
-
-def show(label: str, limit: int = 0) -> str:
-    """A token's text with whitespace made visible (␣ space, ↵ newline, ⇥ tab), cut to `limit` chars."""
-    out = label.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
-    out = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in out) or "∅"
-    if limit and len(out) > limit:
-        out = out[: limit - 1] + "…"
-    return out
+# --- values -----------------------------------------------------------------------------------
 
 
 def fmt(value: float, view: str) -> str:
@@ -92,7 +85,7 @@ def describe(v: View) -> str:
 
 
 def to_json(v: View) -> str:
-    """The contract's one JSON object (CLI.md), with the first-token share per head."""
+    """The contract's one JSON object (docs/cli.md), with the first-token share per head."""
     out = {
         "model": v.model,
         "tokens": [{"index": i, "id": t, "text": s} for i, (t, s) in enumerate(zip(v.ids, v.labels))],

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Loaded, note
+from cli.common import note
+from cli.models import Loaded
 from model.errors import AttnError
 
 

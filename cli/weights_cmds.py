@@ -1,8 +1,7 @@
-"""`attn pull`, `attn models`, `attn convert`, and the first-run pull other commands go through."""
+"""`attn pull`, `attn models`, `attn convert`: getting weights onto this machine and seeing what is there."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from enum import Enum
@@ -12,15 +11,15 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.filesize import decimal
-from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
+from cli.common import note
 from cli.main import app
+from cli.models import StderrProgress, dir_size
 from model.errors import UsageError
 from weights.gguf import convert_gguf
 from weights.pull import find_local, pull
-from weights.registry import DEFAULT_MODEL, is_model_dir, list_models, models_dir, resolve_model
+from weights.registry import DEFAULT_MODEL, is_model_dir, list_models, models_dir
 
 
 class OutDtype(str, Enum):
@@ -33,87 +32,6 @@ DtypeOpt = Annotated[
     Optional[OutDtype],
     typer.Option("--dtype", help="dtype of the converted weights. [default: float32, which holds dequantized values exactly]", show_default=False),
 ]
-
-
-# --- progress on stderr ------------------------------------------------------------------
-
-
-class _Amount(ProgressColumn):
-    """'12.3/92.9 MB' for byte counts, '17/272' for tensor counts."""
-
-    def render(self, task: Task) -> Text:
-        done, total = int(task.completed), task.total
-        if total is None:
-            return Text(decimal(done) if done else "")
-        if total >= 1 << 20:
-            return Text(f"{decimal(done)}/{decimal(int(total))}")
-        return Text(f"{done}/{int(total)}")
-
-
-class StderrProgress:
-    """Renders weights/ progress callbacks: transient rich bars on a TTY, one plain line per stage otherwise."""
-
-    def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
-        self.live = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-        self.called = False
-        self._bars: Progress | None = None
-        self._tasks: dict[str, int] = {}
-        self._stage: str | None = None
-
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
-        self.called = True
-        if self.quiet:
-            return
-        if not self.live:
-            if stage != self._stage:
-                sys.stderr.write(f"attn: {stage} …\n")
-                sys.stderr.flush()
-            self._stage = stage
-            return
-        if self._bars is None:
-            self._bars = Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _Amount(), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=True,
-            )
-            self._bars.start()
-        if stage not in self._tasks:
-            if self._stage in self._tasks:  # a finished stage stops its spinner
-                prev = self._tasks[self._stage]
-                self._bars.update(prev, total=self._bars.tasks[prev].total or 1, completed=self._bars.tasks[prev].total or 1)
-            self._tasks[stage] = self._bars.add_task(stage, total=total)
-        self._bars.update(self._tasks[stage], completed=done, total=total)
-        self._stage = stage
-
-    def close(self) -> None:
-        if self._bars is not None:
-            self._bars.stop()
-            self._bars = None
-
-    def __enter__(self) -> "StderrProgress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _note(message: str) -> None:
-    sys.stderr.write(f"attn: {message}\n")
-    sys.stderr.flush()
-
-
-def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def ensure_model(spec: str | None, *, quiet: bool = False) -> Path:
-    """The model directory for --model, pulling the default (with progress on stderr) on first use."""
-    start = time.monotonic()
-    with StderrProgress(quiet=quiet) as progress:
-        path = resolve_model(spec, progress=progress)
-    if progress.called and not quiet:
-        _note(f"pulled {spec or DEFAULT_MODEL} to {path} ({decimal(_dir_size(path))}, {time.monotonic() - start:.1f} s)")
-    return path
 
 
 # --- commands ----------------------------------------------------------------------------
@@ -134,13 +52,13 @@ def pull_cmd(
     existing = None if force else find_local(name)
     if existing is not None:
         if not quiet:
-            _note(f"{name} is already pulled: {existing} (--force redoes it)")
+            note(f"{name} is already pulled: {existing} (--force redoes it)")
         return
     start = time.monotonic()
     with StderrProgress(quiet=quiet) as progress:
         path = pull(name, force=force, progress=progress, dtype=dtype.value if dtype else None)
     if not quiet:
-        _note(f"{name} ready: {path} ({decimal(_dir_size(path))}, {time.monotonic() - start:.1f} s)")
+        note(f"{name} ready: {path} ({decimal(dir_size(path))}, {time.monotonic() - start:.1f} s)")
 
 
 @app.command("models")
@@ -148,7 +66,7 @@ def models_cmd() -> None:
     """List local models: name, path, parameters, dtype, size (tab-separated when stdout is not a TTY)."""
     found = list_models()
     if not found:
-        _note(f"no models in {models_dir()} yet; `attn pull` fetches {DEFAULT_MODEL}")
+        note(f"no models in {models_dir()} yet; `attn pull` fetches {DEFAULT_MODEL}")
         return
     if sys.stdout.isatty():
         table = Table(box=None, header_style="bold")
@@ -179,4 +97,4 @@ def convert_cmd(
     with StderrProgress(quiet=quiet) as progress:
         convert_gguf(gguf, out_dir, dtype.value if dtype else "float32", progress, overwrite=force)
     if not quiet:
-        _note(f"wrote {out_dir} ({decimal(_dir_size(out_dir))}, {time.monotonic() - start:.1f} s)")
+        note(f"wrote {out_dir} ({decimal(dir_size(out_dir))}, {time.monotonic() - start:.1f} s)")

@@ -247,12 +247,12 @@ def test_non_finite_logits_stop_with_the_step(attn, model_copy):
 
 
 def test_cuda_out_of_memory_is_one_line_with_hint(attn, tiny_llama, monkeypatch):
-    import cli.common
+    import cli.models
 
     def boom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(cli.common, "load_model", boom)
+    monkeypatch.setattr(cli.models, "load_model", boom)
     one_line_error(gen(attn, tiny_llama), 1, "out of memory", "GiB", "--dtype", "--device cpu")
 
 

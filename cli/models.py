@@ -1,0 +1,165 @@
+"""Models for the commands: found or pulled (progress on stderr), then loaded on a device in a dtype."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.filesize import decimal
+from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from cli.common import DEFAULT_MODEL, Dtype, note
+from model.config import ModelConfig
+from model.decoder import Decoder
+from model.errors import AttnError, UsageError
+from model.loading import DTYPES, load_model
+from model.tokenizer import Tokenizer
+from weights.registry import resolve_model
+
+
+def pick_device(spec: str) -> torch.device:
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise AttnError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AttnError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {spec!r})")
+
+
+def pick_dtype(choice: Dtype, device: torch.device) -> torch.dtype:
+    if choice is Dtype.auto:
+        # bfloat16 on CUDA. float32 on CPU: decode (what generation spends its time on) measured faster in
+        # float32 than bfloat16 on a 2-core AVX-512/AMX CPU (SmolLM2-135M: 31 vs 27 tok/s; bf16 GEMV reads
+        # half the bytes at half the speed), and float32 is the exact reference (README, Performance).
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[choice.value]
+
+
+@dataclass
+class Loaded:
+    model: Decoder
+    tokenizer: Tokenizer
+    cfg: ModelConfig
+    path: Path
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    load_ms: float
+    params: int
+
+
+def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False) -> Loaded:
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    path = ensure_model(spec, quiet=quiet)  # a name, a directory, a .gguf or a hub id; pulls the default once
+    cfg = ModelConfig.from_dir(path)
+    tokenizer = Tokenizer(path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise AttnError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the embedding only {cfg.vocab_size} rows")
+    try:
+        model = load_model(path, dt, dev)
+    except torch.cuda.OutOfMemoryError:
+        raise AttnError(oom_message(path, dev, dt)) from None
+    params = sum(p.numel() for p in model.parameters())
+    # The name outputs carry: the registry name or hub id as given; for a directory, its own name.
+    name = path.name if spec and Path(spec).expanduser().exists() else spec or DEFAULT_MODEL
+    return Loaded(model, tokenizer, cfg, path, name, dev, dt, (time.perf_counter() - t0) * 1e3, params)
+
+
+def oom_message(path: Path, device: torch.device, dtype: torch.dtype) -> str:
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
+    free = ""
+    if device.type == "cuda":
+        free_b, total_b = torch.cuda.mem_get_info(device)
+        free = f", {free_b / 2**30:.1f} of {total_b / 2**30:.1f} GiB free on {device}"
+    return f"out of memory loading {path.name} ({size:.2f} GiB on disk{free}); try --dtype bfloat16 or --device cpu"
+
+
+# --- finding and pulling, with progress on stderr ----------------------------------------
+
+
+class _Amount(ProgressColumn):
+    """'12.3/92.9 MB' for byte counts, '17/272' for tensor counts."""
+
+    def render(self, task: Task) -> Text:
+        done, total = int(task.completed), task.total
+        if total is None:
+            return Text(decimal(done) if done else "")
+        if total >= 1 << 20:
+            return Text(f"{decimal(done)}/{decimal(int(total))}")
+        return Text(f"{done}/{int(total)}")
+
+
+class StderrProgress:
+    """Renders weights/ progress callbacks: transient rich bars on a TTY, one plain line per stage otherwise."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.live = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+        self.called = False
+        self._bars: Progress | None = None
+        self._tasks: dict[str, int] = {}
+        self._stage: str | None = None
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        self.called = True
+        if self.quiet:
+            return
+        if not self.live:
+            if stage != self._stage:
+                sys.stderr.write(f"attn: {stage} …\n")
+                sys.stderr.flush()
+            self._stage = stage
+            return
+        if self._bars is None:
+            self._bars = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _Amount(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True,
+            )
+            self._bars.start()
+        if stage not in self._tasks:
+            if self._stage in self._tasks:  # a finished stage stops its spinner
+                prev = self._tasks[self._stage]
+                self._bars.update(prev, total=self._bars.tasks[prev].total or 1, completed=self._bars.tasks[prev].total or 1)
+            self._tasks[stage] = self._bars.add_task(stage, total=total)
+        self._bars.update(self._tasks[stage], completed=done, total=total)
+        self._stage = stage
+
+    def close(self) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+            self._bars = None
+
+    def __enter__(self) -> "StderrProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def ensure_model(spec: str | None, *, quiet: bool = False) -> Path:
+    """The model directory for --model, pulling the default (with progress on stderr) on first use."""
+    start = time.monotonic()
+    with StderrProgress(quiet=quiet) as progress:
+        path = resolve_model(spec, progress=progress)
+    if progress.called and not quiet:
+        note(f"pulled {spec or DEFAULT_MODEL} to {path} ({decimal(dir_size(path))}, {time.monotonic() - start:.1f} s)")
+    return path

@@ -1,0 +1,110 @@
+"""The prompt: read from the argument, -p, -f or stdin, and encoded (chat template, BOS fallback) into tokens."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+from cli.common import DEMO_SENTENCE, note
+from cli.models import Loaded
+from cli.tokens import token_labels
+from model.errors import AttnError, UsageError
+
+# --- reading -----------------------------------------------------------------------------
+
+
+def decode_input(data: bytes, source: str, invalid: str, quiet: bool) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if invalid == "replace":
+            note(f"warning: {source} is not valid UTF-8 (byte offset {e.start}); invalid bytes replaced with U+FFFD", quiet)
+            return data.decode("utf-8", errors="replace")
+        raise UsageError(f"{source} is not valid UTF-8 at byte offset {e.start} (use --invalid-utf8 replace to accept it)") from None
+
+
+def read_prompt(
+    arg: str | None, opt: str | None, file: Path | None, no_stdin: bool, invalid: str = "error", quiet: bool = False
+) -> str | None:
+    """The prompt from argument / -p / -f, with piped stdin prepended (`stdin + "\\n\\n" + prompt`)."""
+    if invalid not in ("error", "replace"):
+        raise UsageError(f"--invalid-utf8 must be 'error' or 'replace' (got {invalid!r})")
+    if arg is not None and opt is not None:
+        raise UsageError("give the prompt once: as an argument or with --prompt, not both")
+    prompt = opt if opt is not None else arg
+    explicit_stdin = prompt == "-" or (file is not None and str(file) == "-")
+    if prompt == "-":
+        prompt = None
+    if file is not None and str(file) != "-":
+        if prompt is not None:
+            raise UsageError("give the prompt once: --file or a prompt, not both")
+        try:
+            prompt = decode_input(file.read_bytes(), str(file), invalid, quiet)
+        except OSError as e:
+            raise AttnError(f"cannot read {file}: {e.strerror}") from None
+    stdin_text = None
+    if explicit_stdin and sys.stdin is None:
+        raise UsageError("'-' asks for stdin, but there is none")
+    if explicit_stdin or (not no_stdin and _stdin_piped()):
+        stdin_text = decode_input(sys.stdin.buffer.read(), "stdin", invalid, quiet) or None  # empty stdin adds nothing
+    if stdin_text is not None and prompt is not None:
+        return stdin_text.rstrip("\n") + "\n\n" + prompt
+    return stdin_text if stdin_text is not None else prompt
+
+
+def _stdin_piped() -> bool:
+    """True when stdin is a pipe or file; False for a terminal, a closed stdin or /dev/null (as in CI)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return False
+    try:
+        st = os.fstat(sys.stdin.fileno())
+    except (OSError, ValueError):
+        return True  # not a real file descriptor (an in-process test): trust it
+    return not stat.S_ISCHR(st.st_mode)  # /dev/null and other character devices carry no prompt
+
+
+def prompt_or_demo(
+    arg: str | None, opt: str | None, file: Path | None, no_stdin: bool, invalid: str = "error", quiet: bool = False
+) -> str:
+    """The prompt as read_prompt reads it; the demo sentence (said on stderr) when there is none."""
+    text = read_prompt(arg, opt, file, no_stdin, invalid, quiet)
+    if text is None:
+        note(f'no prompt given: using the demo sentence "{DEMO_SENTENCE}"', quiet)
+        return DEMO_SENTENCE
+    if text == "":
+        raise UsageError("empty prompt")
+    return text
+
+
+# --- encoding ----------------------------------------------------------------------------
+
+
+def encode_prompt_text(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
+    """Ids of the prompt (through the chat template when `chat`) and the piece of text each covers."""
+    tk = m.tokenizer
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids, pieces = tk.encode_with_offsets(tk.render_chat(messages), add_special_tokens=False)
+    else:
+        ids, pieces = tk.encode_with_offsets(text)
+    if not ids:
+        if m.cfg.bos_token_id is None:
+            raise UsageError("the prompt encodes to no tokens and the model has no BOS token to start from")
+        ids, pieces = [m.cfg.bos_token_id], [""]
+    return ids, pieces
+
+
+def encode_labelled(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
+    """Token ids and their labels (raw unless `chat`): the tokens inspect, explain and heads show."""
+    ids, pieces = encode_prompt_text(m, text, chat, system)
+    return ids, token_labels(m.tokenizer, ids, pieces)
+
+
+def encode_prompt(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
+    """As encode_labelled, within the model's context."""
+    ids, labels = encode_labelled(m, text, chat, system)
+    if len(ids) > m.cfg.max_len:
+        raise AttnError(f"prompt of {len(ids)} tokens exceeds the model's {m.cfg.max_len} positions")
+    return ids, labels
