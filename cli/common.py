@@ -41,7 +41,19 @@ ModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto: CUDA when available).")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU).")]
 ColorOpt = Annotated[Color, typer.Option("--color", help="Colour on stderr / tables: auto (TTY, honours NO_COLOR), always, never.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr (chosen seed, tracebacks).")]
+
+VERBOSE = False  # set when the running command parsed -v/--verbose: errors then show their traceback
+
+
+def _verbose(value: bool) -> bool:
+    """Runs when typer has parsed -v/--verbose for the command: tracebacks follow the option itself,
+    so a `-v` that is a value (`--stop -v`, `-p -v`) turns nothing on."""
+    global VERBOSE
+    VERBOSE = VERBOSE or value
+    return value
+
+
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", callback=_verbose, help="More detail on stderr (chosen seed, tracebacks).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No warnings or notes on stderr.")]
 PromptArg = Annotated[Optional[str], typer.Argument(help="The prompt ('-' reads stdin). Piped stdin is prepended.", show_default=False)]
 PromptOpt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt, as an option.", show_default=False)]

@@ -68,8 +68,14 @@ def _register() -> None:
         raise KeyboardInterrupt
 
 
+def _debug_env() -> bool:
+    return os.environ.get("ATTN_DEBUG", "") not in ("", "0")
+
+
 def _debug() -> bool:
-    return os.environ.get("ATTN_DEBUG", "") not in ("", "0") or "-v" in sys.argv or "--verbose" in sys.argv
+    """ATTN_DEBUG=1, or -v/--verbose as typer parsed it for the command (never a `-v` inside a value)."""
+    common = sys.modules.get("cli.common")
+    return _debug_env() or bool(common is not None and common.VERBOSE)
 
 
 _terminated = False
@@ -89,10 +95,15 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _register()  # inside the try: Ctrl-C while torch is still importing also ends quietly
+        from cli import common
+
+        common.VERBOSE = False  # one run per process from the console script; tests run many
         code = app(prog_name="attn", standalone_mode=False)
         code = code if isinstance(code, int) else 0
     except typer.TyperException as e:  # typer's own usage errors (bad flag, bad value, missing argument)
-        if _debug():
+        # Raised while the command line is being parsed, before the command has options: -v cannot
+        # have been read yet (and the traceback would be the parser's, not attn's), so only ATTN_DEBUG shows it.
+        if _debug_env():
             traceback.print_exc()
         if type(e).__name__ == "NoArgsIsHelpError":
             sys.stderr.write(e.format_message() + "\n")

@@ -51,6 +51,21 @@ def test_model_path_missing(attn, tmp_path):
     one_line_error(gen(attn, tmp_path / "nowhere"), 1, "nowhere")
 
 
+def test_tracebacks_follow_the_parsed_verbose_option(attn, tmp_path):
+    """-v shows the traceback of an error; a `-v` that is the value of another option does not."""
+    missing = str(tmp_path / "nowhere")
+    r = attn(["generate", "-m", missing, "--raw", "-v", "hi"])
+    assert r.code == 1 and r.out == "" and "Traceback" in r.err
+    assert r.err.splitlines()[-1].startswith("attn: error: ") and "nowhere" in r.err.splitlines()[-1]  # still ends with the one line
+    for value_is_v in (["--stop", "-v", "hi"], ["-p", "-v"], ["--system", "-v", "hi"]):
+        one_line_error(attn(["generate", "-m", missing, "--raw", *value_is_v]), 1, "nowhere")
+    for args in (["inspect", "-m", missing, "-t", "-v", "hi"], ["explain", "-m", missing, "--token", "-v", "hi"]):
+        one_line_error(attn(args), 1, "nowhere")
+    one_line_error(attn(["inspect", "-m", missing, "-v", "--top", "x", "hi"]), 2, "--top")  # a usage error: the parser's traceback helps nobody
+    r = attn(["generate", "-m", missing, "--raw", "--stop", "-v", "hi"], env={"ATTN_DEBUG": "1"})
+    assert r.code == 1 and "Traceback" in r.err
+
+
 def test_directory_without_config(attn, tmp_path):
     (tmp_path / "empty").mkdir()
     one_line_error(gen(attn, tmp_path / "empty"), 1, "empty", "config.json")
