@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from model import probe
 from model.explain import explain, head_updates
 from model.loading import load_model
 from tests.conftest import run_cli
@@ -130,7 +131,6 @@ def test_head_updates_sum_to_the_attention_output(tiny_models, kind):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_explain_agrees_with_inspect_probe(tiny_models, kind):
-    probe = pytest.importorskip("model.probe")
     model = load_model(tiny_models[kind][0])
     ids = ids_for(model)
     layer, query = 1, 8
