@@ -36,7 +36,7 @@ def hf_attentions(hf, ids: list[int]):
 
 
 def check_contract(d: dict) -> None:
-    """The object CLI.md promises, with plain finite floats."""
+    """The object docs/cli.md promises, with plain finite floats."""
     assert {"model", "tokens", "query", "direction", "values", "positions", "heads"} <= d.keys()
     assert isinstance(d["model"], str)
     for i, t in enumerate(d["tokens"]):
