@@ -65,7 +65,7 @@ ChatOpt = Annotated[
 RawChatOpt = Annotated[bool, typer.Option("--chat/--raw", help="Apply the model's chat template to the prompt. [default: raw]", show_default=False)]
 TokenOpt = Annotated[
     Optional[str],
-    typer.Option("--token", "-t", help="The chosen token: an index (negative from the end) or its text ('creature' matches ' creature'). [default: the last token]", show_default=False),
+    typer.Option("--token", "-t", help="The chosen token: an index (negative from the end) or its text ('the' finds 'the' and ' the'; a word split into pieces, its last piece). [default: the last token]", show_default=False),
 ]
 OccurrenceOpt = Annotated[Optional[int], typer.Option("--occurrence", help="With --token TEXT: which match, 1 = first, -1 = last. [default: 1]", show_default=False)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message (chat mode).", show_default=False)]

@@ -41,7 +41,7 @@ from cli.common import (
 from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import encode_prompt, prompt_or_demo
-from cli.tokens import is_index, pick_indices, pick_token
+from cli.tokens import is_index, pick_indices, pick_token, show, token_raw, tokens_json
 from model.errors import UsageError
 from model.explain import Explanation, explain, query_rows
 
@@ -94,15 +94,17 @@ def explain_cmd(
     fmt = fmt or (ExplainFormat.table if sys.stdout.isatty() else ExplainFormat.json)
     m = open_model(model, device, dtype, quiet)
     ids, labels = encode_prompt(m, text, chat, system)
-    q = pick_token(labels, token, occurrence)
+    q, token_note = pick_token(token_raw(m.tokenizer, ids), token, occurrence)
     # The same selection rules, messages and labels as `attn inspect`, so both name the same token and head.
     if layer is not None:
         layer = pick_indices([layer], m.cfg.n_layers, "layer", "layers")[0]
     if head is not None:
         head = pick_indices([head], m.cfg.n_heads, "head", "query heads")[0]
+    if token_note:
+        note(token_note, quiet)
     if layer is None or head is None:
         layer, head = sharpest_head(m, ids, q, layer, head)
-        note(f"explaining layer {layer} head {head}: where {labels[q]!r} attends most sharply (choose with --layer/--head)", quiet)
+        note(f'explaining layer {layer} head {head}: where "{show(labels[q])}" ({q}) attends most sharply (choose with --layer/--head)', quiet)
     ex = explain(m.model, ids, q, layer, head)
     if fmt is ExplainFormat.json:
         write_out(json.dumps(explanation_json(m, ids, labels, ex), ensure_ascii=False) + "\n")
@@ -142,7 +144,7 @@ def explanation_json(m: Loaded, ids: list[int], labels: list[str], ex: Explanati
     """The same numbers as the panels; arrays are aligned with `positions` (masked future positions left out)."""
     return {
         "model": m.name,
-        "tokens": [{"index": i, "id": t, "text": s} for i, (t, s) in enumerate(zip(ids, labels))],
+        "tokens": tokens_json(m.tokenizer, ids),
         "query": {"index": ex.query, "text": labels[ex.query]},
         "layer": ex.layer,
         "head": ex.head,
@@ -195,12 +197,12 @@ def _shown(ex: Explanation, rows: int) -> list[int | None]:
 
 def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, rows: int, preview: int, width: int = 80) -> list[Panel]:
     """The six stages as rich panels; marks (★, ✗) carry the meaning so NO_COLOR loses nothing."""
-    tok = lambda j: repr(labels[j])  # noqa: E731
+    tok = lambda j: show(labels[j], 16)  # noqa: E731
     q = ex.query
     top_set = set(ex.weights.topk(min(top, q + 1)).indices.tolist())
     shown = _shown(ex, rows)
     norm_kind = "LayerNorm" if m.cfg.norm == "layer" else "RMSNorm"
-    title = f"{tok(q)} (token {q}) · layer {ex.layer} · head {ex.head}"
+    title = f'"{show(labels[q])}" (token {q}) · layer {ex.layer} · head {ex.head}'
 
     def table(cols: list[str], body: list[list | None]) -> Table:
         """Rows under headers, None for a gap; numbers keep their full width, a long token or the bar gives way."""

@@ -40,6 +40,7 @@ from cli.common import (
 from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import encode_prompt, read_prompt
+from cli.tokens import tokens_json
 from model.errors import AttnError, UsageError
 from model.heads import DETECTORS, MEASURES, HeadStats, head_stats, induction_sequence
 
@@ -107,9 +108,9 @@ def heads_cmd(
     probe = probe or (ProbeKind.induction if text is None else ProbeKind.none)
     fmt = fmt or (HeadsFormat.table if sys.stdout.isatty() else HeadsFormat.json)
     m = open_model(model, device, dtype, quiet)
-    ids = labels = None
+    ids = None
     if text is not None:
-        ids, labels = encode_prompt(m, text, chat, system)
+        ids = encode_prompt(m, text, chat, system)[0]
         if len(ids) < 2:
             raise UsageError("the prompt has one token: head measures need at least two")
     probe_ids = None
@@ -117,7 +118,7 @@ def heads_cmd(
         probe_ids = induction_probe(m, probe_length, seed)
         if text is None:
             note(f"no prompt: measuring on the induction probe ({probe_length} random tokens, repeated; seed {seed})", quiet)
-            ids, labels = probe_ids, [m.tokenizer.token_label(i) for i in probe_ids]
+            ids = probe_ids
     stats = head_stats(m.model, ids if text is not None else None, probe_ids)
     rows = head_rows(m, stats)
     by = (sort.value if sort else None) or ("induction" if probe_ids is not None else "previous")
@@ -130,7 +131,7 @@ def heads_cmd(
         note(f"wrote {output}", quiet)
     if fmt is HeadsFormat.json:
         shown = rows[:top] if top else rows
-        doc = {"model": m.name, "tokens": [{"index": i, "id": t, "text": s} for i, (t, s) in enumerate(zip(ids, labels))], "heads": shown}
+        doc = {"model": m.name, "tokens": tokens_json(m.tokenizer, ids), "heads": shown}
         doc["probe"] = {"kind": "induction", "length": probe_length, "seed": seed, "ids": probe_ids} if probe_ids else None
         write_out(json.dumps(doc, ensure_ascii=False) + "\n")
     elif fmt is HeadsFormat.csv:

@@ -46,7 +46,7 @@ from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import encode_labelled, prompt_or_demo
 from cli.render import HeadRow, View, table, to_csv, to_json
-from cli.tokens import find_positions, is_index, pick_indices, pick_token, token_labels
+from cli.tokens import find_positions, is_index, pick_indices, pick_token, token_labels, token_raw
 from model.errors import AttnError, UsageError
 from model.generate import NonFiniteLogits, generate
 from model.loading import load_generation_config
@@ -146,15 +146,20 @@ def inspect_cmd(
         if not new:
             raise AttnError("the model ended the text at once (end-of-sequence); nothing generated (try --ignore-eos)")
 
-    query = pick_token(labels, token, occurrence)
+    raw = token_raw(m.tokenizer, ids)
+    query, token_note = pick_token(raw, token, occurrence)
     layers = pick_indices(layer, m.cfg.n_layers, "layer", "layers")
     heads = pick_indices(head, m.cfg.n_heads, "head", "query heads")
     if skip_first and query == 0:
         raise UsageError("--skip-first leaves out token 0, which is the chosen token: choose a later one")
-    find_pos = find_positions(labels, find, query, direction.value) if find is not None else []
+    find_pos, find_note = find_positions(raw, find, query, direction.value) if find is not None else ([], None)
+    for said in (token_note, find_note):
+        if said:
+            note(said, quiet)
 
     cap = capture(m.model, ids, query, layers, heads, direction.value, values.value, cached=cached)
     view = build_view(m, ids, labels, cap, skip_first, find, find_pos, prompt_len, generated)
+    view.raw = raw
 
     if fmt is None and output is None:  # with -o the picture is the product; stdout only if --format asks
         fmt = Format.table if sys.stdout.isatty() else Format.json

@@ -98,8 +98,8 @@ def encode_prompt_text(m: Loaded, text: str, chat: bool, system: str | None) -> 
 
 def encode_labelled(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
     """Token ids and their labels (raw unless `chat`): the tokens inspect, explain and heads show."""
-    ids, pieces = encode_prompt_text(m, text, chat, system)
-    return ids, token_labels(m.tokenizer, ids, pieces)
+    ids = encode_prompt_text(m, text, chat, system)[0]
+    return ids, token_labels(m.tokenizer, ids)
 
 
 def encode_prompt(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:

@@ -39,7 +39,7 @@ class View:
 
     model: str
     ids: list[int]
-    labels: list[str]  # token texts, exactly as they occur
+    labels: list[str]  # token texts (cli/tokens.py's rule: UTF-8, a piece of a character as <0xE6>)
     query: int
     direction: str  # "from" | "to"
     values: str  # "weights" | "scores" | "value-norms"
@@ -51,6 +51,7 @@ class View:
     find_positions: list[int] = field(default_factory=list)
     prompt_tokens: int = 0  # tokens before any generated ones
     generated: dict | None = None  # --generate: {"tokens", "text", "seed"}
+    raw: list[bytes] = field(default_factory=list)  # each token's bytes, for JSON
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def to_json(v: View) -> str:
     """The contract's one JSON object (docs/cli.md), with the first-token share per head."""
     out = {
         "model": v.model,
-        "tokens": [{"index": i, "id": t, "text": s} for i, (t, s) in enumerate(zip(v.ids, v.labels))],
+        "tokens": [{"index": i, "id": t, "text": s, "bytes": list(b)} for i, (t, s, b) in enumerate(zip(v.ids, v.labels, v.raw))],
         "query": {"index": v.query, "text": v.labels[v.query]},
         "direction": v.direction,
         "values": v.values,

@@ -3,26 +3,51 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from model.errors import UsageError
 from model.tokenizer import Tokenizer
 
 # --- labels ------------------------------------------------------------------------------
+#
+# One rule for every command that shows tokens (inspect, explain, heads, the pictures): a token is
+# its own bytes; as text they are UTF-8, and a byte that is only part of a character (byte-level
+# BPE splits multi-byte characters) is written as <0xE6>, never U+FFFD, so every token stays
+# distinct and its bytes can be read back. JSON carries that text and the raw bytes; tables show it
+# with whitespace made visible (`show`).
 
 
-def token_labels(tokenizer: Tokenizer, ids: list[int], pieces: list[str] | None = None) -> list[str]:
-    """Each token's own text: its exact bytes when they are whole UTF-8, else the text it covers."""
-    out = []
-    for n, i in enumerate(ids):
+def token_raw(tokenizer: Tokenizer, ids: list[int]) -> list[bytes]:
+    """The exact bytes of each token."""
+    return [tokenizer.token_bytes(i) for i in ids]
+
+
+def text_of(raw: bytes) -> str:
+    """A token's bytes as text: UTF-8, with each byte of an incomplete character as <0xHH>."""
+    out, at = [], 0
+    while at < len(raw):
         try:
-            out.append(tokenizer.token_bytes(i).decode("utf-8"))
-        except UnicodeDecodeError:  # part of a multi-byte character
-            out.append(pieces[n] if pieces and pieces[n] else tokenizer.token_bytes(i).decode("utf-8", errors="replace"))
-    return out
+            out.append(raw[at:].decode("utf-8"))
+            break
+        except UnicodeDecodeError as e:
+            out.append(raw[at : at + e.start].decode("utf-8"))
+            out.extend(f"<0x{b:02X}>" for b in raw[at + e.start : at + e.end])
+            at += e.end
+    return "".join(out)
+
+
+def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text by the rule above."""
+    return [text_of(b) for b in token_raw(tokenizer, ids)]
+
+
+def tokens_json(tokenizer: Tokenizer, ids: list[int]) -> list[dict]:
+    """The `tokens` list of the JSON outputs: index, id, text (the rule above) and the raw bytes."""
+    return [{"index": n, "id": i, "text": text_of(b), "bytes": list(b)} for n, (i, b) in enumerate(zip(ids, token_raw(tokenizer, ids)))]
 
 
 def show(label: str, limit: int = 0) -> str:
-    """A token's text with whitespace made visible (␣ space, ↵ newline, ⇥ tab), cut to `limit` chars."""
+    """A token's text for a table: ␣ for a space, ↵ newline, ⇥ tab, other control characters as \\xNN; cut to `limit` chars."""
     out = label.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
     out = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in out) or "∅"
     if limit and len(out) > limit:
@@ -37,50 +62,83 @@ def is_index(token: str) -> bool:
     return re.fullmatch(r"[+-]?\d+", token.strip()) is not None
 
 
-def match_spans(labels: list[str], text: str) -> list[list[int]]:
-    """Tokens matching `text`: equal text, then equal ignoring surrounding space, then ignoring case,
-    then every run of tokens that spells it out (a word split into pieces)."""
-    for same in (lambda s: s == text, lambda s: s.strip() == text.strip(), lambda s: s.strip().casefold() == text.strip().casefold()):
-        hits = [[i] for i, s in enumerate(labels) if s and same(s)]
-        if hits:
-            return hits
+@dataclass
+class Matches:
+    """Where a --token / --find text occurs: one list of token indices per occurrence, in order."""
+
+    spans: list[list[int]]
+    how: str  # "word": whole tokens; "case": whole tokens, ignoring case; "part": pieces of a word, or part of a token
+
+
+def match_text(raw: list[bytes], text: str) -> Matches:
+    """One rule for --token, --occurrence and --find.
+
+    A token matches when its text, surrounding whitespace ignored, equals `text` (so `the` finds
+    both `the` and ` the`); failing that, ignoring case; failing that, every place the text's
+    bytes occur in the token sequence, as the run of tokens that covers them (`verdant` in
+    ` ver|d|ant`, `fluff` in ` fluffy`). A text that is only whitespace is compared as it is.
+    """
     needle = text.strip() or text
-    joined, starts, at = "", [], 0
-    for s in labels:
+    words = [text_of(b) for b in raw]
+    key = (lambda s: s.strip()) if text.strip() else (lambda s: s)
+    for how, same in (("word", lambda s: key(s) == needle), ("case", lambda s: key(s).casefold() == needle.casefold())):
+        hits = [[i] for i, s in enumerate(words) if s and same(s)]
+        if hits:
+            return Matches(hits, how)
+    target = needle.encode("utf-8")
+    joined = b"".join(raw)
+    starts, at = [], 0
+    for b in raw:
         starts.append(at)
-        joined += s
-        at += len(s)
-    spans, k = [], joined.find(needle)
-    while k >= 0 and needle:
-        end = k + len(needle)
-        spans.append([i for i, s in enumerate(labels) if starts[i] < end and starts[i] + len(s) > k])
-        k = joined.find(needle, end)
-    return spans
+        at += len(b)
+    spans, k = [], joined.find(target) if target else -1
+    while k >= 0:
+        end = k + len(target)
+        spans.append([i for i, b in enumerate(raw) if starts[i] < end and starts[i] + len(b) > k])
+        k = joined.find(target, end)
+    return Matches(spans, "part")
 
 
-def token_list(labels: list[str], limit: int = 40) -> str:
-    shown = " ".join(f"{i}:{show(s, 16)}" for i, s in enumerate(labels[:limit]))
-    return shown + (f" … ({len(labels)} tokens; give an index)" if len(labels) > limit else "")
+def token_list(raw: list[bytes], limit: int = 40) -> str:
+    shown = " ".join(f"{i}:{show(text_of(b), 16)}" for i, b in enumerate(raw[:limit]))
+    return shown + (f" … ({len(raw)} tokens; give an index)" if len(raw) > limit else "")
 
 
-def pick_token(labels: list[str], token: str | None, occurrence: int | None) -> int:
-    """The chosen token's index: last by default, an index (negative from the end), or matching text."""
-    N = len(labels)
+def _listed(raw: list[bytes], positions: list[int], limit: int = 8) -> str:
+    shown = " ".join(f"{p}:{show(text_of(raw[p]), 16)}" for p in positions[:limit])
+    return shown + (f" … ({len(positions)})" if len(positions) > limit else "")
+
+
+def pick_token(raw: list[bytes], token: str | None, occurrence: int | None) -> tuple[int, str | None]:
+    """The chosen token's index: last by default, an index (negative from the end), or matching text;
+    and a note for stderr saying which token that is when the text was not one whole token or occurs
+    more than once (the command prints it once every choice is known to be valid)."""
+    N = len(raw)
     if token is None:
-        return N - 1
+        return N - 1, None
     if is_index(token):
         i = int(token)
         if not -N <= i < N:
             raise UsageError(f"--token {i} is out of range: {N} tokens (0..{N - 1}, or -{N}..-1)")
-        return i % N
-    spans = match_spans(labels, token)
+        return i % N, None
+    m = match_text(raw, token)
+    spans = m.spans
     if not spans:
-        raise UsageError(f"no token matches {token!r}; the tokens are {token_list(labels)}")
+        raise UsageError(f"no token matches {token!r}; the tokens are {token_list(raw)}")
     n = occurrence or 1
     if not -len(spans) <= n <= len(spans):
         raise UsageError(f"{token!r} occurs {len(spans)} time(s): --occurrence must be 1..{len(spans)} (or -{len(spans)}..-1)")
     span = spans[n - 1 if n > 0 else n]
-    return span[-1]  # a word in pieces: its last piece is where the whole word has been read
+    q = span[-1]  # a word in pieces: its last piece is where the whole word has been read
+    said = f"{q}:{show(text_of(raw[q]))}"
+    notes = []
+    if m.how == "part":
+        notes.append(f"is split into {_listed(raw, span)}: using its last piece, {said}" if len(span) > 1 else f"is part of token {said}")
+    elif m.how == "case":
+        notes.append(f"matches {said} ignoring case")
+    if len(spans) > 1 and occurrence is None:
+        notes.append(f"occurs {len(spans)} times ({_listed(raw, [s[-1] for s in spans])}): using the first; --occurrence N picks another")
+    return q, f"--token {token!r} " + "; ".join(notes) if notes else None
 
 
 def pick_indices(given: list[int] | None, n: int, what: str, plural: str) -> list[int]:
@@ -96,11 +154,13 @@ def pick_indices(given: list[int] | None, n: int, what: str, plural: str) -> lis
     return sorted(out)
 
 
-def find_positions(labels: list[str], text: str, query: int, direction: str) -> list[int]:
-    """Token positions matching --find that the chosen token can see (from) or that can see it (to)."""
-    spans = match_spans(labels, text)
+def find_positions(raw: list[bytes], text: str, query: int, direction: str) -> tuple[list[int], str | None]:
+    """Token positions matching --find that the chosen token can see (from) or that can see it (to);
+    and a note for stderr listing them when the text was not one whole token or occurs more than once."""
+    m = match_text(raw, text)
+    spans = m.spans
     if not spans:
-        raise UsageError(f"--find {text!r}: no token matches; the tokens are {token_list(labels)}")
+        raise UsageError(f"--find {text!r}: no token matches; the tokens are {token_list(raw)}")
     allowed = (lambda p: p <= query) if direction == "from" else (lambda p: p >= query)
     pos = sorted({p for s in spans for p in s if allowed(p)})
     if not pos:
@@ -109,4 +169,8 @@ def find_positions(labels: list[str], text: str, query: int, direction: str) -> 
             f"--find {text!r} matches only tokens {where} the chosen token {query} "
             f"({', '.join(str(p) for s in spans for p in s)}): attention never reaches them in --direction {direction}"
         )
-    return pos
+    said = None
+    if m.how != "word" or len(pos) > 1:
+        what = {"word": "matches", "case": "matches (ignoring case)", "part": "is found in"}[m.how]
+        said = f"--find {text!r} {what} {len(pos)} token{'s' if len(pos) > 1 else ''}: {_listed(raw, pos)}"
+    return pos, said

@@ -67,6 +67,11 @@ class Tokenizer:
             return b""
         if self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
             return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback: one raw byte
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
         return self.token_label(token_id).encode("utf-8")
 
     def stream(self, prompt_ids: list[int]) -> "TextStream":

@@ -98,7 +98,7 @@ def test_direction_to_is_the_column(attn, tiny_models):
 
 
 def test_csv_parses_and_agrees_with_json(attn, tiny_llama):
-    args = ["inspect", "-m", str(tiny_llama), SENTENCE, "-t", "creature", "-l", "1"]
+    args = ["inspect", "-m", str(tiny_llama), SENTENCE, "-t", "creature", "-l", "1", "-q"]
     r = attn(args + ["--format", "csv"])
     assert r.code == 0 and r.err == "", r
     rows = list(csv.reader(io.StringIO(r.out)))
@@ -122,10 +122,64 @@ def test_token_by_index_negative_text_and_occurrence(attn, tiny_llama):
     assert inspect_json(attn, tiny_llama, text, "-t", "-2", "-l", "0")["query"]["index"] == len(labels) - 2
     the = [i for i, s in enumerate(labels) if s.strip() == "the"]
     assert len(the) == 3
-    assert inspect_json(attn, tiny_llama, text, "-t", "the", "-l", "0")["query"]["index"] == the[0]
+    several = f"attn: --token 'the' occurs 3 times ({the[0]}:␣the {the[1]}:␣the {the[2]}:␣the): using the first; --occurrence N picks another\n"
+    assert inspect_json(attn, tiny_llama, text, "-t", "the", "-l", "0", err=several)["query"]["index"] == the[0]
     assert inspect_json(attn, tiny_llama, text, "-t", "the", "--occurrence", "2", "-l", "0")["query"]["index"] == the[1]
     assert inspect_json(attn, tiny_llama, text, "-t", "the", "--occurrence", "-1", "-l", "0")["query"]["index"] == the[2]
-    assert inspect_json(attn, tiny_llama, text, "-t", "THE", "-l", "0")["query"]["index"] == the[0]  # case only as a fallback
+    assert inspect_json(attn, tiny_llama, text, "-t", "THE", "-l", "0", "-q")["query"]["index"] == the[0]  # case only as a fallback
+
+
+def test_one_matching_rule_for_token_occurrence_and_find():
+    from cli.tokens import find_positions, match_text, pick_token
+
+    words = [b"the", b" cat", b" saw", b" the", b" dog"]
+    assert match_text(words, "the").spans == [[0], [3]]  # with and without the leading space
+    assert match_text(words, " the").spans == [[0], [3]]
+    assert pick_token(words, "the", 2) == (3, None)
+    q, said = pick_token(words, "the", None)
+    assert q == 0 and said == "--token 'the' occurs 2 times (0:the 3:␣the): using the first; --occurrence N picks another"
+    assert find_positions(words, "the", 4, "from") == ([0, 3], "--find 'the' matches 2 tokens: 0:the 3:␣the")
+    assert pick_token(words, "THE", -1) == (3, "--token 'THE' matches 3:␣the ignoring case")
+    split = [b"a", b" ver", b"d", b"ant", b" forest"]
+    m = match_text(split, "verdant")
+    assert (m.spans, m.how) == ([[1, 2, 3]], "part")
+    assert pick_token(split, "verdant", None) == (3, "--token 'verdant' is split into 1:␣ver 2:d 3:ant: using its last piece, 3:ant")
+    assert pick_token([b"a", b" fluffy"], "fluff", None) == (1, "--token 'fluff' is part of token 1:␣fluffy")
+    assert find_positions(split, "verdant", 4, "from")[0] == [1, 2, 3]
+    # Bytes, not text: a character split over two tokens is still found.
+    cjk = ["我们".encode()[:2], "我们".encode()[2:], b"!"]
+    assert match_text(cjk, "我").spans == [[0, 1]]
+
+
+def test_token_notes_go_to_stderr_only(attn, tiny_llama):
+    text = "so the cat saw the dog"
+    r = attn(["inspect", "-m", str(tiny_llama), text, "-t", "the", "-l", "0", "--format", "json"])
+    assert r.code == 0 and json.loads(r.out)["query"]["text"] == " the"
+    assert r.err == "attn: --token 'the' occurs 2 times (2:␣the 10:␣the): using the first; --occurrence N picks another\n"
+    r = attn(["inspect", "-m", str(tiny_llama), text, "-t", "the", "-l", "0", "--format", "json", "-q"])
+    assert r.code == 0 and r.err == ""
+    r = attn(["explain", "-m", str(tiny_llama), text, "-t", "the", "--occurrence", "-1", "-l", "0", "--head", "0", "--format", "json"])
+    assert r.code == 0 and r.err == "" and json.loads(r.out)["query"]["index"] == 10
+
+
+def test_tokens_are_labelled_by_one_rule_in_every_command(attn, tiny_llama):
+    """Text is UTF-8 with a piece of a character as <0xE6> (never U+FFFD), JSON adds the raw bytes; tables show ␣."""
+    text = "我们 café 😀"
+    outs = {}
+    for cmd in ("inspect", "explain", "heads"):
+        extra = ["--layer", "0", "--head", "0"] if cmd == "explain" else []
+        r = attn([cmd, "-m", str(tiny_llama), text, *extra, "--format", "json", "-q"])
+        assert r.code == 0 and r.err == "", r
+        assert "\ufffd" not in r.out
+        outs[cmd] = json.loads(r.out)["tokens"]
+    assert outs["inspect"] == outs["explain"] == outs["heads"]
+    toks = outs["inspect"]
+    assert b"".join(bytes(t["bytes"]) for t in toks) == text.encode()
+    assert toks[0]["text"] == "<0xE6><0x88>" and toks[1]["text"] == "<0x91>"  # 我 = E6 88 91, split in two
+    for t in toks:
+        assert t["text"] == bytes(t["bytes"]).decode("utf-8", "backslashreplace") or "<0x" in t["text"]
+    r = attn(["explain", "-m", str(tiny_llama), SENTENCE, "-t", "-1", "-l", "0", "--head", "0", "--format", "table"], env={"NO_COLOR": "1"})
+    assert r.code == 0 and "␣f" in r.out and "' f" not in r.out and '"t" (token 22)' in r.out
 
 
 def test_layer_and_head_selection_negative_and_repeated(attn, tiny_llama):
@@ -160,8 +214,8 @@ def test_selection_errors_are_one_line_exit_2(attn, tiny_llama):
 
 
 def test_skip_first_renormalises_and_keeps_the_raw_share(attn, tiny_llama):
-    raw = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature")
-    d = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature", "--skip-first")
+    raw = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature", "-q")
+    d = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature", "--skip-first", "-q")
     assert d["skip_first"] is True and d["renormalized"] is True and raw["renormalized"] is False
     assert d["positions"] == raw["positions"][1:]
     for h, r in zip(d["heads"], raw["heads"]):
@@ -172,7 +226,8 @@ def test_skip_first_renormalises_and_keeps_the_raw_share(attn, tiny_llama):
 
 
 def test_find_ranks_heads_by_weight_on_the_matching_tokens(attn, tiny_llama):
-    d = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature", "--find", "blue")
+    split = "attn: --token 'creature' is split into 9:cre 10:at 11:ure: using its last piece, 11:ure\nattn: --find 'blue' is found in 3 tokens: 5:␣b 6:lu 7:e\n"
+    d = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature", "--find", "blue", err=split)
     labels = [t["text"] for t in d["tokens"]]
     assert "".join(labels[d["query"]["index"] - 3 : d["query"]["index"] + 1]) == " creature"  # a word in pieces: its last
     # The tiny tokenizer spells " blue" in pieces: --find takes every piece of the word.
@@ -195,9 +250,9 @@ def test_demo_sentence_when_no_prompt_and_a_terminal(attn, tiny_llama):
 
 
 def test_table_without_colour_fits_40_columns(attn, tiny_llama):
-    r = attn(["inspect", "-m", str(tiny_llama), SENTENCE, "-t", "creature", "--format", "table", "--skip-first"], env={"NO_COLOR": "1", "COLUMNS": "40"})
+    r = attn(["inspect", "-m", str(tiny_llama), SENTENCE, "-t", "creature", "--format", "table", "--skip-first", "-q"], env={"NO_COLOR": "1", "COLUMNS": "40"})
     assert r.code == 0 and r.err == "", r
-    d = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature")
+    d = inspect_json(attn, tiny_llama, SENTENCE, "-t", "creature", "-q")
     q = d["query"]["index"]
     assert "\x1b" not in r.out
     lines = r.out.splitlines()
@@ -262,3 +317,12 @@ def test_real_model_has_a_blue_head(attn, real_model_dir):
     assert d["heads"][0]["match"] > 0.5
     r = attn(["inspect", "-m", str(real_model_dir), SENTENCE, "--token", "creature", "--find", "blue", "--format", "table"], env={"NO_COLOR": "1"})
     assert r.code == 0 and "2:␣blue" in r.out
+
+
+@pytest.mark.slow
+def test_real_model_finds_a_repeated_word_with_and_without_its_space(attn, real_model_dir):
+    d = inspect_json(attn, real_model_dir, "the cat saw the dog", "--token", "the", "--occurrence", "2", "-l", "0")
+    assert d["query"] == {"index": 3, "text": " the"} and d["tokens"][0]["text"] == "the"
+    r = attn(["inspect", "-m", str(real_model_dir), SENTENCE, "--token", "verdant", "-l", "0", "--format", "json"])
+    assert r.code == 0 and json.loads(r.out)["query"]["index"] == 8
+    assert r.err == "attn: --token 'verdant' is split into 6:␣ver 7:d 8:ant: using its last piece, 8:ant\n"
