@@ -6,10 +6,36 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-import typer
 
-from model.errors import AttnError
+@contextmanager
+def _signals_held(held: list[int]) -> Iterator[None]:
+    """Ctrl-C and SIGTERM are recorded in `held` instead of raised, then the handlers are put back.
+
+    An interrupt inside an import can be swallowed by a library's own import fallback (leaving a
+    half-imported numpy that fails later with a confusing error), or land before main() is running
+    and end in a traceback; the caller acts on it once the imports are done instead.
+    """
+    try:
+        previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread, which is where signals arrive anyway
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# This module's own imports (typer's is slow on a busy machine) run before main() can catch
+# anything: a signal meanwhile is held for main() to act on.
+_held_at_import: list[int] = []
+with _signals_held(_held_at_import):
+    import typer
+
+    from model.errors import AttnError
 
 app = typer.Typer(
     name="attn",
@@ -44,24 +70,17 @@ def root(
 
 
 def _register() -> None:
-    """Import the command modules (each adds its commands to `app`), with Ctrl-C and SIGTERM held.
-
-    An interrupt inside an import (torch's takes ≈ 1.4 s) can be swallowed by a library's own
-    import fallback, leaving a half-imported numpy that fails later with a confusing error; the
-    signal is acted on as soon as the imports are done instead.
-    """
-    held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    """Import the command modules (each adds its commands to `app`; torch's import takes ≈ 1.4 s) with
+    Ctrl-C and SIGTERM held, then act on any signal that came during them or this module's imports."""
+    held = _held_at_import[:]
+    _held_at_import.clear()
+    with _signals_held(held):
         from cli import generate  # noqa: F401
         from cli import bench  # noqa: F401
         from cli import inspect as inspect_cmd_module  # noqa: F401
         from cli import explain  # noqa: F401
         from cli import heads  # noqa: F401
         from cli import weights_cmds  # noqa: F401
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if held:
         if signal.SIGTERM in held:
             _on_sigterm(signal.SIGTERM, None)
