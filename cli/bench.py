@@ -20,6 +20,8 @@ import torch
 import typer
 
 from cli.common import (
+    epilog,
+    choice,
     ColorOpt,
     Color,
     DeviceOpt,
@@ -94,10 +96,10 @@ class Compare(str, Enum):
     transformers = "transformers"
 
 
-@app.command("bench", epilog=EPILOG)
+@app.command("bench", epilog=epilog(EPILOG))
 def bench_cmd(
     model: ModelOpt = None,
-    prompt_lens: Annotated[Optional[list[int]], typer.Option("--prompt-tokens", "-p", min=1, help="Prompt length in tokens (repeatable). [default: 64]", show_default=False)] = None,
+    prompt_lens: Annotated[Optional[list[int]], typer.Option("--prompt-tokens", "-p", min=1, metavar="N", help="Prompt length in tokens (repeatable). [default: 64]", show_default=False)] = None,
     n_gen: Annotated[int, typer.Option("--gen-tokens", "-n", min=1, help="Tokens generated per repetition.")] = 128,
     reps: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Timed repetitions (after one warm-up run).")] = 5,
     device: DeviceOpt = "auto",
@@ -105,7 +107,7 @@ def bench_cmd(
     threads: ThreadsOpt = None,
     quantize: QuantizeOpt = Quantize.none,
     compile_step: CompileOpt = False,
-    compare: Annotated[Optional[Compare], typer.Option("--compare", help="Also run this engine on the same weights, alternating repetitions.", show_default=False)] = None,
+    compare: Annotated[Optional[Compare], typer.Option("--compare", **choice(Compare), help="Also run this engine on the same weights, alternating repetitions.", show_default=False)] = None,
     quality: Annotated[Optional[bool], typer.Option("--quality/--no-quality", help="Top-1 agreement and perplexity vs float32 over a fixed text, and greedy output identical to float32 on 5 prompts. [default: on unless float32 eager]", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of a table.")] = False,
     quiet: QuietOpt = False,

@@ -7,7 +7,7 @@ import resource
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 import typer
@@ -32,15 +32,46 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
-# --- options shared by several commands ------------------------------------------------
+# --- help and options shared by several commands -----------------------------------------
+
+
+def epilog(text: str) -> str:
+    """An --help epilog printed as written: click rewraps paragraphs unless one opens with \\b."""
+    return "\b\n" + "\n".join(line for line in text.splitlines() if line.strip())
+
+
+
+def one_of(names: list[str]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def choice(enum: type[Enum], aliases: dict[str, str] | None = None, metavar: str | None = None, expected: str | None = None) -> dict[str, Any]:
+    """typer.Option arguments for a fixed set of values: the Enum member, or an error phrased as
+    attn's others (`--format must be table, json or csv (got 'yaml')`); `aliases` maps other
+    accepted spellings to values, `expected` says in the error what is accepted when the values
+    alone would not."""
+    names = [e.value for e in enum]
+    expected = expected or one_of(names)
+
+    def parse(value: Any) -> Enum:
+        if isinstance(value, enum):  # the default
+            return value
+        try:
+            return enum((aliases or {}).get(value, value))
+        except ValueError:
+            raise typer.BadParameter(f"must be {expected} (got {value!r})") from None
+
+    return {"parser": parse, "metavar": metavar or "|".join(names)}
+
 
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", envvar="ATTN_MODEL", help=f"Registry name, model directory, or hub id. [default: {DEFAULT_MODEL}]", show_default=False),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto: CUDA when available).")]
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU).")]
-ColorOpt = Annotated[Color, typer.Option("--color", help="Colour on stderr / tables: auto (TTY, honours NO_COLOR), always, never.")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", **choice(Dtype), help="Weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU).")]
+ColorOpt = Annotated[Color, typer.Option("--color", **choice(Color), help="Colour on stderr / tables: auto (TTY, honours NO_COLOR), always, never.")]
 
 VERBOSE = False  # set when the running command parsed -v/--verbose: errors then show their traceback
 
@@ -60,7 +91,7 @@ PromptOpt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The pr
 FileOpt = Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the prompt from a file ('-' = stdin).", show_default=False)]
 NoStdinOpt = Annotated[bool, typer.Option("--no-stdin", help="Ignore stdin even when it is piped.")]
 ChatOpt = Annotated[
-    Optional[bool], typer.Option("--chat/--raw", help="Apply the model's chat template (default: on when the model ships one).", show_default=False)
+    Optional[bool], typer.Option("--chat/--raw", help="Apply the model's chat template. [default: chat when the model ships a template, else raw]", show_default=False)
 ]
 RawChatOpt = Annotated[bool, typer.Option("--chat/--raw", help="Apply the model's chat template to the prompt. [default: raw]", show_default=False)]
 TokenOpt = Annotated[
@@ -75,12 +106,12 @@ InvalidUtf8Opt = Annotated[
 
 # Sampling: None means "not given", so ATTN_* env vars, then generation_config.json, then built-ins apply.
 TempOpt = Annotated[Optional[float], typer.Option("--temp", "--temperature", envvar="ATTN_TEMP", min=0.0, help="Temperature; 0 = greedy. [default: generation_config.json, else 0.8]", show_default=False)]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", envvar="ATTN_TOP_K", min=0, help="Keep the K most likely tokens (0 = off).", show_default=False)]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", envvar="ATTN_TOP_K", min=0, help="Keep the K most likely tokens (0 = off). [default: generation_config.json, else 0]", show_default=False)]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", envvar="ATTN_TOP_P", help="Nucleus sampling, in (0, 1]. [default: generation_config.json, else 0.95]", show_default=False)]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", envvar="ATTN_MIN_P", min=0.0, max=1.0, help="Drop tokens below P × the top probability.", show_default=False)]
-RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", envvar="ATTN_REPEAT_PENALTY", help="Penalty on recent tokens (1.0 = off).", show_default=False)]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", envvar="ATTN_MIN_P", min=0.0, max=1.0, help="Drop tokens below P × the top probability. [default: generation_config.json, else 0]", show_default=False)]
+RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", envvar="ATTN_REPEAT_PENALTY", help="Penalty on recent tokens (1.0 = off). [default: generation_config.json, else 1.0]", show_default=False)]
 RepeatLastNOpt = Annotated[int, typer.Option("--repeat-last-n", envvar="ATTN_REPEAT_LAST_N", min=-1, help="How many recent tokens the penalty sees (-1 = all).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", envvar="ATTN_SEED", min=0, help="Random seed (chosen and reported when absent).", show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", envvar="ATTN_SEED", min=0, help="Random seed. [default: a random one, reported with -v and in JSON]", show_default=False)]
 
 
 # --- streams -------------------------------------------------------------------------

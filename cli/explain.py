@@ -17,6 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import (
+    epilog,
+    choice,
     Color,
     ColorOpt,
     DeviceOpt,
@@ -61,7 +63,7 @@ class ExplainFormat(str, Enum):
     json = "json"
 
 
-@app.command("explain", epilog=EPILOG)
+@app.command("explain", epilog=epilog(EPILOG))
 def explain_cmd(
     prompt: PromptArg = None,
     model: ModelOpt = None,
@@ -74,7 +76,7 @@ def explain_cmd(
     top: Annotated[int, typer.Option("--top", min=1, help="Highlight the K strongest sources.")] = 3,
     rows: Annotated[int, typer.Option("--rows", min=4, help="Sources listed per table before the rest is summarised.")] = 24,
     preview: Annotated[int, typer.Option("--preview", min=1, max=64, help="Vector components shown in previews.")] = 6,
-    fmt: Annotated[Optional[ExplainFormat], typer.Option("--format", help="table (rich panels) or json. [default: table on a TTY, else json]", show_default=False)] = None,
+    fmt: Annotated[Optional[ExplainFormat], typer.Option("--format", **choice(ExplainFormat), help="table (rich panels) or json. [default: table on a TTY, else json]", show_default=False)] = None,
     chat: RawChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",

@@ -13,6 +13,8 @@ import torch
 import typer
 
 from cli.common import (
+    epilog,
+    choice,
     ChatOpt,
     ColorOpt,
     Color,
@@ -68,7 +70,7 @@ class Truncate(str, Enum):
     left = "left"
 
 
-@app.command("generate", epilog=EPILOG)
+@app.command("generate", epilog=epilog(EPILOG))
 def generate_cmd(
     ctx: typer.Context,
     prompt: PromptArg = None,
@@ -83,7 +85,7 @@ def generate_cmd(
     repeat_penalty: RepeatPenaltyOpt = None,
     repeat_last_n: RepeatLastNOpt = 64,
     seed: SeedOpt = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this text (repeatable); it is not printed.", show_default=False)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="Stop at this text (repeatable); it is not printed.", show_default=False)] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-sequence tokens.")] = False,
     chat: ChatOpt = None,
     system: SystemOpt = None,
@@ -91,8 +93,8 @@ def generate_cmd(
     dtype: DtypeOpt = Dtype.auto,
     quantize: QuantizeOpt = Quantize.none,
     compile_step: CompileOpt = False,
-    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", min=1, help="Context length (default: the model's).", show_default=False)] = None,
-    truncate: Annotated[Truncate, typer.Option("--truncate", help="Prompt + max tokens over the context: error, or keep the tail (left).")] = Truncate.error,
+    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", min=1, help="Context length. [default: the model's]", show_default=False)] = None,
+    truncate: Annotated[Truncate, typer.Option("--truncate", **choice(Truncate), help="Prompt + max tokens over the context: error, or keep the tail (left).")] = Truncate.error,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object at the end instead of streamed text.")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON event per line: token events, then a done event.")] = False,
     logprobs: Annotated[Optional[int], typer.Option("--logprobs", min=0, max=20, help="With --json/--jsonl: per-token logprob, bytes and the top K alternatives.", show_default=False)] = None,

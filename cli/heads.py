@@ -18,6 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import (
+    epilog,
+    choice,
+    one_of,
     Color,
     ColorOpt,
     DeviceOpt,
@@ -71,24 +74,29 @@ class ProbeKind(str, Enum):
     none = "none"
 
 
-Column = Enum("Column", {c: c for c in COLUMNS}, type=str)  # type: ignore[misc]  # --sort / --measure choices
+# --sort and --measure take a column by its table header or its JSON name (prev-tok or previous_token).
+Column = Enum("Column", {c: c for c in COLUMNS}, type=str)  # type: ignore[misc]
+Measure = Enum("Measure", {c: c for c in (*MEASURES, *DETECTORS)}, type=str)  # type: ignore[misc]  # the grid's: no indices
+ALIASES = {h: c for c, h in HEADERS.items()} | {c.replace("_", "-"): c for c in COLUMNS}
+SORT = choice(Column, ALIASES, "COLUMN", "a column, by its header or JSON name: " + one_of([HEADERS.get(c, c) for c in COLUMNS]))
+MEASURE = choice(Measure, ALIASES, "COLUMN", "a measure or detector, by its header or JSON name: " + one_of([HEADERS.get(c, c) for c in (*MEASURES, *DETECTORS)]))
 
 
-@app.command("heads", epilog=EPILOG)
+@app.command("heads", epilog=epilog(EPILOG))
 def heads_cmd(
     prompt: PromptArg = None,
     model: ModelOpt = None,
     prompt_opt: PromptOpt = None,
     file: FileOpt = None,
-    probe: Annotated[Optional[ProbeKind], typer.Option("--probe", help="Also run the induction probe: a random token sequence, repeated; detectors are scored on it. [default: induction with no prompt, else none]", show_default=False)] = None,
+    probe: Annotated[Optional[ProbeKind], typer.Option("--probe", **choice(ProbeKind), help="Also run the induction probe: a random token sequence, repeated; detectors are scored on it. [default: induction with no prompt, else none]", show_default=False)] = None,
     probe_length: Annotated[int, typer.Option("--probe-length", min=4, max=1024, help="Random tokens in each half of the probe sequence.")] = 50,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the probe's random tokens.")] = 0,
-    sort: Annotated[Optional[Column], typer.Option("--sort", help="Column to sort by, strongest first. [default: induction when the probe ran, else previous]", show_default=False)] = None,
+    sort: Annotated[Optional[Column], typer.Option("--sort", **SORT, help="Column to sort by, strongest first, by its table header or JSON name: layer, head, kv, entropy, dist, first, prev, self, prev-tok, dup-tok, induct. [default: induct when the probe ran, else prev]", show_default=False)] = None,
     ascending: Annotated[bool, typer.Option("--ascending", help="Sort smallest first (e.g. the sharpest heads by entropy).")] = False,
     top: Annotated[Optional[int], typer.Option("--top", min=0, help="Show the first K rows after sorting (0 = all). [default: 20 in the table, all in JSON/CSV]", show_default=False)] = None,
-    fmt: Annotated[Optional[HeadsFormat], typer.Option("--format", help="table, json or csv. [default: table on a TTY, else json]", show_default=False)] = None,
+    fmt: Annotated[Optional[HeadsFormat], typer.Option("--format", **choice(HeadsFormat), help="table, json or csv. [default: table on a TTY, else json]", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write a layers × heads grid coloured by --measure: FILE.svg or FILE.html (self-contained).", show_default=False)] = None,
-    measure: Annotated[Optional[Column], typer.Option("--measure", help="The measure the -o grid shows. [default: the sort column]", show_default=False)] = None,
+    measure: Annotated[Optional[Measure], typer.Option("--measure", **MEASURE, help="The column the -o grid shows: entropy, dist, first, prev, self, prev-tok, dup-tok or induct. [default: the sort column]", show_default=False)] = None,
     chat: RawChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
@@ -126,7 +134,7 @@ def heads_cmd(
     if output is not None:
         by_measure = measure.value if measure else by
         if by_measure in ("layer", "head", "kv_head"):
-            raise UsageError(f"--measure {by_measure}: choose a measure or detector column")
+            raise UsageError(f"-o draws a measure: --sort {HEADERS.get(by_measure, by_measure)} is not one; add --measure COLUMN")
         write_grid(output, m, stats, by_measure)
         note(f"wrote {output}", quiet)
     if fmt is HeadsFormat.json:

@@ -13,6 +13,8 @@ import torch
 import typer
 
 from cli.common import (
+    epilog,
+    choice,
     Color,
     ColorOpt,
     DeviceOpt,
@@ -82,7 +84,7 @@ class Format(str, Enum):
     csv = "csv"
 
 
-@app.command("inspect", epilog=EPILOG)
+@app.command("inspect", epilog=epilog(EPILOG))
 def inspect_cmd(
     prompt: PromptArg = None,
     model: ModelOpt = None,
@@ -90,14 +92,14 @@ def inspect_cmd(
     file: FileOpt = None,
     token: TokenOpt = None,
     occurrence: OccurrenceOpt = None,
-    layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", help="Layer index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
-    head: Annotated[Optional[list[int]], typer.Option("--head", help="Query-head index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
-    direction: Annotated[Direction, typer.Option("--direction", help="from: the chosen token as query (a row); to: how much each later token attends to it (a column).")] = Direction.from_,
-    values: Annotated[Values, typer.Option("--values", help="weights (softmax), scores (QKᵀ/√d before softmax) or value-norms (‖α·v·W_O‖).")] = Values.weights,
+    layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", metavar="N", help="Layer index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
+    head: Annotated[Optional[list[int]], typer.Option("--head", metavar="N", help="Query-head index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
+    direction: Annotated[Direction, typer.Option("--direction", **choice(Direction), help="from: the chosen token as query (a row); to: how much each later token attends to it (a column).")] = Direction.from_,
+    values: Annotated[Values, typer.Option("--values", **choice(Values), help="weights (softmax), scores (QKᵀ/√d before softmax) or value-norms (‖α·v·W_O‖).")] = Values.weights,
     skip_first: Annotated[bool, typer.Option("--skip-first", help="Leave the first token (often an attention sink) out and renormalise the rest; its raw share is still shown.")] = False,
     find: Annotated[Optional[str], typer.Option("--find", help="Rank every (layer, head) by what the chosen token gives to tokens matching TEXT.", show_default=False)] = None,
     top: Annotated[Optional[int], typer.Option("--top", min=1, help="Table: the K strongest sources per head [default: 3]; with --find, the K best heads [default: 10].", show_default=False)] = None,
-    fmt: Annotated[Optional[Format], typer.Option("--format", help="table | json | csv. [default: table when stdout is a terminal, else json]", show_default=False)] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", **choice(Format), help="table | json | csv. [default: table when stdout is a terminal, else json]", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a self-contained picture: FILE.html or FILE.svg.", show_default=False)] = None,
     generate_n: Annotated[int, typer.Option("--generate", min=0, help="Generate N tokens first (sampling flags as in generate), then inspect prompt + generated.")] = 0,
     temp: TempOpt = None,

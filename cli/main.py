@@ -43,14 +43,16 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: "[default: …]" in a help text is not read as rich markup and lost
     epilog=(
-        "Examples:\n\n"
-        "  attn generate \"a fluffy blue creature roamed the verdant forest\"\n\n"
-        "  attn inspect --head 3\n\n"
+        "\b\nExamples:\n"
+        "  attn generate \"a fluffy blue creature roamed the verdant forest\"\n"
+        "  attn inspect --head 3\n"
         "  cat notes.txt | attn generate \"Summarize:\" | tee summary.txt\n\n"
-        "Models live under $ATTN_HOME (default ~/.cache/attn); the default model is pulled on first use."
+        "Models live under $ATTN_HOME (default ~/.cache/attn); the default model is pulled on first use. "
+        "docs/cli.md in the repository is the full command-line contract."
     ),
+    context_settings={"max_content_width": 120},  # click's 80 otherwise, even on a wide terminal
 )
 
 
@@ -126,6 +128,8 @@ def main() -> None:
             traceback.print_exc()
         if type(e).__name__ == "NoArgsIsHelpError":
             sys.stderr.write(e.format_message() + "\n")
+        elif isinstance(e, typer.BadParameter):
+            _error(_bad_value(e))
         else:
             _error(e.format_message())
         code = e.exit_code
@@ -160,6 +164,30 @@ def _other_failure(e: Exception) -> int:
         traceback.print_exc()
     _error(f"internal error: {name}: {e} (ATTN_DEBUG=1 shows the traceback)")
     return 1
+
+
+def _bad_value(e: typer.BadParameter) -> str:
+    """A value typer could not take, phrased as attn's own errors: `--top must be an integer (got 'x')`."""
+    opts = getattr(e.param, "opts", None) or []
+    name = next((o for o in opts if o.startswith("--")), None) or getattr(e.param, "name", None) or "a value"
+    if e.message.startswith("must "):  # cli.common.choice's own phrasing
+        return f"{name} {e.message}"
+    # typer converts with pydantic; its error names the kind of problem, the limit and the input.
+    try:
+        err = e.__cause__.errors()[0]  # type: ignore[union-attr]
+        kind, limit, got = err["type"], err.get("ctx") or {}, err["input"]
+    except Exception:
+        return f"{name}: {e.message}"
+    rules = {
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_parsing": "must be a number",
+        "greater_than_equal": f"must be ≥ {limit.get('ge')}",
+        "greater_than": f"must be > {limit.get('gt')}",
+        "less_than_equal": f"must be ≤ {limit.get('le')}",
+        "less_than": f"must be < {limit.get('lt')}",
+    }
+    return f"{name} {rules[kind]} (got {got!r})" if kind in rules else f"{name}: {e.message}"
 
 
 def _error(message: str) -> None:

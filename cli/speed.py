@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import note
+from cli.common import choice, note
 from cli.models import Loaded
 from model.errors import AttnError
 
@@ -20,14 +20,14 @@ class Quantize(str, Enum):
 
 QuantizeOpt = Annotated[
     Quantize,
-    typer.Option("--quantize", help="Weight-only quantization of every linear layer: int8 (per-channel scales) or none."),
+    typer.Option("--quantize", **choice(Quantize), help="Weight-only quantization of every linear layer: int8 (per-channel scales) or none."),
 ]
 CompileOpt = Annotated[
     bool,
     typer.Option("--compile/--no-compile", help="Compile the one-token step: inductor on CPU (≈ 45 s the first time, seconds once cached in $ATTN_HOME/inductor), inductor + one CUDA graph on GPU. Falls back to eager if it fails."),
 ]
 ThreadsOpt = Annotated[
-    Optional[int], typer.Option("--threads", min=1, help="CPU threads for PyTorch (default: PyTorch's choice).", show_default=False)
+    Optional[int], typer.Option("--threads", min=1, help="CPU threads for PyTorch. [default: PyTorch's choice]", show_default=False)
 ]
 
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.table import Table
 
-from cli.common import note
+from cli.common import choice, epilog, note
 from cli.main import app
 from cli.models import StderrProgress, dir_size
 from model.errors import UsageError
@@ -30,14 +30,14 @@ class OutDtype(str, Enum):
 
 DtypeOpt = Annotated[
     Optional[OutDtype],
-    typer.Option("--dtype", help="dtype of the converted weights. [default: float32, which holds dequantized values exactly]", show_default=False),
+    typer.Option("--dtype", **choice(OutDtype), help="dtype of the converted weights. [default: float32, which holds dequantized values exactly]", show_default=False),
 ]
 
 
 # --- commands ----------------------------------------------------------------------------
 
 
-@app.command("pull", epilog="Examples: attn pull · attn pull model.Q8_0.gguf · attn pull HuggingFaceTB/SmolLM2-135M-Instruct")
+@app.command("pull", epilog=epilog("Examples:\n  attn pull\n  attn pull model.Q8_0.gguf\n  attn pull HuggingFaceTB/SmolLM2-135M-Instruct"))
 def pull_cmd(
     model: Annotated[
         Optional[str],

@@ -197,7 +197,8 @@ def test_heads_picture(tiny_models, tmp_path, suffix):
         ([PROMPT, "-o", "heads.png"], "must be a .svg or .html file"),
         ([PROMPT, "--probe", "induction", "--probe-length", "200"], "exceeds the model's 256 positions"),
         (["a"], "need at least two"),
-        ([PROMPT, "-o", "x.svg", "--measure", "layer"], "--measure layer"),
+        ([PROMPT, "-o", "x.svg", "--measure", "layer"], "--measure must be a measure or detector"),
+        ([PROMPT, "-o", "x.svg", "--sort", "layer"], "-o draws a measure: --sort layer is not one"),
     ],
 )
 def test_heads_usage_errors(tiny_models, args, message):
