@@ -28,7 +28,11 @@ def decode_input(data: bytes, source: str, invalid: str, quiet: bool) -> str:
 def read_prompt(
     arg: str | None, opt: str | None, file: Path | None, no_stdin: bool, invalid: str = "error", quiet: bool = False
 ) -> str | None:
-    """The prompt from argument / -p / -f, with piped stdin prepended (`stdin + "\\n\\n" + prompt`)."""
+    """The prompt from argument / -p / -f, with piped stdin prepended (`stdin + "\\n\\n" + prompt`).
+
+    Text read from stdin or a file loses one final newline, as a shell's `$(…)` drops them: `echo
+    "the cat sat" | attn inspect` inspects "sat", not the newline `echo` adds. Arguments are taken as typed.
+    """
     if invalid not in ("error", "replace"):
         raise UsageError(f"--invalid-utf8 must be 'error' or 'replace' (got {invalid!r})")
     if arg is not None and opt is not None:
@@ -41,17 +45,24 @@ def read_prompt(
         if prompt is not None:
             raise UsageError("give the prompt once: --file or a prompt, not both")
         try:
-            prompt = decode_input(file.read_bytes(), str(file), invalid, quiet)
+            prompt = drop_final_newline(decode_input(file.read_bytes(), str(file), invalid, quiet))
         except OSError as e:
             raise AttnError(f"cannot read {file}: {e.strerror}") from None
     stdin_text = None
     if explicit_stdin and sys.stdin is None:
         raise UsageError("'-' asks for stdin, but there is none")
     if explicit_stdin or (not no_stdin and _stdin_piped()):
-        stdin_text = decode_input(sys.stdin.buffer.read(), "stdin", invalid, quiet) or None  # empty stdin adds nothing
+        stdin_text = drop_final_newline(decode_input(sys.stdin.buffer.read(), "stdin", invalid, quiet)) or None  # empty stdin adds nothing
     if stdin_text is not None and prompt is not None:
         return stdin_text.rstrip("\n") + "\n\n" + prompt
     return stdin_text if stdin_text is not None else prompt
+
+
+def drop_final_newline(text: str) -> str:
+    """`text` without one final "\\n" (or "\\r\\n")."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
 
 
 def _stdin_piped() -> bool:

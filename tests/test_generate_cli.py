@@ -52,6 +52,25 @@ def test_stdin_and_argument_combine(attn, tiny_llama):
     assert dash["usage"]["prompt_tokens"] == len(Tokenizer(tiny_llama).encode("from stdin"))
 
 
+def test_one_final_newline_of_piped_or_file_input_is_dropped_in_every_command(attn, tiny_llama, tmp_path):
+    """`echo "the cat sat" | attn …` means "the cat sat", as `$(…)` would; a second newline, and arguments, stay."""
+    n = lambda text: len(Tokenizer(tiny_llama).encode(text))  # noqa: E731
+    gen = ["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "2", "--json"]
+    assert json.loads(attn(gen, stdin=b"the cat sat\n").out)["usage"]["prompt_tokens"] == n("the cat sat")
+    assert json.loads(attn(gen, stdin=b"the cat sat\r\n").out)["usage"]["prompt_tokens"] == n("the cat sat")
+    assert json.loads(attn(gen, stdin=b"the cat sat\n\n").out)["usage"]["prompt_tokens"] == n("the cat sat\n")
+    assert json.loads(attn(gen + ["the cat sat\n"]).out)["usage"]["prompt_tokens"] == n("the cat sat\n")
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"the cat sat\n")
+    assert json.loads(attn(gen + ["-f", str(f)]).out)["usage"]["prompt_tokens"] == n("the cat sat")
+    want = Tokenizer(tiny_llama).encode("the cat sat")
+    for cmd in (["inspect", "-l", "0"], ["explain", "-l", "0", "--head", "0"], ["heads"]):
+        for how in ({"stdin": b"the cat sat\n"}, {"args": ["-f", str(f)]}):
+            r = attn([cmd[0], "-m", str(tiny_llama), *cmd[1:], *how.get("args", []), "--format", "json"], stdin=how.get("stdin"))
+            assert r.code == 0 and r.err == "", r
+            assert [t["id"] for t in json.loads(r.out)["tokens"]] == want, (cmd, how)
+
+
 def test_prompt_from_file_and_option(attn, tiny_llama, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("from a file")
