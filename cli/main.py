@@ -81,6 +81,7 @@ def _register() -> None:
         from cli import bench  # noqa: F401
         from cli import inspect as inspect_cmd_module  # noqa: F401
         from cli import explain  # noqa: F401
+        from cli import explore  # noqa: F401
         from cli import heads  # noqa: F401
         from cli import weights_cmds  # noqa: F401
     if held:
