@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import (
-    DEMO_SENTENCE,
     DeviceOpt,
     Dtype,
     DtypeOpt,
@@ -33,15 +32,14 @@ from cli.common import (
     TopPOpt,
     VerboseOpt,
     note,
-    open_model,
-    read_prompt,
     sampling_settings,
 )
+from cli.continuation import run_generation
 from cli.explorer_page import ENTRY_BUDGET, ENTRY_LIMIT, PageStore, readable, triangle, write_page
-
-# Shared with inspect until the token/selection helpers have a module of their own (issue #11, CLI side).
-from cli.inspect import is_index, pick_indices, pick_token, run_generation, token_labels, tokenize
 from cli.main import app
+from cli.models import open_model
+from cli.prompt import encode_prompt, prompt_or_demo
+from cli.tokens import is_index, pick_indices, pick_token, token_labels
 from model.errors import AttnError, UsageError
 from model.loading import load_generation_config
 from model.matrices import capture_matrices
@@ -98,15 +96,9 @@ def explore_cmd(
         raise UsageError("--occurrence counts from 1 (or from -1 at the end); 0 is not a position")
     if occurrence is not None and (token is None or is_index(token)):
         raise UsageError("--occurrence goes with --token TEXT")
-    text = read_prompt(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
-    if text is None:
-        text = DEMO_SENTENCE
-        note(f'no prompt given: using the demo sentence "{DEMO_SENTENCE}"', quiet)
-    if text == "":
-        raise UsageError("empty prompt")
-
+    text = prompt_or_demo(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
     m = open_model(model, device, dtype, quiet)
-    ids, labels = tokenize(m, text, chat, system)
+    ids, labels = encode_prompt(m, text, chat, system)
     prompt_len = len(ids)
     generated = None
     if generate_n:
@@ -119,7 +111,7 @@ def explore_cmd(
         if not new:
             raise AttnError("the model ended the text at once (end-of-sequence); nothing generated (try --ignore-eos)")
         gen_text = m.tokenizer.decode(new)
-        ids, labels = ids + new, labels + token_labels(m, new)
+        ids, labels = ids + new, labels + token_labels(m.tokenizer, new)
         generated = {"tokens": len(new), "text": gen_text, "seed": seed}
         note(f"generated {len(new)} tokens: {gen_text!r}", quiet)
 

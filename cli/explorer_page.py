@@ -33,7 +33,7 @@ from model.errors import AttnError
 
 STEP = 256  # score steps per unit: |error| ≤ 1/512
 MASKED = 0xFFFF  # the key is hidden from this query (score -inf, weight 0)
-FAR = 0xFFFE  # 256 or more below the row's maximum: weight < e^-255 of the largest, shown as such
+FAR = 0xFFFE  # 256 or more below the row's maximum (weight ≤ e^-256 of the largest): clamped there
 # Every layer is stored while layers × heads × T(T+1)/2 stays under this (the default model: 256
 # tokens, ≈ 17 MB); past it only the layers asked for with --layer.
 ENTRY_BUDGET = 8_900_000
@@ -63,15 +63,17 @@ class PageStore:
         self.row_max = np.empty((*shape, T), dtype=np.float32)  # (nL, H, T)
         self.value_norms = np.empty((*shape, T), dtype=np.float32)  # (nL, H, T)
 
-    def rows(self, layer: int, first: int, scores: torch.Tensor, weights: torch.Tensor) -> None:
+    def rows(self, layer: int, first: int, scores: torch.Tensor) -> None:
         n, b = scores.shape[1], scores.shape[2]  # rows first..b-1 against keys 0..b-1
         lower = torch.arange(b, device=scores.device)[None, :] <= torch.arange(first, b, device=scores.device)[:, None]  # (n, b)
-        top = scores.amax(dim=-1, keepdim=True)  # (H, n, 1): finite, every row sees at least its own key
-        steps = ((top - scores) * STEP).round().clamp(max=FAR)  # -inf scores became +inf, clamped to FAR…
-        steps = steps.masked_fill(torch.isneginf(scores), MASKED)  # …and are marked masked instead
+        row = lower.nonzero()[:, 0]  # (pairs,): the row of each kept pair, in row-major order
+        top = scores.amax(dim=-1)  # (H, n): finite, every row sees at least its own key
+        kept = scores[:, lower]  # (H, pairs): the lower triangle, row after row
+        steps = (top[:, row] - kept).mul_(STEP).round_().clamp_(max=FAR)  # -inf scores became +inf, clamped to FAR…
+        steps.masked_fill_(torch.isneginf(kept), MASKED)  # …and are marked masked instead
         lo = triangle(first)
-        self.codes[self.slot[layer], :, lo : lo + int(lower.sum())] = steps[:, lower].to(torch.int32).cpu().numpy()
-        self.row_max[self.slot[layer], :, first:b] = top[..., 0].cpu().numpy()
+        self.codes[self.slot[layer], :, lo : lo + steps.shape[1]] = steps.to(torch.int32).cpu().numpy()
+        self.row_max[self.slot[layer], :, first:b] = top.cpu().numpy()
 
     def norms(self, layer: int, norms: torch.Tensor) -> None:
         self.value_norms[self.slot[layer]] = norms.float().cpu().numpy()
@@ -137,7 +139,7 @@ def page_html(meta: dict, blob: bytes) -> str:
 def write_page(path: Path, meta: dict, store: PageStore) -> int:
     """Write the page atomically; its size in bytes."""
     blob, sections = store.blob()
-    meta = {**meta, "sections": sections, "precision": PRECISION, "step": STEP, "masked": MASKED, "far": FAR}
+    meta = {**meta, "sections": sections, "precision": PRECISION, "step": STEP, "masked": MASKED}
     text = page_html(meta, blob).encode("utf-8")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -44,13 +44,13 @@ from cli.common import (
     use_color,
     write_out,
 )
+from cli.continuation import run_generation
 from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import encode_labelled, prompt_or_demo
 from cli.render import HeadRow, View, table, to_csv, to_json
 from cli.tokens import find_positions, is_index, pick_indices, pick_token, token_labels, token_raw
 from model.errors import AttnError, UsageError
-from model.generate import NonFiniteLogits, generate
 from model.loading import load_generation_config
 from model.probe import Capture, capture
 
@@ -181,26 +181,6 @@ def inspect_cmd(
 
 
 # --- steps ------------------------------------------------------------------------------------
-
-
-def run_generation(m: Loaded, ids: list[int], n: int, settings, seed: int, ignore_eos: bool) -> list[int]:
-    """Sample up to n tokens after the prompt (stopping at end-of-sequence unless told not to)."""
-    if len(ids) + n > m.cfg.max_len:
-        raise AttnError(f"prompt ({len(ids)} tokens) + --generate ({n}) exceeds the context ({m.cfg.max_len} tokens)")
-    eos = set(m.cfg.eos_token_ids)
-    generator = torch.Generator(device=m.device).manual_seed(seed)
-    new: list[int] = []
-    steps = generate(m.model, ids, n, settings, generator)
-    try:
-        for step in steps:
-            if step.id in eos and not ignore_eos:
-                break
-            new.append(step.id)
-    except NonFiniteLogits as e:
-        raise AttnError(f"{e}; try --dtype float32") from None
-    finally:
-        steps.close()
-    return new
 
 
 def build_view(m: Loaded, ids, labels, cap: Capture, skip_first: bool, find: str | None, find_pos: list[int], prompt_len: int, generated) -> View:

@@ -21,7 +21,6 @@ from typing import Protocol
 import torch
 
 from model.decoder import Attention, Decoder, attention_scores
-from model.probe import value_norms
 
 # Float32 elements one block of rows may hold in its (H, rows, S) scores (1 MiB), as model/probe.py.
 CHUNK_ELEMENTS = 1 << 18
@@ -30,10 +29,10 @@ CHUNK_ELEMENTS = 1 << 18
 class MatrixSink(Protocol):
     """Receives the attention of the probed layers, a block of query rows at a time."""
 
-    def rows(self, layer: int, first: int, scores: torch.Tensor, weights: torch.Tensor) -> None:
-        """Query rows first..first+n-1 against keys 0..first+n-1: scores and weights (H, n, first+n), float32.
+    def rows(self, layer: int, first: int, scores: torch.Tensor) -> None:
+        """Pre-softmax scores (H, n, first+n), float32, of query rows first..first+n-1 against keys 0..first+n-1.
 
-        Masked entries are -inf in `scores` and 0 in `weights` (the future of every row included).
+        Masked keys (the future of every row included) are -inf; the weights are `scores.softmax(-1)`.
         """
 
     def norms(self, layer: int, norms: torch.Tensor) -> None:
@@ -58,14 +57,22 @@ class MatrixProbe:
             b = min(a + rows, T)
             # Keys past the block's last row are masked for all its rows: leave them out of the work.
             scores = attention_scores(q[:1, :, a:b], k[:1, :, :b], torch.arange(a, b, device=q.device))[0]  # (H, n, b)
-            self.sink.rows(layer, a, scores, scores.softmax(dim=-1))
+            self.sink.rows(layer, a, scores)
             del scores
-        kv = torch.arange(H, device=q.device) // self.group  # the KV head each query head reads
-        w_o = attn.o.dense_weight().reshape(attn.n_heads, attn.head_dim, -1)  # (H, D, C): W_O^h
-        C = w_o.shape[-1]
-        step = max(1, CHUNK_ELEMENTS // (H * C))  # v·W_O is (H, n, C): bounded like the scores
-        norms = torch.cat([value_norms(v[0, kv, a : a + step], w_o) for a in range(0, T, step)], dim=1)  # (H, T)
-        self.sink.norms(layer, norms)
+        self.sink.norms(layer, value_norms(attn, v[0], self.group))
+
+
+def value_norms(attn: Attention, v: torch.Tensor, group: int) -> torch.Tensor:
+    """‖v_j·W_O^h‖ for every query head h and source j: v (G, S, D) → (H, S), float32.
+
+    Through the Gram matrix of each head's rows of W_O: ‖v·W‖² = v·(W·Wᵀ)·vᵀ, which costs D² per
+    source instead of D·C, and no (H, S, C) product of a long prompt is ever made.
+    """
+    H, D = attn.n_heads, attn.head_dim
+    w_o = attn.o.dense_weight().float().reshape(H, D, -1)  # (H, D, C): W_O^h
+    gram = w_o @ w_o.transpose(1, 2)  # (H, D, D)
+    vh = v.float()[torch.arange(H, device=v.device) // group]  # (H, S, D): the values each query head reads
+    return ((vh @ gram) * vh).sum(-1).clamp_min(0).sqrt()  # rounding can take a zero norm a hair below 0
 
 
 @torch.inference_mode()

@@ -23,9 +23,10 @@ class Keep:
         self.norm: dict[int, torch.Tensor] = {}
         self.blocks: list[tuple[int, int, int]] = []
 
-    def rows(self, layer: int, first: int, scores: torch.Tensor, weights: torch.Tensor) -> None:
+    def rows(self, layer: int, first: int, scores: torch.Tensor) -> None:
         H, n, S = scores.shape
-        assert S == first + n and weights.shape == scores.shape and scores.dtype == torch.float32
+        assert S == first + n and scores.dtype == torch.float32
+        weights = scores.softmax(-1)
         s = self.scores.setdefault(layer, torch.full((H, self.T, self.T), float("nan")))
         w = self.weights.setdefault(layer, torch.full((H, self.T, self.T), float("nan")))
         s[:, first : first + n] = float("-inf")
@@ -82,7 +83,7 @@ def test_value_norms_times_weights_are_the_probe_s_value_norms(loaded):
         cap = capture(model, ids, qi, [0, 1], heads, "from", "value-norms")
         for layer in (0, 1):
             mine = sink.weights[layer][:, qi, : qi + 1] * sink.norm[layer][:, : qi + 1]
-            assert torch.allclose(mine, cap.layers[layer].values, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(mine, cap.layers[layer].values, rtol=1e-4, atol=1e-6)
 
 
 def test_the_pass_stops_after_the_last_layer_asked(loaded, monkeypatch):

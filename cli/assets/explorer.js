@@ -100,6 +100,24 @@
       return view === "weights" ? w : w * this.norms[b * this.T + j];
     }
 
+    // Row i of `value` into out[0..i], in one pass over the row's codes (the thumbnails and matrices read every row).
+    row(view, skip, b, i, out) {
+      const base = b * this.tri + (i * (i + 1)) / 2, r = b * this.T + i;
+      const codes = this.codes, E = this.E, MASKED = this.MASKED;
+      const top = this.rowMax[r], step = this.step;
+      const den = skip ? this.R[r] : this.Z[r];
+      const norms = this.norms, nb = b * this.T;
+      for (let j = 0; j <= i; j++) {
+        const c = codes[base + j];
+        if (c === MASKED || (skip && j === 0)) out[j] = NaN;
+        else if (view === "scores") out[j] = top - c / step;
+        else {
+          const w = den > 0 ? E[c] / den : 0;
+          out[j] = view === "weights" ? w : w * norms[nb + j];
+        }
+      }
+    }
+
     // The share of query row i on the first token (raw, whatever skip says); NaN if the mask hides it.
     first(b, i) {
       const c = this.code(b, i, 0);
@@ -669,24 +687,28 @@
     matrixCanvas(b, n) {
       const att = this.att, T = this.T, s = this.state, pal = this.palette;
       const lv = new Float32Array(n * n).fill(-1); // -1: nothing visible yet; -2: left out
-      const skip = s.skip;
+      const skip = s.skip, weights = s.view === "weights";
       const row = new Float64Array(T);
+      const xs = new Int32Array(T);
+      for (let j = 0; j < T; j++) xs[j] = Math.floor((j * n) / T);
       for (let i = 0; i < T; i++) {
-        const y = Math.floor((i * n) / T);
+        const yn = xs[i] * n;
+        att.row(s.view, skip, b, i, row);
         let lo = Infinity, hi = -Infinity;
-        for (let j = 0; j <= i; j++) {
-          const v = att.value(s.view, skip, b, i, j);
-          row[j] = v;
-          if (Number.isFinite(v)) { if (v < lo) lo = v; if (v > hi) hi = v; }
+        if (!weights) {
+          for (let j = 0; j <= i; j++) {
+            const v = row[j];
+            if (v < lo) lo = v; // NaN compares false: masked keys are skipped
+            if (v > hi) hi = v;
+          }
+          if (s.view === "value-norms") lo = 0;
         }
-        if (s.view === "value-norms") lo = 0;
-        const span = hi - lo;
+        const scale = hi > lo ? 1 / (hi - lo) : 0;
         for (let j = 0; j <= i; j++) {
-          const x = Math.floor((j * n) / T);
-          const k = y * n + x;
           const v = row[j];
+          const k = yn + xs[j];
           let l;
-          if (Number.isFinite(v)) l = s.view === "weights" ? Math.min(1, Math.max(0, v)) : span > 0 ? (v - lo) / span : 1;
+          if (v === v) l = weights ? (v > 1 ? 1 : v) : scale ? (v - lo) * scale : 1;
           else if (skip && j === 0) l = -2;
           else continue;
           if (l > lv[k] || lv[k] === -1) lv[k] = l;
