@@ -35,11 +35,11 @@ from cli.common import (
     sampling_settings,
 )
 from cli.continuation import run_generation
-from cli.explorer_page import ENTRY_BUDGET, ENTRY_LIMIT, PageStore, readable, triangle, write_page
+from cli.explorer_page import ENTRY_BUDGET, ENTRY_LIMIT, PageStore, triangle, write_page
 from cli.main import app
 from cli.models import open_model
 from cli.prompt import encode_prompt, prompt_or_demo
-from cli.tokens import is_index, pick_indices, pick_token, token_labels
+from cli.tokens import is_index, pick_indices, pick_token, show, token_labels, token_raw
 from model.errors import AttnError, UsageError
 from model.loading import load_generation_config
 from model.matrices import capture_matrices
@@ -115,10 +115,13 @@ def explore_cmd(
         generated = {"tokens": len(new), "text": gen_text, "seed": seed}
         note(f"generated {len(new)} tokens: {gen_text!r}", quiet)
 
-    query = pick_token(labels, token, occurrence)
+    raw = token_raw(m.tokenizer, ids)
+    query, token_note = pick_token(raw, token, occurrence)
     cfg = m.cfg
     T = len(ids)
     layers = stored_layers(layer, cfg.n_layers, cfg.n_heads, T)
+    if token_note:
+        note(token_note, quiet)
     store = PageStore(layers, cfg.n_heads, T)
     capture_matrices(m.model, ids, layers, store)
 
@@ -131,9 +134,9 @@ def explore_cmd(
         "layers": layers,
         "stored": stored_note(layers, cfg.n_layers, cfg.n_heads),
         "ids": ids,
-        "labels": [readable(m.tokenizer.token_bytes(i)) for i in ids],
-        "texts": labels,
-        "bytes": [m.tokenizer.token_bytes(i).hex() for i in ids],
+        "labels": [show(s) for s in labels],  # the tokens as every command shows them (cli/tokens.py)
+        "texts": labels,  # …and as --find matches them, with their bytes
+        "bytes": [b.hex() for b in raw],
         "prompt_tokens": prompt_len,
         "generated": generated,
         "query": query,

@@ -95,32 +95,6 @@ class PageStore:
         return zlib.compress(b"".join(parts), 6), sections
 
 
-def readable(token: bytes) -> str:
-    """A token's bytes as the page shows them: ␣ for a space, ↵ for a newline, ⇥ for a tab; a byte that
-    is part of a UTF-8 character the token does not hold whole (or of a control character) as `<0xE6>`,
-    never U+FFFD."""
-    out, i = [], 0
-    while i < len(token):
-        for n in (1, 2, 3, 4):
-            try:
-                ch = token[i : i + n].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            if ch in VISIBLE:
-                out.append(VISIBLE[ch])
-            else:  # other control characters: their bytes, as for a partial character
-                out.append(ch if ch.isprintable() else "".join(f"<0x{b:02X}>" for b in token[i : i + n]))
-            i += n
-            break
-        else:
-            out.append(f"<0x{token[i]:02X}>")
-            i += 1
-    return "".join(out) or "∅"
-
-
-VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
-
-
 def page_html(meta: dict, blob: bytes) -> str:
     """The template with the style, script, tokens and data filled in (one pass: nothing is re-read)."""
     assets = files("cli").joinpath("assets")

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from cli.explore import max_tokens
-from cli.explorer_page import readable
 from model.tokenizer import Tokenizer
 
 SENTENCE = "a fluffy blue creature roamed the verdant forest"
@@ -42,17 +41,6 @@ SCORE_ABS = 1 / 512 + 0.0005
 
 
 # --- no browser ----------------------------------------------------------------------------------
-
-
-def test_token_text_rule():
-    assert readable(b" creature") == "␣creature"
-    assert readable(b"\n\n") == "↵↵" and readable(b"\t") == "⇥"
-    assert readable("我".encode()) == "我"
-    assert readable(b"\xe6") == "<0xE6>"  # a byte of a character the token does not hold whole
-    assert readable(b" \xe6\x88") == "␣<0xE6><0x88>"
-    assert readable(b"\x91 ok") == "<0x91>␣ok"
-    assert readable(b"\x1b[0m") == "<0x1B>[0m"
-    assert "\ufffd" not in readable(b"\xff\xfe")
 
 
 def test_every_layer_is_kept_up_to_256_tokens_of_the_default_model():
@@ -194,6 +182,23 @@ def test_page_loads_from_file_with_no_error_and_no_request(browser, tiny_page):
         assert "␣" in o.page.inner_text("#strip") and "\ufffd" not in o.page.inner_text("#strip")
         assert "0.4%" in o.page.inner_text("#precision")  # the precision is stated on the page
         assert o.page.evaluate("location.hash").startswith("#t=")
+
+
+def test_tokens_are_shown_by_the_one_label_rule(attn, browser, tiny_llama, tmp_path):
+    """␣ for a space, ↵ for a newline, a byte of a character the token does not hold whole as <0xE7>."""
+    from cli.tokens import show, text_of
+
+    out = tmp_path / "cat.html"
+    assert attn(["explore", "-m", str(tiny_llama), "a 猫\nsat", "-o", str(out)]).code == 0
+    raw = [bytes.fromhex(h) for h in page_meta(out)["bytes"]]
+    with Opened(browser, out) as o:
+        shown = o.page.eval_on_selector_all("#strip .tok", "els => els.map(e => e.textContent)")
+        assert shown == [show(text_of(b)) for b in raw]
+        assert "<0xE7>" in shown and "↵" in "".join(shown) and "␣" in "".join(shown)
+        assert "\ufffd" not in o.page.inner_text("body")
+        o.page.fill("#find", "猫")  # --find matches the bytes of a character split over tokens
+        assert o.page.eval_on_selector_all("#strip .tok.found", "els => els.length") == 3
+        assert o.errors == []
 
 
 @pytest.mark.parametrize("token, layer, head", [(5, 1, 2), (-2, 0, 1)])

@@ -139,33 +139,40 @@
     return s.startsWith("0.") ? s.slice(1) : s;
   }
 
-  // Tokens matching `text`, as `attn inspect --find` matches them: equal text, then equal without
-  // surrounding space, then ignoring case, then every run of tokens that spells it out.
-  function matchSpans(texts, text) {
-    const tests = [
-      (s) => s === text,
-      (s) => s.trim() === text.trim(),
-      (s) => s.trim().toLowerCase() === text.trim().toLowerCase(),
-    ];
-    for (const same of tests) {
+  // Tokens matching `text`, as `attn inspect --find` matches them (cli/tokens.py, match_text): a token
+  // whose text, surrounding whitespace ignored, equals it; failing that, ignoring case; failing that,
+  // every run of tokens whose bytes cover the text's bytes.
+  function matchSpans(words, raws, text) {
+    const needle = text.trim() || text;
+    const key = text.trim() ? (s) => s.trim() : (s) => s;
+    for (const same of [(s) => key(s) === needle, (s) => key(s).toLowerCase() === needle.toLowerCase()]) {
       const hits = [];
-      texts.forEach((s, i) => { if (s && same(s)) hits.push([i]); });
+      words.forEach((s, i) => { if (s && same(s)) hits.push([i]); });
       if (hits.length) return hits;
     }
-    const needle = text.trim() || text;
+    const target = new TextEncoder().encode(needle);
     const starts = [];
-    let joined = "";
-    for (const s of texts) { starts.push(joined.length); joined += s; }
+    let total = 0;
+    for (const r of raws) { starts.push(total); total += r.length; }
+    const joined = new Uint8Array(total);
+    raws.forEach((r, i) => joined.set(r, starts[i]));
     const spans = [];
-    let k = needle ? joined.indexOf(needle) : -1;
-    while (k >= 0) {
-      const end = k + needle.length;
-      const span = [];
-      texts.forEach((s, i) => { if (starts[i] < end && starts[i] + s.length > k) span.push(i); });
+    for (let k = 0; target.length && k + target.length <= total; k++) {
+      let n = 0;
+      while (n < target.length && joined[k + n] === target[n]) n++;
+      if (n < target.length) continue;
+      const end = k + target.length, span = [];
+      raws.forEach((r, i) => { if (starts[i] < end && starts[i] + r.length > k) span.push(i); });
       spans.push(span);
-      k = joined.indexOf(needle, end);
+      k = end - 1;
     }
     return spans;
+  }
+
+  function hexBytes(hex) {
+    const out = new Uint8Array(hex.length / 2);
+    for (let k = 0; k < out.length; k++) out[k] = parseInt(hex.slice(2 * k, 2 * k + 2), 16);
+    return out;
   }
 
   // --- colours ---------------------------------------------------------------------------------
@@ -858,7 +865,8 @@
     findPositions(t) {
       const s = this.state;
       if (!s.find) return { ok: false, message: "" };
-      const spans = matchSpans(this.meta.texts, s.find);
+      if (!this.raws) this.raws = this.meta.bytes.map(hexBytes);
+      const spans = matchSpans(this.meta.texts, this.raws, s.find);
       if (!spans.length) return { ok: false, message: `no token matches “${s.find}”` };
       const all = [...new Set(spans.flat())].sort((a, b) => a - b);
       let positions = all.filter((p) => (s.dir === "from" ? p <= t : p >= t));
