@@ -161,7 +161,9 @@ def explanation_json(m: Loaded, ids: list[int], labels: list[str], ex: Explanati
         "masked": list(range(ex.query + 1, ex.n_tokens)),
         "key_norms": _floats(ex.keys.norm(dim=-1)),
         "dots": _floats(ex.dots),
-        "scores": _floats(ex.scores),
+        "window": ex.window,
+        "window_masked": [j for j in range(ex.query + 1) if ex.masked[j]],  # outside the sliding window: score null, weight 0
+        "scores": [None if ex.masked[j] else x for j, x in enumerate(_floats(ex.scores))],
         "scores_unrotated": _floats(ex.scores_unrotated) if ex.scores_unrotated is not None else None,
         "weights": _floats(ex.weights),
         "entropy_bits": ex.entropy,
@@ -242,7 +244,7 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
         if j is None:
             body.append(None)
             continue
-        row = [str(j), tok(j), f"{ex.dots[j]:+.3f}", f"{ex.scores[j]:+.3f}"]
+        row = [str(j), tok(j), f"{ex.dots[j]:+.3f}", "−∞ ✗" if ex.masked[j] else f"{ex.scores[j]:+.3f}"]
         if rope_cols:
             row.append(f"{ex.scores_unrotated[j]:+.3f}")
             if wide:
@@ -258,6 +260,12 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
     scale_line = f"score = Q·K_j × 1/√d_k = Q·K_j × 1/√{ex.d_k} = Q·K_j × {ex.scale:.4f}" + (
         "; 'no RoPE': the score of the unrotated Q and K_j" if rope_cols else ""
     )
+    n_out = int(ex.masked.sum())
+    if n_out:  # a sliding window hides the oldest keys, as it hides the future ones
+        mask_line += (
+            f"\nsliding window of {ex.window} tokens in layer {ex.layer}: positions 0..{n_out - 1} "
+            f"({n_out} earlier token{'s' if n_out > 1 else ''}) are masked too: score −∞ ✗, weight 0"
+        )
     p3 = Group(Text(scale_line), s_tab, Text(mask_line))
 
     body = []

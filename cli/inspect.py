@@ -195,10 +195,12 @@ def build_view(m: Loaded, ids, labels, cap: Capture, skip_first: bool, find: str
             rest = 1.0 - lc.sink  # (h, P): what each query row gives to everything but the first token
             vals = torch.where(rest > 0, vals / rest.clamp_min(1e-30), torch.zeros_like(vals))
         vals = vals[:, keep]
+        masked = lc.masked[keep].tolist()  # outside the layer's sliding window: shown as masked, not as 0
         # (h,): the query row's share for `from`; for `to`, the mean over the later rows
         first = lc.sink[:, 0] if cap.direction == "from" else lc.sink.double().mean(dim=-1)
         for n, (h, g) in enumerate(zip(cap.heads, cap.kv_heads)):
-            rows.append(HeadRow(layer, h, g, vals[n].tolist(), float(first[n])))
+            row = [None if out else x for x, out in zip(vals[n].tolist(), masked)]
+            rows.append(HeadRow(layer, h, g, row, float(first[n])))
     positions = positions[keep]
     if find is not None:
         idx = [positions.index(p) for p in find_pos if p in positions]
@@ -206,9 +208,11 @@ def build_view(m: Loaded, ids, labels, cap: Capture, skip_first: bool, find: str
             raise UsageError(f"--find {find!r}: its only match is the first token, which --skip-first leaves out")
         find_pos = [positions[j] for j in idx]
         for r in rows:
-            picked = [r.values[j] for j in idx]
-            r.match = max(picked) if cap.view == "scores" else sum(picked)  # summed scores mean nothing: take the best
-        rows.sort(key=lambda r: (-(r.match or 0.0), r.layer, r.head))
+            picked = [r.values[j] for j in idx if r.values[j] is not None]  # masked matches are left out
+            if picked:
+                r.match = max(picked) if cap.view == "scores" else sum(picked)  # summed scores mean nothing: take the best
+        # Heads whose window masks every match rank last (match None).
+        rows.sort(key=lambda r: (r.match is None, -(r.match or 0.0), r.layer, r.head))
     else:
         rows.sort(key=lambda r: (r.layer, r.kv_head, r.head))
     return View(

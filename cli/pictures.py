@@ -45,8 +45,14 @@ def cell_levels(v: View, cols) -> list[list[tuple[float, float]]]:
     out = []
     for r in v.rows:
         lv = levels(r.values, v.values)
-        out.append([(max(lv[j] for j in idx), max(r.values[j] for j in idx)) for _, idx in cols])
+        # A run the sliding window masks entirely: (None, None), drawn as masked.
+        out.append([_run_max([lv[j] for j in idx], [r.values[j] for j in idx]) for _, idx in cols])
     return out
+
+
+def _run_max(lv: list[float | None], vals: list[float | None]) -> tuple[float | None, float | None]:
+    seen = [(a, b) for a, b in zip(lv, vals) if a is not None]
+    return (max(a for a, _ in seen), max(b for _, b in seen)) if seen else (None, None)
 
 
 def subtitle(v: View) -> str:
@@ -96,6 +102,7 @@ th.tok.q div{color:#d62728;font-weight:700}
 th.tok.f div{background:#fde0a0}
 td{padding:0}
 td.c{width:24px;height:18px;text-align:center;font-size:9px;border:1px solid #fff}
+td.c.m{background:#d9d9d9;color:#888}
 td.c.q{box-shadow:inset 2px 0 #d62728,inset -2px 0 #d62728}
 td.n{font-family:ui-monospace,Menlo,Consolas,monospace;padding:0 6px;text-align:right;white-space:nowrap;color:#333}
 td.top{font-family:ui-monospace,Menlo,Consolas,monospace;padding:0 8px;white-space:nowrap;color:#333}
@@ -148,12 +155,16 @@ def page(v: View) -> str:
             tds.append(f'<td class="n">{n}</td><td class="n">{fmt(r.match or 0.0, v.values)}</td>')
         tds.append(f'<td class="n">{r.layer}</td><td class="n">{r.kv_head}</td><td class="n">{r.head}</td><td class="n">{fmt(r.first_share, "weights")}</td>')
         for c, ((lv, val), (label, idx)) in enumerate(zip(row, cols)):
+            qc = " q" if c == qcol else ""
+            if val is None:  # outside the layer's sliding window
+                tip = f"layer {r.layer} head {r.head} → {label}: masked (outside the sliding window)"
+                tds.append(f'<td class="c m{qc}" title="{e(tip)}">·</td>')
+                continue
             text = fmt(val, v.values) if v.values == "weights" and val >= 0.1 and len(idx) == 1 else ""
             ink = "#fff" if lv > 0.55 else "#1b1b1b"
             tip = f"layer {r.layer} head {r.head} → {label}: {val:.6g}"
-            qc = " q" if c == qcol else ""
             tds.append(f'<td class="c{qc}" style="background:{color(lv)};color:{ink}" title="{e(tip)}">{text}</td>')
-        order = sorted(range(len(r.values)), key=lambda j: -r.values[j])[:3]
+        order = sorted((j for j, x in enumerate(r.values) if x is not None), key=lambda j: -r.values[j])[:3]
         top = "  ".join(f"{v.positions[j]}:{show(v.labels[v.positions[j]], 12)} {fmt(r.values[j], v.values)}" for j in order)
         tds.append(f'<td class="top">{e(top)}</td></tr>')
         out.append("".join(tds))
@@ -214,8 +225,10 @@ def svg(v: View) -> str:
         out.append(f'<text x="{left - 6}" y="{y + ch - 4}" text-anchor="end" xml:space="preserve">{rank}{r.layer:>2} {r.kv_head:>2} {r.head:>2}</text>')
         out.append(f'<text x="{x0 - 4}" y="{y + ch - 4}" text-anchor="end" fill="#555">{fmt(r.first_share, "weights")}</text>')
         for c, (lv, val) in enumerate(row):
-            tip = f"layer {r.layer} head {r.head} → {cols[c][0]}: {val:.6g}"
-            out.append(f'<rect x="{x0 + c * cw}" y="{y}" width="{cw - 1}" height="{ch - 1}" fill="{color(lv)}"><title>{e(tip)}</title></rect>')
+            masked = val is None  # outside the layer's sliding window: grey, not the colour of 0
+            tip = f"layer {r.layer} head {r.head} → {cols[c][0]}: " + ("masked (outside the sliding window)" if masked else f"{val:.6g}")
+            fill = "#d9d9d9" if masked else color(lv)
+            out.append(f'<rect x="{x0 + c * cw}" y="{y}" width="{cw - 1}" height="{ch - 1}" fill="{fill}"><title>{e(tip)}</title></rect>')
     if qcol is not None:
         out.append(f'<rect x="{x0 + qcol * cw - 1}" y="{y0 - 1}" width="{cw + 1}" height="{ch * len(v.rows) + 1}" fill="none" stroke="#d62728" stroke-width="2"/>')
     ly = y0 + ch * len(v.rows) + 20

@@ -28,7 +28,7 @@ class HeadRow:
     layer: int
     head: int
     kv_head: int
-    values: list[float]
+    values: list[float | None]  # None: a position the layer's sliding window masks
     first_share: float
     match: float | None = None  # --find: what the chosen token gives to the matched tokens
 
@@ -67,9 +67,9 @@ def fmt(value: float, view: str) -> str:
     return f"{value:.3g}"
 
 
-def plain(x: float) -> float:
-    """A float32 value as the shortest decimal that round-trips it (JSON and CSV)."""
-    return float(f"{x:.9g}")
+def plain(x: float | None) -> float | None:
+    """A float32 value as the shortest decimal that round-trips it (JSON and CSV); None (masked) stays None."""
+    return None if x is None else float(f"{x:.9g}")
 
 
 def describe(v: View) -> str:
@@ -104,8 +104,8 @@ def to_json(v: View) -> str:
         out["generated"] = v.generated
     for r in v.rows:
         head = {"layer": r.layer, "head": r.head, "kv_head": r.kv_head, "values": [plain(x) for x in r.values], "first_token_share": plain(r.first_share)}
-        if r.match is not None:
-            head["match"] = plain(r.match)
+        if v.find is not None:
+            head["match"] = plain(r.match)  # null: the layer's sliding window masks every match
         out["heads"].append(head)
     return json.dumps(out, ensure_ascii=False) + "\n"
 
@@ -120,23 +120,25 @@ def to_csv(v: View) -> str:
     w.writerow(CSV_HEADER)
     for r in v.rows:
         for p, x in zip(v.positions, r.values):
-            w.writerow([r.layer, r.head, r.kv_head, v.query, p, v.labels[p], plain(x)])
+            w.writerow([r.layer, r.head, r.kv_head, v.query, p, v.labels[p], "" if x is None else plain(x)])
     return buf.getvalue()
 
 
 # --- the terminal table ------------------------------------------------------------------------
 
 
-def levels(values: list[float], view: str) -> list[float]:
-    """Values scaled to 0..1 for the heat strip: weights as they are, other views by the row's own range."""
-    if not values:
-        return []
+def levels(values: list[float | None], view: str) -> list[float | None]:
+    """Values scaled to 0..1 for the heat strip: weights as they are, other views by the row's own range.
+    Masked positions (None) stay None."""
+    seen = [x for x in values if x is not None]
+    if not seen:
+        return list(values)
     if view == "weights":
-        return [min(max(x, 0.0), 1.0) for x in values]
-    lo = min(values) if view == "scores" else 0.0
-    hi = max(values)
+        return [None if x is None else min(max(x, 0.0), 1.0) for x in values]
+    lo = min(seen) if view == "scores" else 0.0
+    hi = max(seen)
     span = hi - lo
-    return [(x - lo) / span if span > 0 else 1.0 for x in values]
+    return [None if x is None else (x - lo) / span if span > 0 else 1.0 for x in values]
 
 
 def bins(n: int, cells: int) -> list[range]:
@@ -145,12 +147,17 @@ def bins(n: int, cells: int) -> list[range]:
     return [range(a, min(a + size, n)) for a in range(0, n, size)]
 
 
-def strip(scaled: list[float], cells: int, width: int, color: bool) -> Text:
-    """The heat strip: one bar per position (`width` chars each), or the max over runs when too long."""
+def strip(scaled: list[float | None], cells: int, width: int, color: bool) -> Text:
+    """The heat strip: one bar per position (`width` chars each), or the max over runs when too long;
+    `·` where a sliding window masks every position of the cell."""
     t = Text()
     groups = bins(len(scaled), cells) if len(scaled) > cells else [range(i, i + 1) for i in range(len(scaled))]
     for g in groups:
-        x = max(scaled[i] for i in g)
+        seen = [scaled[i] for i in g if scaled[i] is not None]
+        if not seen:
+            t.append("·" * width, style="dim" if color else None)
+            continue
+        x = max(seen)
         lv = min(len(BARS) - 1, int(x * len(BARS)))
         t.append(BARS[lv] * width, style=HEAT[lv] if color else None)
     return t
@@ -158,7 +165,7 @@ def strip(scaled: list[float], cells: int, width: int, color: bool) -> Text:
 
 def top_sources(v: View, r: HeadRow, k: int, limit: int = 12, room: int = 0) -> Text:
     """The k strongest positions of a row as `index:token value`, as many as fit in `room` (0: all k)."""
-    order = sorted(range(len(r.values)), key=lambda j: -r.values[j])[:k]
+    order = sorted((j for j, x in enumerate(r.values) if x is not None), key=lambda j: -r.values[j])[:k]
     t = Text()
     for n, j in enumerate(order):
         p = v.positions[j]

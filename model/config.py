@@ -38,11 +38,20 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    sliding_window: int | None = None  # recorded, not applied: contexts here stay within the window
+    # Sliding-window attention: a query at position p sees keys p-W+1..p in the layers `layer_windows`
+    # gives a window W (None: every earlier key). One entry per layer.
+    layer_windows: list[int | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
             raise AttnError(f"config: num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv_heads}")
+        if not self.layer_windows:
+            self.layer_windows = [None] * self.n_layers
+        if len(self.layer_windows) != self.n_layers:
+            raise AttnError(f"config: layer_types has {len(self.layer_windows)} entries for {self.n_layers} layers")
+        for w in self.layer_windows:
+            if w is not None and (not isinstance(w, int) or w < 1):
+                raise AttnError(f"config: sliding_window must be a positive number of tokens (got {w!r})")
 
     @property
     def group(self) -> int:
@@ -160,8 +169,32 @@ def _from_llama(d: dict[str, Any], mt: str) -> ModelConfig:
         rope_scaling=scaling,
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_merge_ids([], d.get("eos_token_id")),
-        sliding_window=d.get("sliding_window") if d.get("use_sliding_window", mt == "mistral") else None,
+        layer_windows=_layer_windows(d, mt),
     )
+
+
+def _layer_windows(d: dict[str, Any], mt: str) -> list[int | None]:
+    """The sliding window of each layer, as transformers applies it.
+
+    Mistral: `sliding_window` on every layer (null: none). Qwen2: only with `use_sliding_window`, on
+    the layers `layer_types` marks "sliding_attention" — by default those from `max_window_layers` on.
+    """
+    n = d["num_hidden_layers"]
+    window = d.get("sliding_window")
+    if mt == "qwen2" and not d.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return [None] * n
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers", 0) if mt == "qwen2" else 0
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n:
+        raise AttnError(f"config.json: layer_types must list one type for each of the {n} layers")
+    unknown = {t for t in types if t not in ("sliding_attention", "full_attention")}
+    if unknown:
+        raise AttnError(f"config.json: layer_types has unknown type {sorted(unknown)[0]!r}")
+    return [window if t == "sliding_attention" else None for t in types]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

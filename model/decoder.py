@@ -141,6 +141,7 @@ class Attention(nn.Module):
         super().__init__()
         self.index = index
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.layer_windows[index]  # sliding window (None: every earlier key)
         H, G, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qkv = Linear(cfg.dim, (H + 2 * G) * D, bias=cfg.qkv_bias)  # fused [q | k | v]
         self.o = Linear(H * D, cfg.dim, bias=cfg.o_bias)
@@ -164,8 +165,16 @@ class Attention(nn.Module):
         k, v = self.cache.update(start, k, v)  # (B, G, S, D), S = start + T
         if probe is not None and self.index in probe.layers:
             probe.observe(self.index, self, q, k, v, start)
-        y = attention(q, k, v, start)  # (B, H, T, D)
+        y = attention(q, k, v, start, self.window)  # (B, H, T, D)
         return self.o.forward(y.transpose(1, 2).reshape(B, T, -1))
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """This layer's explicit pre-softmax scores (B, H, T, S), masked keys at -inf (see attention_scores)."""
+        return attention_scores(q, k, q_pos, self.window)
+
+    def visible(self, q_pos: torch.Tensor, S: int) -> torch.Tensor:
+        """Which of keys 0..S-1 each query position sees in this layer: (T, S) bool (the one mask rule)."""
+        return causal_mask(q_pos, S, self.window)
 
 
 class KVCache(nn.Module):
@@ -196,28 +205,41 @@ class KVCache(nn.Module):
 # --- attention: the fused path and the explicit one --------------------------------------
 
 
-def causal_mask(q_pos: torch.Tensor, S: int) -> torch.Tensor:
-    """The one mask rule: a query at absolute position p sees keys 0..p. (T,) → (T, S) bool."""
-    return torch.arange(S, device=q_pos.device)[None, :] <= q_pos[:, None]
+def causal_mask(q_pos: torch.Tensor, S: int, window: int | None = None) -> torch.Tensor:
+    """The one mask rule: a query at absolute position p sees keys 0..p, or with a sliding window W
+    only the last W of them, p-W+1..p (Mistral, Qwen2's window layers; transformers'
+    `sliding_window_overlay`). (T,) → (T, S) bool."""
+    keys = torch.arange(S, device=q_pos.device)[None, :]
+    visible = keys <= q_pos[:, None]
+    if window is not None:
+        visible &= keys > q_pos[:, None] - window
+    return visible
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-    """softmax(QKᵀ/√D + mask)·V with the fused kernel. q (B, H, T, D) at start..start+T-1; k, v (B, G, S, D)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """softmax(QKᵀ/√D + mask)·V with the fused kernel. q (B, H, T, D) at start..start+T-1; k, v (B, G, S, D).
+
+    The mask is `causal_mask`'s; the branches below only avoid building it where the kernel's own
+    (or none) is the same.
+    """
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if isinstance(start, torch.Tensor):  # one query at a device-held position over the whole cache
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(start, S), enable_gqa=gqa)
-    if T == 1:  # one new query sees every cached key: no mask at all
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(start, S, window), enable_gqa=gqa)
+    if T == 1:  # one new query sees every cached key, or the last W of them
+        if window is not None and S > window:
+            k, v = k[:, :, S - window :], v[:, :, S - window :]
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    if start == 0:  # square causal: the kernel's own top-left-aligned mask is the right one
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    # A chunk after cached tokens: is_causal would align top-left and hide the cache, so pass the mask.
-    mask = causal_mask(torch.arange(start, start + T, device=q.device), S)
+    if window is None or start + T <= window:  # no row's window excludes anything: causal only
+        if start == 0:  # square causal: the kernel's own top-left-aligned mask is the right one
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # A chunk after cached tokens (is_causal would align top-left and hide the cache) or past a window.
+    mask = causal_mask(torch.arange(start, start + T, device=q.device), S, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def attention_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-    """Explicit pre-softmax scores QKᵀ/√D in float32, future keys at -inf.
+def attention_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Explicit pre-softmax scores QKᵀ/√D in float32, keys the mask hides (future, outside the window) at -inf.
 
     q (B, H, T, D) at absolute positions q_pos (T,); k (B, G, S, D) → (B, H, T, S).
     """
@@ -226,16 +248,16 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> t
     qg = q.float().view(B, G, H // G, T, D)  # (B, G, R, T, D): R query heads share each KV head
     scores = (qg @ k.float().unsqueeze(2).transpose(-1, -2)) * D**-0.5  # (B, G, R, T, S)
     scores = scores.view(B, H, T, S)
-    return scores.masked_fill(~causal_mask(q_pos, S), float("-inf"))
+    return scores.masked_fill(~causal_mask(q_pos, S, window), float("-inf"))
 
 
 def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same attention written out, softmax in float32: (output (B, H, T, D), weights (B, H, T, S))."""
     B, H, T, D = q.shape
     G, S = k.shape[1], k.shape[2]
-    weights = attention_scores(q, k, q_pos).softmax(dim=-1)
+    weights = attention_scores(q, k, q_pos, window).softmax(dim=-1)
     out = weights.view(B, G, H // G, T, S) @ v.float().unsqueeze(2)  # (B, G, R, T, D)
     return out.view(B, H, T, D).to(q.dtype), weights
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.decoder import Attention, Decoder, attention_scores
+from model.decoder import Attention, Decoder
 
 
 @dataclass
@@ -44,6 +44,8 @@ class Explanation:
     mixed: torch.Tensor  # (D,) Σ α_j V_j
     update: torch.Tensor  # (C,) mixed through this head's rows of W_O: what the head adds to the stream
     value_norms: torch.Tensor  # (S,) ‖α_j · V_j · W_O^h‖, as inspect's --values value-norms
+    window: int | None = None  # the layer's sliding window (None: the query sees every earlier token)
+    masked: torch.Tensor | None = None  # (S,) bool: earlier keys outside the window (score -inf, weight 0)
 
     @property
     def update_ratio(self) -> float:
@@ -97,7 +99,7 @@ def explain(model: Decoder, ids: list[int], query: int, layer: int, head: int) -
     # Unrotated projections from the same weights: what each score would be without position.
     q_raw, k_raw, _ = attn.project(x[None], None)  # (1, H, T, D), (1, G, T, D)
     q_pos = torch.tensor([query], device=q_all.device)
-    scores = attention_scores(q_all[None, :, query : query + 1], k_all[None, :, :S], q_pos)[0, head, 0]  # (S,)
+    scores = attn.scores(q_all[None, :, query : query + 1], k_all[None, :, :S], q_pos)[0, head, 0]  # (S,), -inf where masked
     q_rot, keys_rot = q_all[head, query].float(), k_all[g, :S].float()
     dots = keys_rot @ q_rot
     rope = cfg.positions == "rope"
@@ -133,6 +135,8 @@ def explain(model: Decoder, ids: list[int], query: int, layer: int, head: int) -
         mixed=mixed,
         update=mixed @ w_o,
         value_norms=((weights[:, None] * values) @ w_o).norm(dim=-1),
+        window=attn.window,
+        masked=~attn.visible(q_pos, S)[0],
     )
 
 
@@ -143,7 +147,7 @@ def head_updates(model: Decoder, ids: list[int], layer: int) -> tuple[torch.Tens
     _, q, k, v = run_layer(model, ids, layer)
     H, T, D = q.shape
     G = k.shape[0]
-    weights = attention_scores(q[None], k[None], torch.arange(T, device=q.device)).softmax(-1)[0]  # (H, T, S)
+    weights = attn.scores(q[None], k[None], torch.arange(T, device=q.device)).softmax(-1)[0]  # (H, T, S)
     mixed = weights.view(G, H // G, T, T) @ v.float()[:, None]  # (G, R, T, D)
     w_o = attn.o.dense_weight().float().view(H, D, -1)  # (H, D, C)
     updates = mixed.reshape(H, T, D) @ w_o  # (H, T, C)
@@ -166,7 +170,7 @@ def query_rows(model: Decoder, ids: list[int], query: int) -> torch.Tensor:
 
         def observe(self, layer, attn, q, k, v, start):
             qp = torch.tensor([query], device=q.device)
-            rows.append(attention_scores(q[:, :, query : query + 1], k[:, :, : query + 1], qp)[0, :, 0].softmax(-1))
+            rows.append(attn.scores(q[:, :, query : query + 1], k[:, :, : query + 1], qp)[0, :, 0].softmax(-1))
 
     if model.cache_len < len(ids):
         model.setup_cache(len(ids))

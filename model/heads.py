@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.decoder import Attention, Decoder, attention_scores
+from model.decoder import Attention, Decoder
 
 MEASURES = ("entropy", "distance", "first", "previous", "self")
 DETECTORS = ("previous_token", "duplicate_token", "induction")
@@ -93,21 +93,29 @@ class PatternProbe:
     def observe(self, layer: int, attn: Attention, q, k, v, start: int) -> None:
         T = q.shape[2]
         pos = torch.arange(start, start + T, device=q.device)
-        w = attention_scores(q, k, pos).softmax(-1)[0].cpu()  # (H, T, S), rows sum to 1
-        for name, value in {**pattern_measures(w), **{n: detector_score(w, p) for n, p in self.patterns.items()}}.items():
+        w = attn.scores(q, k, pos).softmax(-1)[0].cpu()  # (H, T, S), rows sum to 1
+        # A sliding window hides the oldest keys: a measure or detector only counts keys the head can see.
+        visible = attn.visible(pos, k.shape[2]).cpu()  # (T, S)
+        detected = {n: detector_score(w, p * visible) for n, p in self.patterns.items()}
+        for name, value in {**pattern_measures(w, visible), **detected}.items():
             self.out.setdefault(name, []).append(value)
 
 
-def pattern_measures(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The five measures of patterns (H, T, T), averaged over rows 1..T-1."""
+def pattern_measures(w: torch.Tensor, visible: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The five measures of patterns (H, T, T), averaged over rows 1..T-1.
+
+    `visible` (T, T) is the layer's mask: with a sliding window, the first-token share is averaged
+    over the rows that can still see the first token (elsewhere it is masked, not a zero share).
+    """
     T = w.shape[-1]
     i = torch.arange(T)
     rows = w[:, 1:]  # (H, T-1, T)
     dist = (i[:, None] - i[None, :]).clamp_min(0).float()[1:]  # (T-1, T)
+    sees_first = visible[1:, 0] if visible is not None else torch.ones(T - 1, dtype=torch.bool)
     return {
         "entropy": -(rows * torch.log2(rows.clamp_min(1e-30))).sum(-1).mean(-1),
         "distance": (rows * dist).sum(-1).mean(-1),
-        "first": rows[..., 0].mean(-1),
+        "first": rows[:, sees_first, 0].mean(-1),
         "previous": w[:, i[1:], i[1:] - 1].mean(-1),
         "self": w[:, i[1:], i[1:]].mean(-1),
     }

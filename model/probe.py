@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.decoder import Attention, Decoder, attention_scores
+from model.decoder import Attention, Decoder
 
 DIRECTIONS = ("from", "to")
 VIEWS = ("weights", "scores", "value-norms")
@@ -32,6 +32,7 @@ class LayerCapture:
     values: torch.Tensor  # (h, P) the asked view: weights, scores or value norms
     weights: torch.Tensor  # (h, P) the softmax weights of the same entries
     sink: torch.Tensor  # (h, P) weight the query row of each entry puts on position 0
+    masked: torch.Tensor  # (P,) bool: entries the layer's sliding window hides (weight 0, score -inf)
 
 
 @dataclass
@@ -70,14 +71,15 @@ class AttentionProbe:
         q, k, v = q[:1, hs], k[:1, gs], v[:1, gs]  # (1, h, T, D), (1, h, S, D), (1, h, S, D)
         w_o = attn.o.dense_weight().reshape(attn.n_heads, attn.head_dim, -1)[hs.to(q.device)]  # (h, D, C): W_O^h
         if self.direction == "from":
-            self.captured[layer] = self._row(q, k, v, w_o, start)
+            self.captured[layer] = self._row(attn, q, k, v, w_o, start)
         else:
-            self.captured[layer] = self._column(q, k, v, w_o, start)
+            self.captured[layer] = self._column(attn, q, k, v, w_o, start)
 
-    def _row(self, q, k, v, w_o, start: int) -> LayerCapture:
+    def _row(self, attn: Attention, q, k, v, w_o, start: int) -> LayerCapture:
         i = self.query
         S = i + 1  # keys after the query are masked: leave them out rather than carry -inf
-        scores = attention_scores(q[:, :, i - start : i - start + 1], k[:, :, :S], torch.tensor([i], device=q.device))[0, :, 0]  # (h, S)
+        q_pos = torch.tensor([i], device=q.device)
+        scores = attn.scores(q[:, :, i - start : i - start + 1], k[:, :, :S], q_pos)[0, :, 0]  # (h, S)
         weights = scores.softmax(dim=-1)
         if self.view == "scores":
             values = scores
@@ -85,16 +87,16 @@ class AttentionProbe:
             values = weights * value_norms(v[0, :, :S], w_o)  # α ≥ 0, so ‖α·v·W_O‖ = α·‖v·W_O‖
         else:
             values = weights
-        return LayerCapture(values, weights, weights[:, :1].expand_as(weights))
+        return LayerCapture(values, weights, weights[:, :1].expand_as(weights), ~attn.visible(q_pos, S)[0])
 
-    def _column(self, q, k, v, w_o, start: int) -> LayerCapture:
+    def _column(self, attn: Attention, q, k, v, w_o, start: int) -> LayerCapture:
         c = self.query
         h, T, S = q.shape[1], q.shape[2], k.shape[2]
         rows = max(1, CHUNK_ELEMENTS // (h * S))
         col_scores, col_weights, sinks = [], [], []
         for a in range(c - start, T, rows):  # rows c..S-1: the tokens that can see the chosen one
             b = min(a + rows, T)
-            scores = attention_scores(q[:, :, a:b], k, torch.arange(start + a, start + b, device=q.device))[0]  # (h, n, S)
+            scores = attn.scores(q[:, :, a:b], k, torch.arange(start + a, start + b, device=q.device))[0]  # (h, n, S)
             weights = scores.softmax(dim=-1)
             # Copies, not views: a view would keep this chunk's whole (h, n, S) block alive.
             col_scores.append(scores[:, :, c].clone())
@@ -108,7 +110,8 @@ class AttentionProbe:
             values = weights * value_norms(v[0, :, c : c + 1], w_o)  # (h, P) · (h, 1)
         else:
             values = weights
-        return LayerCapture(values, weights, sink)
+        rows_pos = torch.arange(c, start + T, device=q.device)  # the later tokens, as queries of column c
+        return LayerCapture(values, weights, sink, ~attn.visible(rows_pos, c + 1)[:, c])
 
 
 def value_norms(v: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:

@@ -73,10 +73,16 @@ def hf_config(kind: str, vocab: int):
         return tf.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **llama)
     if kind == "mistral":
         return tf.MistralConfig(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None, **llama)
+    if kind == "mistral_window":  # a sliding window shorter than the test prompts
+        return tf.MistralConfig(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=6, **llama)
+    if kind == "qwen2_window":  # the window on layers from max_window_layers on (layer 1 of 2)
+        return tf.Qwen2Config(
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, use_sliding_window=True, sliding_window=5, max_window_layers=1, **llama
+        )
     raise ValueError(kind)
 
 
-KINDS = ["gpt2", "llama", "llama_mha", "llama3", "qwen2", "mistral"]
+KINDS = ["gpt2", "llama", "llama_mha", "llama3", "qwen2", "mistral", "mistral_window", "qwen2_window"]
 
 
 def save_model(kind: str, out: Path, tokenizer_json: Path, chat: bool = True, seed: int = 0, shards: str | None = None):
