@@ -38,6 +38,7 @@ from cli.main import app
 from cli.models import Loaded, open_model
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, ThreadsOpt, apply_speed_options, set_threads
 from model.errors import AttnError
+from model.engine import Generation, Request
 from model.generate import generate
 from model.sampling import SamplingSettings
 
@@ -194,18 +195,14 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def _attn_run(m: Loaded, prompt: list[int], n: int) -> dict:
-    """One generation through `model.generate` (the path `attn generate` takes): TTFT, prefill and decode rates."""
+    """One greedy generation through the loop `attn generate` drives (EOS ignored): TTFT, prefill and decode rates."""
     _reset_peak(m.device)
-    t0 = time.perf_counter()
-    t_first = None
-    count = 0
-    for _ in generate(m.model, prompt, n, GREEDY):
-        count += 1
-        if count == 1:
-            t_first = time.perf_counter()
+    gen = Generation(m.model, m.tokenizer, Request(prompt, n, GREEDY, ignore_eos=True), set())
+    for _ in gen:
+        pass
     _sync(m.device)
-    t_end = time.perf_counter()
-    return _rates(len(prompt), count, t0, t_first, t_end)
+    gen.t_end = time.perf_counter()  # after the device has finished the last step
+    return _rates(len(prompt), len(gen.ids), gen.t0, gen.t_first, gen.t_end)
 
 
 def _hf_run(hf, m: Loaded, prompt: list[int], n: int) -> dict:

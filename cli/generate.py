@@ -9,7 +9,6 @@ import time
 from enum import Enum
 from typing import Annotated, Optional
 
-import torch
 import typer
 
 from cli.common import (
@@ -48,7 +47,8 @@ from cli.models import Loaded, open_model
 from cli.prompt import encode_prompt_text, read_prompt
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, apply_speed_options
 from model.errors import AttnError, UsageError
-from model.generate import NonFiniteLogits, StopStrings, generate
+from model.engine import Generation, Request, Token, eos_ids
+from model.generate import NonFiniteLogits
 from model.loading import load_generation_config
 from model.sampling import SamplingSettings
 
@@ -132,18 +132,19 @@ def generate_cmd(
         seed = secrets.randbelow(2**31)
         if verbose:
             note(f"seed {seed}")
-    generator = torch.Generator(device=m.device).manual_seed(seed)
 
-    run = Run(m, ids, settings, max_tokens, stop or [], ignore_eos, logprobs, mode="json" if json_out else "jsonl" if jsonl else "text", stream=not no_stream)
-    if echo and run.mode == "text":
+    mode = "json" if json_out else "jsonl" if jsonl else "text"
+    request = Request(ids, max_tokens, settings, seed, stop or [], ignore_eos, logprobs)
+    gen = Generation(m.model, m.tokenizer, request, eos_ids(m.cfg, m.tokenizer))
+    if echo and mode == "text":
         write_out(text)
-    code = run.go(generator)
-    if run.mode == "text":
-        write_out(("".join(run.pieces) if not run.stream else "") + "\n")
-    summary = run.summary(seed)
-    if run.mode == "json":
+    code = run(gen, mode, stream=not no_stream)
+    if mode == "text":
+        write_out((gen.text if no_stream else "") + "\n")
+    summary = summarize(m, gen, seed)
+    if mode == "json":
         write_out(json.dumps(summary, ensure_ascii=False) + "\n")
-    elif run.mode == "jsonl":
+    elif mode == "jsonl":
         write_out(json.dumps({"type": "done", **{k: v for k, v in summary.items() if k not in ("text", "logprobs")}}, ensure_ascii=False) + "\n")
     if stats:
         t = summary["timings"]
@@ -178,103 +179,52 @@ def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None
     )
 
 
-class Run:
-    """One generation: drives the token loop, shows text as it comes, keeps what the summary needs."""
+def run(gen: Generation, mode: str, stream: bool) -> int:
+    """Drive the generation, showing text as it comes; the exit code (0, or 130/143 when interrupted)."""
 
-    def __init__(self, m: Loaded, ids, settings: SamplingSettings, max_tokens, stops, ignore_eos, logprobs, mode, stream) -> None:
-        self.m, self.ids, self.settings, self.max_tokens = m, ids, settings, max_tokens
-        self.stops = StopStrings(stops)
-        self.eos = set(m.cfg.eos_token_ids)
-        if m.tokenizer.eos_token is not None and m.tokenizer.tk.token_to_id(m.tokenizer.eos_token) is not None:
-            self.eos.add(m.tokenizer.tk.token_to_id(m.tokenizer.eos_token))
-        self.ignore_eos, self.k_logprobs, self.mode, self.stream = ignore_eos, logprobs, mode, stream
-        self.pieces: list[str] = []
-        self.token_logprobs: list[dict] = []
-        self.n = 0
-        self.finish = "length"
-        self.t0 = self.t_first = self.t_end = 0.0
-
-    def show(self, text: str, token_id: int | None = None, lp: dict | None = None) -> None:
-        self.pieces.append(text)
-        if self.mode == "text" and self.stream:
-            write_out(text)
-        elif self.mode == "jsonl" and token_id is not None:
-            event = {"type": "token", "text": text, "id": token_id, **(lp or {})}
+    def show(tok: Token) -> None:
+        if mode == "text" and stream:
+            write_out(tok.text)
+        elif mode == "jsonl" and tok.id is not None:
+            event = {"type": "token", "text": tok.text, "id": tok.id, **(tok.logprob or {})}
             write_out(json.dumps(event, ensure_ascii=False) + "\n")
 
-    def go(self, generator: torch.Generator) -> int:
-        """Run the loop; the exit code (0, or 130/143 when interrupted)."""
-        text_stream = self.m.tokenizer.stream(self.ids)
-        self.t0 = time.perf_counter()
-        code = 0
-        try:
-            steps = generate(self.m.model, self.ids, self.max_tokens, self.settings, generator, self.k_logprobs is not None)
-            for step in steps:
-                self.n += 1
-                if self.n == 1:
-                    self.t_first = time.perf_counter()
-                if step.id in self.eos and not self.ignore_eos:
-                    self.finish = "eos"
-                    break
-                visible = self.stops.push(text_stream.push(step.id))
-                lp = self.logprob_entry(step) if step.logprobs is not None else None
-                if lp is not None:
-                    self.token_logprobs.append(lp)
-                self.show(visible, step.id, lp)
-                if self.stops.matched is not None:
-                    self.finish = "stop"
-                    break
-        except NonFiniteLogits as e:
-            raise AttnError(f"{e}; try --dtype float32") from None
-        except KeyboardInterrupt:
-            self.finish = "interrupted"
-            code = interrupted_code()
-        self.t_end = time.perf_counter()
-        if self.n == 0:
-            self.t_first = self.t_end
-        if self.stops.matched is None:
-            rest = self.stops.flush()
-            if rest:
-                self.show(rest)
-        return code
+    try:
+        for tok in gen:
+            show(tok)
+    except NonFiniteLogits as e:
+        raise AttnError(f"{e}; try --dtype float32") from None
+    except KeyboardInterrupt:
+        rest = gen.interrupted()
+        if rest:
+            show(Token(None, rest))
+        return interrupted_code()
+    return 0
 
-    def logprob_entry(self, step) -> dict:
-        tk = self.m.tokenizer
-        lp = step.logprobs
-        entry = {"id": step.id, "text": tk.token_label(step.id), "logprob": float(lp[step.id]), "bytes": list(tk.token_bytes(step.id))}
-        if self.k_logprobs:
-            top = torch.topk(lp, self.k_logprobs)
-            entry["top_logprobs"] = [
-                {"id": int(i), "text": tk.token_label(int(i)), "logprob": float(v), "bytes": list(tk.token_bytes(int(i)))}
-                for v, i in zip(top.values.tolist(), top.indices.tolist())
-            ]
-        return entry
 
-    def summary(self, seed: int) -> dict:
-        prompt_ms = (self.t_first - self.t0) * 1e3
-        decode_ms = (self.t_end - self.t_first) * 1e3
-        decoded = max(self.n - 1, 0)
-        m = self.m
-        out = {
-            "text": "".join(self.pieces),
-            "finish_reason": self.finish,
-            "stop_sequence": self.stops.matched,
-            "usage": {"prompt_tokens": len(self.ids), "completion_tokens": self.n},
-            "timings": {
-                "load_ms": round(m.load_ms, 2),
-                "ttft_ms": round(prompt_ms, 2),
-                "prompt_ms": round(prompt_ms, 2),
-                "prompt_tps": round(len(self.ids) / (prompt_ms / 1e3), 2) if prompt_ms > 0 else 0.0,
-                "decode_ms": round(decode_ms, 2),
-                "decode_tps": round(decoded / (decode_ms / 1e3), 2) if decode_ms > 0 else 0.0,
-                "total_ms": round(m.load_ms + (self.t_end - self.t0) * 1e3, 2),
-            },
-            "seed": seed,
-            "model": m.name,
-            "device": str(m.device),
-            "dtype": str(m.dtype).removeprefix("torch."),
-            "params": m.params,
-        }
-        if self.k_logprobs is not None:
-            out["logprobs"] = self.token_logprobs
-        return out
+def summarize(m: Loaded, gen: Generation, seed: int) -> dict:
+    """The --json object (and, without text and logprobs, the --jsonl done event)."""
+    t = gen.timings()
+    out = {
+        "text": gen.text,
+        "finish_reason": gen.finish_reason,
+        "stop_sequence": gen.stop_sequence,
+        "usage": {"prompt_tokens": len(gen.request.prompt_ids), "completion_tokens": len(gen.ids)},
+        "timings": {
+            "load_ms": round(m.load_ms, 2),
+            "ttft_ms": round(t["ttft_ms"], 2),
+            "prompt_ms": round(t["prompt_ms"], 2),
+            "prompt_tps": round(t["prompt_tps"], 2),
+            "decode_ms": round(t["decode_ms"], 2),
+            "decode_tps": round(t["decode_tps"], 2),
+            "total_ms": round(m.load_ms + t["run_ms"], 2),
+        },
+        "seed": seed,
+        "model": m.name,
+        "device": str(m.device),
+        "dtype": str(m.dtype).removeprefix("torch."),
+        "params": m.params,
+    }
+    if gen.request.logprobs is not None:
+        out["logprobs"] = gen.logprobs
+    return out

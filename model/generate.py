@@ -65,35 +65,3 @@ def generate(
         tokens[pos] = tok
         logits = step(tokens[pos : pos + 1][None], pos)[0, -1]  # (1, 1): the same strides every step
         pos += 1
-
-
-class StopStrings:
-    """Matches stop strings on the streamed text: text that may be the start of one is held back."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.matched: str | None = None
-
-    def push(self, chunk: str) -> str:
-        """Text that is safe to show now; sets `matched` (and returns the text before it) on a stop."""
-        self.pending += chunk
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out
-        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
-        if hits:
-            at, self.matched = min(hits)
-            out, self.pending = self.pending[:at], ""
-            return out
-        keep = next((i for i in range(len(self.pending)) if any(s.startswith(self.pending[i:]) for s in self.stops)), None)
-        if keep is None:
-            out, self.pending = self.pending, ""
-        else:
-            out, self.pending = self.pending[:keep], self.pending[keep:]
-        return out
-
-    def flush(self) -> str:
-        """What was held back, when generation ends without completing a stop string."""
-        out, self.pending = self.pending, ""
-        return out

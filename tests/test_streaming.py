@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from model.generate import StopStrings
+from model.engine import StopStrings
 from model.tokenizer import Tokenizer
 from tests.conftest import CORPUS, train_tokenizer
 
