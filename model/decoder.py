@@ -38,7 +38,7 @@ class Decoder(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim) if cfg.positions == "learned" else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.cache_len = 0
         self.decode_step = None  # a compiled one-token step (model/compile.py), when one was built
 
@@ -65,7 +65,7 @@ class Decoder(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tok_emb is not None:
             return self.tok_emb(ids)
-        return self.head.columns(ids)  # (B, T, C) from the tied (C, V) matrix
+        return self.lm_head.columns(ids)  # (B, T, C) from the tied (C, V) matrix
 
     def forward(
         self, ids: torch.Tensor, start: int = 0, probe: Probe | None = None, last_only: bool = False
@@ -74,46 +74,41 @@ class Decoder(nn.Module):
 
         `last_only` computes logits for the last position only (B, 1, V), as generation needs.
         With a probe, the pass stops after the last layer it asked for and returns None.
+        Blocks are called as modules here, so hooks on them fire (model/explain.py uses one).
         """
-        B, T = ids.shape
-        if start + T > self.cache_len:
-            raise ValueError(f"positions up to {start + T} exceed the cache of {self.cache_len}")
-        x = self.embed(ids)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[start : start + T]
-            rope = None
-        else:
-            rope = self.rope_at(start, T)
-        stop = max(probe.layers) if probe is not None else None
-        for i, block in enumerate(self.layers):
-            x = block(x, start, rope, probe)
-            if i == stop:
-                return None
-        if last_only:
-            x = x[:, -1:]
-        return self.head(self.norm(x))
+        return self._run(ids, start, probe, last_only, hooks=True)
 
     def step(self, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """`forward(ids, start, last_only=True)` for one token per row (B, 1): generation's hot loop.
 
-        The same arithmetic, but the parts' `forward` is called directly: no hooks, no probe, and
-        none of `nn.Module.__call__`'s per-call cost (≈ 270 calls per token).
+        The same path, but the parts' `forward` is called directly: no hooks, no probe, and none
+        of `nn.Module.__call__`'s per-call cost (≈ 270 calls per token).
 
         `start` may also be a (1,) integer tensor on the model's device: then every shape is the
         same at every position (the whole cache is read, keys past `start` masked) and nothing is
         read back to the host, which is what capturing the step as a CUDA graph needs (model/compile.py).
         """
-        if isinstance(start, int) and start + 1 > self.cache_len:
-            raise ValueError(f"positions up to {start + 1} exceed the cache of {self.cache_len}")
-        x = self.embed(ids)  # (B, 1, C)
+        return self._run(ids, start, None, True, hooks=False)
+
+    def _run(self, ids: torch.Tensor, start: int | torch.Tensor, probe: Probe | None, last_only: bool, hooks: bool) -> torch.Tensor | None:
+        B, T = ids.shape
+        if isinstance(start, int) and start + T > self.cache_len:
+            raise ValueError(f"positions up to {start + T} exceed the cache of {self.cache_len}")
+        x = self.embed(ids)  # (B, T, C)
+        rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[start]
-            rope = None
+            pos = self.pos_emb.weight
+            x = x + (pos.index_select(0, start) if isinstance(start, torch.Tensor) else pos[start : start + T])
         else:
-            rope = self.rope_at(start, 1)
-        for block in self.layers:
-            x = block.forward(x, start, rope, None)
-        return self.head.forward(self.norm.forward(x))
+            rope = self.rope_at(start, T)
+        stop = max(probe.layers) if probe is not None else None
+        for i, block in enumerate(self.layers):
+            x = block(x, start, rope, probe) if hooks else block.forward(x, start, rope, None)
+            if i == stop:
+                return None
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head.forward(self.norm.forward(x))
 
     def rope_at(self, start: int | torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin of positions start..start+T-1, shaped to broadcast over (B, T, H, D)."""
@@ -320,11 +315,11 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.hidden = cfg.hidden_dim
-        self.up = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=cfg.mlp_bias)  # fused [gate | up]
+        self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=cfg.mlp_bias)  # fused [gate | up]
         self.down = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.up.forward(x).split(self.hidden, dim=-1)
+        gate, up = self.gate_up.forward(x).split(self.hidden, dim=-1)
         return self.down.forward(F.silu(gate) * up)
 
 

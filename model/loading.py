@@ -30,14 +30,14 @@ LLAMA = {
     "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.o.weight",
     "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attn.o.bias",
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.up.weight:gate",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up.weight:up",
-    "model.layers.{}.mlp.gate_proj.bias": "layers.{}.mlp.up.bias:gate",
-    "model.layers.{}.mlp.up_proj.bias": "layers.{}.mlp.up.bias:up",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_up.weight:gate",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.gate_up.weight:up",
+    "model.layers.{}.mlp.gate_proj.bias": "layers.{}.mlp.gate_up.bias:gate",
+    "model.layers.{}.mlp.up_proj.bias": "layers.{}.mlp.gate_up.bias:up",
     "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down.weight",
     "model.layers.{}.mlp.down_proj.bias": "layers.{}.mlp.down.bias",
     "model.norm.weight": "norm.weight",
-    "lm_head.weight": "head.weight",
+    "lm_head.weight": "lm_head.weight",
 }
 
 GPT2 = {
@@ -57,7 +57,7 @@ GPT2 = {
     "h.{}.mlp.c_proj.bias": "layers.{}.mlp.down.bias",
     "ln_f.weight": "norm.weight",
     "ln_f.bias": "norm.bias",
-    "lm_head.weight": "head.weight",
+    "lm_head.weight": "lm_head.weight",
 }
 
 TABLES = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA}
@@ -157,7 +157,7 @@ def part_sizes(cfg: ModelConfig) -> dict[str, int]:
     return {"q": H * D, "k": G * D, "v": G * D, "gate": cfg.hidden_dim, "up": cfg.hidden_dim}
 
 
-PART_ORDER = {"qkv": ("q", "k", "v"), "up": ("gate", "up")}
+PART_ORDER = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 
 
 def part_offsets(cfg: ModelConfig) -> dict[str, int]:
@@ -177,7 +177,7 @@ def plan_loading(cfg: ModelConfig, files: dict[str, Path], expected: dict[str, t
     if cfg.tie_embeddings:
         # One matrix serves both ends; it is stored in the head's (C, V) layout.
         emb = "wte.weight" if cfg.model_type == "gpt2" else "model.embed_tokens.weight"
-        table[emb] = "head.weight"
+        table[emb] = "lm_head.weight"
         del table["lm_head.weight"]
     patterns = _table_regex(table)
     headers: dict[Path, dict] = {}

@@ -12,6 +12,8 @@ tiny random test models; on SmolLM2-135M ≥ 95% top-1 agreement with float32 ov
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -60,11 +62,21 @@ class Int8Linear(nn.Module):
         return (self.q[ids].float() * self.scale[ids].float()[..., None]).to(self.dtype)
 
 
-def quantize_int8(model: Decoder) -> Decoder:
-    """Replace every linear layer (attention, MLP, head) by its int8 version, freeing each float weight as it goes."""
-    for parent in [*(b.attn for b in model.layers), *(b.mlp for b in model.layers), model]:
+def swap_linears(model: nn.Module, make: Callable[[Linear], nn.Module]) -> int:
+    """Replace every `Linear` anywhere in `model` by `make(linear)`, freeing each float weight as it
+    goes; how many were replaced. Found by walking the modules, so a family's new projection cannot
+    be missed. A replacement keeps `Linear`'s protocol: `forward`, `dense_weight`, `columns`."""
+    n = 0
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
-                setattr(parent, name, Int8Linear.from_linear(child))
+                setattr(parent, name, make(child))
                 del child
+                n += 1
+    return n
+
+
+def quantize_int8(model: Decoder) -> Decoder:
+    """Replace every linear layer (attention, MLP, head) by its int8 version."""
+    swap_linears(model, Int8Linear.from_linear)
     return model

@@ -82,7 +82,7 @@ def test_bfloat16_top1_agreement_and_own_decoding(tiny_models, kind):
 def test_int8_linear_dense_weight_and_tied_embedding(tiny_models):
     ref = load_model(tiny_models["llama"][0])  # tied: the head's matrix is also the embedding
     w_o = ref.layers[0].attn.o.dense_weight().clone()
-    head = ref.head.weight.clone()
+    head = ref.lm_head.weight.clone()
     q = quantize_int8(ref)
     o = q.layers[0].attn.o
     assert isinstance(o, Int8Linear)
@@ -91,7 +91,7 @@ def test_int8_linear_dense_weight_and_tied_embedding(tiny_models):
     assert ((o.dense_weight() - w_o).abs() <= step * 0.51 + 1e-6).all()
     assert o.weight.shape == w_o.shape and o.dense_weight().dtype == torch.float32
     ids = torch.tensor([[3, 7, 11]])
-    assert torch.allclose(q.embed(ids), q.head.dense_weight().t()[ids])
+    assert torch.allclose(q.embed(ids), q.lm_head.dense_weight().t()[ids])
     assert (q.embed(ids) - head.t()[ids]).abs().max() <= head.abs().max() / 127
 
 
@@ -196,3 +196,17 @@ def test_compiled_step_that_cannot_be_rebuilt_goes_on_eager(tiny_models, monkeyp
     monkeypatch.setattr(compile_mod.InductorStep, "build", broken)
     assert greedy(model, prompt, 20) == greedy(eager, prompt, 20)
     assert model.decode_step is None
+
+
+def test_quantization_finds_every_linear_layer_by_walking_the_model(tiny_models):
+    """No fixed list of parents: a projection a family adds anywhere is quantized too."""
+    from model.decoder import Linear
+    from model.quant import Int8Linear, quantize_int8
+
+    model = load_model(tiny_models["llama"][0])
+    model.layers[0].extra = Linear(8, 8, bias=True)  # e.g. a new family's projection
+    torch.nn.init.normal_(model.layers[0].extra.weight)
+    torch.nn.init.normal_(model.layers[0].extra.bias)
+    quantize_int8(model)
+    assert not any(isinstance(m, Linear) for m in model.modules())
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 4 * model.cfg.n_layers + 2  # qkv, o, gate_up, down; head; extra

@@ -71,7 +71,7 @@ def hand_built(tiny_models, T: int):
     H, D, C = cfg.n_heads, cfg.head_dim, cfg.dim
     beta = 30.0 * D**0.5  # scores of 30 after the 1/√D scale: softmax puts ~all weight on the chosen key
     with torch.no_grad():
-        model.head.weight.zero_()  # tied: the token embedding is zero, so layer 0 sees positions only
+        model.lm_head.weight.zero_()  # tied: the token embedding is zero, so layer 0 sees positions only
         attn = model.layers[0].attn
         X = model.layers[0].attn_norm(model.pos_emb.weight[:T])  # (T, C): what Wq, Wk read at each position
         pinv = torch.linalg.pinv(X)  # (C, T): X @ pinv = I, so x_i @ (pinv @ M) = row i of M

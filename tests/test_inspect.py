@@ -96,7 +96,7 @@ def test_the_pass_stops_after_the_last_probed_layer(loaded, monkeypatch):
     for i, block in enumerate(model.layers):
         monkeypatch.setattr(block.mlp, "forward", lambda x, i=i, f=block.mlp.forward: (ran.append(i), f(x))[1])
     head_calls = []
-    monkeypatch.setattr(model.head, "forward", lambda x: head_calls.append(1))
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: head_calls.append(1))
     capture(model, random_ids(model.cfg.vocab_size), 3, [0], [0], "from", "weights")
     assert ran == [0] and head_calls == []
 
