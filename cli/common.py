@@ -14,8 +14,8 @@ import typer
 
 from model.errors import UsageError
 from model.sampling import SamplingSettings
+from weights.registry import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEMO_SENTENCE = "a fluffy blue creature roamed the verdant forest"
 
 

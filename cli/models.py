@@ -20,7 +20,7 @@ from model.decoder import Decoder
 from model.errors import AttnError, UsageError
 from model.loading import DTYPES, load_model
 from model.tokenizer import Tokenizer
-from weights.registry import resolve_model
+from weights.pull import resolve_model
 
 
 def pick_device(spec: str) -> torch.device:

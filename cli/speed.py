@@ -42,7 +42,7 @@ def apply_speed_options(m: Loaded, quantize: Quantize, compile_step: bool, max_l
     if not compile_step:
         return None
     from model.compile import CompileFailed, compile_decode_step
-    from weights.registry import attn_home
+    from weights.files import attn_home
 
     # inductor's cache makes a second compile of the same model take seconds instead of ≈ 45 s;
     # beside the models it outlives the /tmp default.

