@@ -39,6 +39,7 @@ from cli.models import Loaded, open_model
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, ThreadsOpt, apply_speed_options, set_threads
 from model.errors import AttnError
 from model.engine import Generation, Request
+from model.quant.kernels import cpu_features
 from model.generate import generate
 from model.sampling import SamplingSettings
 
@@ -124,11 +125,12 @@ def bench_cmd(
     if max_len > m.cfg.max_len:
         raise AttnError(f"prompt ({max(prompt_lens)}) + generated ({n_gen}) tokens exceed the model's context ({m.cfg.max_len})")
     weights_mb = sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()]) / 2**20
-    compile_s = apply_speed_options(m, quantize, compile_step, max_len, quiet)
+    speed = apply_speed_options(m, quantize, compile_step, max_len, quiet)
+    compile_s = speed.compile_s
     if not compile_step:
         m.model.setup_cache(max_len)
     kv_mb = sum(b.numel() * b.element_size() for n, b in m.model.named_buffers() if n.endswith((".k", ".v"))) / 2**20
-    if quantize is Quantize.int8:
+    if quantize is not Quantize.none:
         weights_mb = sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()]) / 2**20 - kv_mb
     hf = _load_transformers(hf_cls, m) if hf_cls is not None else None
 
@@ -164,6 +166,8 @@ def bench_cmd(
         "device": str(m.device),
         "dtype": str(m.dtype).removeprefix("torch."),
         "quantize": quantize.value,
+        "kernels": speed.kernels,  # quantized layers per "Class:kernel" (which path ran)
+        "cpu": cpu_features() if m.device.type == "cpu" else None,
         "compile": compile_s is not None,
         "compile_s": round(compile_s, 2) if compile_s is not None else None,
         "threads": torch.get_num_threads(),
@@ -333,7 +337,9 @@ def _print_table(out: dict, color: bool) -> None:
 
     import sys
 
-    mode = out["dtype"] + (" int8" if out["quantize"] == "int8" else "") + (" compiled" if out["compile"] else "")
+    mode = out["dtype"] + (f" {out['quantize']}" if out["quantize"] != "none" else "") + (" compiled" if out["compile"] else "")
+    if out["kernels"]:
+        mode += " (" + ", ".join(f"{n} × {k}" for k, n in out["kernels"].items()) + ")"
     title = f"{out['model']} · {out['device']} · {mode} · {out['threads']} threads · median (min–max) of {out['repetitions']}"
     table = Table(title=title)
     for col in ("prompt", "gen", "prefill tok/s", "decode tok/s", "TTFT ms", "peak MiB"):

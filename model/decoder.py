@@ -279,7 +279,7 @@ class Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def dense_weight(self) -> torch.Tensor:
-        """W as a float tensor (in, out), whatever the storage (model/quant.py has an int8 one)."""
+        """W as a float tensor (in, out), whatever the storage (model/quant/ has int8 and int4 ones)."""
         return self.weight
 
     def columns(self, ids: torch.Tensor) -> torch.Tensor:

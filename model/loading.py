@@ -171,14 +171,33 @@ def part_offsets(cfg: ModelConfig) -> dict[str, int]:
     return out
 
 
-def plan_loading(cfg: ModelConfig, files: dict[str, Path], expected: dict[str, tuple]) -> dict[str, list]:
-    """For each of our tensors, the checkpoint pieces that fill it: [(ckpt_key, file, part, transpose)]."""
+def name_table(cfg: ModelConfig) -> dict[str, str]:
+    """The family's checkpoint key → our key table, with a tied model's one matrix mapped to the head."""
     table = dict(TABLES[cfg.model_type])
     if cfg.tie_embeddings:
         # One matrix serves both ends; it is stored in the head's (C, V) layout.
         emb = "wte.weight" if cfg.model_type == "gpt2" else "model.embed_tokens.weight"
         table[emb] = "lm_head.weight"
         del table["lm_head.weight"]
+    return table
+
+
+def weight_sources(cfg: ModelConfig, name: str) -> list[str]:
+    """The checkpoint keys that fill our 2-D weight `name`, in the order its fused parts are laid out."""
+    layer = re.search(r"layers\.(\d+)\.", name)
+    generic = _generic(name)
+    parts = {}
+    for ckpt, ours in name_table(cfg).items():
+        target, _, part = ours.partition(":")
+        if target == generic:
+            parts[part] = ckpt.replace("{}", layer.group(1)) if layer else ckpt
+    order = next((o for o in PART_ORDER.values() if set(o) == set(parts)), [""])
+    return [parts[p] for p in order]
+
+
+def plan_loading(cfg: ModelConfig, files: dict[str, Path], expected: dict[str, tuple]) -> dict[str, list]:
+    """For each of our tensors, the checkpoint pieces that fill it: [(ckpt_key, file, part, transpose)]."""
+    table = name_table(cfg)
     patterns = _table_regex(table)
     headers: dict[Path, dict] = {}
     plan: dict[str, list] = {}

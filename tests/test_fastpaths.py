@@ -1,7 +1,7 @@
 """Every fast path gives the reference's greedy tokens on tiny random models.
 
 The reference is the float32 eager path (itself pinned to transformers by test_parity.py).
-Tolerances, documented in README (Performance) and model/quant.py:
+Tolerances, documented in README (Performance) and model/quant/int8.py:
 - fused q|k|v and gate|up weights, compiled step: the same greedy tokens, logits within 1e-4;
 - bfloat16 and int8 weights change the numbers: teacher-forced top-1 agreement with float32 of
   at least 90% on these tiny models (SmolLM2-135M measures 97% for bfloat16, 96% for int8 over

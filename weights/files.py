@@ -72,7 +72,7 @@ def list_models() -> list[LocalModel]:
         if path.name.startswith(".") or not path.is_dir() or not is_model_dir(path):
             continue
         parameters, dtypes = 0, {}
-        for f in sorted(path.glob("*.safetensors")):
+        for f in sorted(path.glob("model*.safetensors")):  # the weights, not the GGUF blocks beside them
             for dtype, count in _safetensors_counts(f).items():
                 dtypes[dtype] = dtypes.get(dtype, 0) + count
                 parameters += count

@@ -93,6 +93,7 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 # A model directory made from a GGUF keeps the file itself under this name: `--quantize int4` reads its
 # 4-bit blocks as they are, and `attn bench --compare llama.cpp` runs llama.cpp on it.
 SOURCE_GGUF = "model.gguf"
+BLOCKS_FILE = "gguf-blocks.safetensors"
 
 # Shards are planned from tensor sizes so that at most one shard is in memory at a time.
 MAX_SHARD_BYTES = 2 * 1024**3
@@ -139,6 +140,7 @@ def convert_gguf(
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_json(tmp / "generation_config.json", build_generation_config(meta, config))
         _keep_source(gguf_path, tmp / SOURCE_GGUF)
+        _write_blocks(plan, tmp / BLOCKS_FILE)
         _replace_dir(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -387,6 +389,85 @@ def _expected_shape(pattern: str, c: dict[str, Any]) -> tuple[int, ...]:
         "blk.{}.ffn_up.weight": (F, C),
         "blk.{}.ffn_down.weight": (C, F),
     }[pattern]
+
+
+# GGUF block types whose codes `--quantize int4` keeps as they are (model/quant/blocks.py), written
+# beside the converted weights in BLOCKS_FILE.
+BLOCK_KINDS = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
+_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}  # float16 d (and m), then the codes of 32 weights
+
+
+def blocks_file(model_dir: str | os.PathLike[str]) -> Path | None:
+    """The model's GGUF blocks file, written from its source GGUF on first use (atomically); None when the
+    model has no source GGUF or it holds no Q4_0/Q4_1/Q8_0 tensor."""
+    model_dir = Path(model_dir)
+    out = model_dir / BLOCKS_FILE
+    if out.is_file():
+        return out
+    source = model_dir / SOURCE_GGUF
+    if not source.is_file():
+        return None
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(source)
+    except Exception as e:  # the gguf package raises ValueError/struct errors on bad files
+        raise AttnError(f"{source} is not a readable GGUF file: {e}") from None
+    meta = _Metadata(reader)
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise AttnError("GGUF file lacks tensor 'token_embd.weight'")
+    config = build_config(meta, [t.name for t in reader.tensors], "float32", int(embedding.shape[-1]))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if not _write_blocks(_plan(reader, config), tmp):
+            return None
+        os.replace(tmp, out)
+    except OSError as e:
+        raise AttnError(f"could not write {out}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _write_blocks(plan: list[tuple[Any, str, int | None]], path: Path) -> bool:
+    """The plan's Q4_0, Q4_1 and Q8_0 tensors as blocks by Hugging Face name, rows in HF order (llama.cpp's
+    Q/K permutation undone), codes and float16 scales exactly as stored; False when there are none."""
+    import torch
+
+    from model.quant.blocks import save_blocks
+
+    blocks = {}
+    for t, hf_name, heads in plan:
+        kind = BLOCK_KINDS.get(t.tensor_type.name)
+        if kind is None:
+            continue
+        b = _parse_blocks(np.asarray(t.data), kind)
+        if heads is not None:
+            b = b.rows(torch.from_numpy(unpermute_qk(np.arange(b.codes.shape[0]), heads).copy()))
+        blocks[hf_name] = b
+    if blocks:
+        save_blocks(blocks, path)
+    return bool(blocks)
+
+
+def _parse_blocks(data: np.ndarray, kind: str) -> Any:
+    """(N, row bytes) uint8 of one tensor → Blocks: d (and m) float16 per block, codes per weight."""
+    import torch
+
+    from model.quant.blocks import Blocks
+
+    n = _BLOCK_BYTES[kind]
+    raw = data.reshape(data.shape[0], -1, n)  # (N, K/32, bytes)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0]
+    if kind == "q8_0":
+        codes = raw[..., 2:].copy().view(np.int8).reshape(raw.shape[0], -1)
+        return Blocks(kind, torch.from_numpy(codes), torch.from_numpy(d))
+    start = 4 if kind == "q4_1" else 2
+    qs = raw[..., start:]  # (N, K/32, 16): weight j in the low nibble of byte j, weight j+16 in the high one
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(raw.shape[0], -1)
+    m = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0]) if kind == "q4_1" else None
+    return Blocks(kind, torch.from_numpy(codes), torch.from_numpy(d), m)
 
 
 def dequantize_tensor(t: Any) -> np.ndarray:

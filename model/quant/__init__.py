@@ -1,0 +1,82 @@
+"""Quantized linear layers, swapped in for every `Linear` by walking the model.
+
+Each replacement keeps `Linear`'s protocol — `forward(x)`, `dense_weight()` (W (in, out) in the
+model's dtype, for the probe and explain), `columns(ids)` (a tied embedding's rows), `bias` — so the
+decoder, the microscope and the compiled step need not know which one they hold.
+
+- int8: per-output-channel int8 (int8.py).
+- int4: 4-bit groups of 32 with a scale and an offset (int4.py). From a GGUF with Q4_0/Q4_1 blocks the
+  file's own codes are kept; from float weights, round-to-nearest. The LM head (the tied embedding)
+  stays 8-bit: the file's Q8_0 blocks, or Q8_0 round-to-nearest from float (q8.py).
+Which kernel runs is chosen by kernels.py.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from torch import nn
+
+from model.decoder import Decoder, Linear
+from model.loading import weight_sources
+from model.quant.blocks import Blocks
+from model.quant.int4 import Int4Linear
+from model.quant.int8 import Int8Linear
+from model.quant.kernels import cpu_features, forced_generic
+from model.quant.q8 import Q8Linear
+
+MODES = ("int8", "int4")
+
+__all__ = ["MODES", "Blocks", "Int4Linear", "Int8Linear", "Q8Linear", "cpu_features", "forced_generic", "quantize", "quantize_int8", "swap_linears"]
+
+
+def swap_linears(model: nn.Module, make: Callable[[str, Linear], nn.Module]) -> int:
+    """Replace every `Linear` anywhere in `model` by `make(qualified_name, linear)`, freeing each float
+    weight as it goes; how many were replaced. Found by walking the modules, so a family's new
+    projection cannot be missed."""
+    n = 0
+    for prefix, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear):
+                setattr(parent, name, make(f"{prefix}.{name}" if prefix else name, child))
+                del child
+                n += 1
+    return n
+
+
+def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None) -> Counter:
+    """Quantize every linear layer in place; `blocks` are a GGUF's quantized tensors by checkpoint key
+    (weights/gguf.py), used as they are where they cover a layer. Returns how many layers run each
+    (class, kernel), for `attn bench` to say which path ran."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}")
+    cfg = model.cfg
+    used: Counter = Counter()
+
+    def make(name: str, lin: Linear) -> nn.Module:
+        if mode == "int8":
+            layer = Int8Linear.from_linear(lin)
+        else:
+            sources = weight_sources(cfg, f"{name}.weight")
+            found = [blocks[s] for s in sources if blocks and s in blocks]
+            if found and len(found) == len(sources) and (lin.weight.shape[0] == found[0].shape[1]):
+                fused = Blocks.cat(found)
+                bias = lin.bias
+                cls = Q8Linear if fused.kind == "q8_0" else Int4Linear
+                layer = cls(fused, bias, lin.weight.dtype, lin.weight.device)
+            elif name == "lm_head":  # the head (and a tied embedding) stays 8-bit, as llama.cpp keeps its output layer
+                layer = Q8Linear.from_linear(lin)
+            else:
+                layer = Int4Linear.from_linear(lin)
+        used[f"{type(layer).__name__}:{layer.kernel}"] += 1
+        return layer
+
+    swap_linears(model, make)
+    return used
+
+
+def quantize_int8(model: Decoder) -> Decoder:
+    """Replace every linear layer (attention, MLP, head) by its int8 version."""
+    quantize(model, "int8")
+    return model

@@ -1,0 +1,116 @@
+"""Weights quantized in groups of 32 along the input dimension, as GGUF's Q4_0, Q4_1 and Q8_0 blocks hold them.
+
+A `Blocks` is the plain data (codes, and per group a float16 scale and offset); the linear layers in
+int4.py and q8.py are built from it. Dequantizing follows ggml (and the `gguf` package) exactly, in
+float32: Q4_1 w = d·q + m, Q4_0 w = d·(q − 8), Q8_0 w = d·q.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+GROUP = 32  # every GGUF block type used here covers 32 consecutive weights of a row
+KINDS = ("q4_0", "q4_1", "q8_0")
+
+
+@dataclass
+class Blocks:
+    """One weight (N out, K in): codes per element, a scale (and an offset) per group of 32 along K."""
+
+    kind: str  # "q4_0" | "q4_1" | "q8_0"
+    codes: torch.Tensor  # (N, K): uint8 0..15 for q4_*, int8 for q8_0
+    scale: torch.Tensor  # (N, K/32) float16: ggml's d
+    offset: torch.Tensor | None = None  # (N, K/32) float16: Q4_1's m; None otherwise
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown block kind {self.kind!r}")
+        N, K = self.codes.shape
+        if K % GROUP or self.scale.shape != (N, K // GROUP):
+            raise ValueError(f"{self.kind}: codes {tuple(self.codes.shape)} and scales {tuple(self.scale.shape)} do not fit groups of {GROUP}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight (N, K) in float32, as ggml computes it (scale first, then the offset)."""
+        d = self.scale.float().repeat_interleave(GROUP, dim=1)  # (N, K)
+        if self.kind == "q8_0":
+            return d * self.codes.float()
+        if self.kind == "q4_0":
+            return d * (self.codes.float() - 8)
+        return d * self.codes.float() + self.offset.float().repeat_interleave(GROUP, dim=1)
+
+    def rows(self, index: torch.Tensor) -> "Blocks":
+        """The blocks of some rows (e.g. llama.cpp's Q/K permutation undone, or one part of a fused weight)."""
+        return Blocks(self.kind, self.codes[index], self.scale[index], None if self.offset is None else self.offset[index])
+
+    @staticmethod
+    def cat(parts: list["Blocks"]) -> "Blocks":
+        """Row-wise concatenation (q|k|v, gate|up): parts of one kind."""
+        kinds = {p.kind for p in parts}
+        if len(kinds) != 1:
+            raise ValueError(f"cannot fuse blocks of kinds {sorted(kinds)}")
+        offsets = None if parts[0].offset is None else torch.cat([p.offset for p in parts])
+        return Blocks(parts[0].kind, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), offsets)
+
+
+def q4_1_rtn(w: torch.Tensor) -> Blocks:
+    """Round-to-nearest 4-bit in Q4_1's form (a scale and an offset per group), as llama.cpp's
+    reference quantizer does it: d = (max − min)/15, m = min, q = round((w − m)/d) ∈ 0..15. w (N, K)."""
+    N, K = w.shape
+    g = w.float().view(N, K // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d = ((hi - lo) / 15).half()
+    m = lo.half()
+    inv = torch.where(d.float() != 0, 1 / d.float(), torch.zeros_like(lo))
+    q = ((g - m.float()[..., None]) * inv[..., None] + 0.5).floor().clamp_(0, 15).to(torch.uint8)
+    return Blocks("q4_1", q.view(N, K), d, m)
+
+
+def q8_0_rtn(w: torch.Tensor) -> Blocks:
+    """Round-to-nearest 8-bit in Q8_0's form: d = max|w|/127 per group, q = round(w/d). w (N, K)."""
+    N, K = w.shape
+    g = w.float().view(N, K // GROUP, GROUP)
+    d = (g.abs().amax(-1) / 127).half()
+    inv = torch.where(d.float() != 0, 1 / d.float(), torch.zeros_like(d.float()))
+    q = (g * inv[..., None]).round().clamp_(-127, 127).to(torch.int8)
+    return Blocks("q8_0", q.view(N, K), d)
+
+
+def save_blocks(blocks: dict[str, Blocks], path) -> None:
+    """Write blocks by name to one safetensors file: 4-bit codes two to a byte, scales and offsets as float16."""
+    from safetensors.torch import save_file
+
+    tensors, kinds = {}, {}
+    for name, b in blocks.items():
+        codes = b.codes
+        if b.kind != "q8_0":  # two 4-bit codes a byte: weight 2j in the low nibble, 2j+1 in the high one
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        tensors[f"{name}.codes"] = codes.contiguous()
+        tensors[f"{name}.scale"] = b.scale.contiguous()
+        if b.offset is not None:
+            tensors[f"{name}.offset"] = b.offset.contiguous()
+        kinds[name] = b.kind
+    save_file(tensors, str(path), metadata={"kinds": json.dumps(kinds)})
+
+
+def load_blocks(path) -> dict[str, Blocks]:
+    """The blocks `save_blocks` wrote."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        kinds = json.loads(f.metadata()["kinds"])
+        names = set(f.keys())
+        for name, kind in kinds.items():
+            codes = f.get_tensor(f"{name}.codes")
+            if kind != "q8_0":
+                codes = torch.stack([codes & 15, codes >> 4], dim=-1).view(codes.shape[0], -1)
+            offset = f.get_tensor(f"{name}.offset") if f"{name}.offset" in names else None
+            out[name] = Blocks(kind, codes, f.get_tensor(f"{name}.scale"), offset)
+    return out

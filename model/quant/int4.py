@@ -1,0 +1,107 @@
+"""Weight-only int4: 4-bit codes in groups of 32 along the input dimension, a scale and an offset per group.
+
+W (out, in) = (q − 8)·s + z per group, the form ATen's `_weight_int4pack_mm_for_cpu` computes. A
+GGUF Q4_1 block (w = d·q + m) is that with s = d, z = m + 8d; Q4_0 (w = d·(q − 8)) with s = d, z = 0.
+From a GGUF the file's own codes are kept, with its float16 d and m (so `dense_weight` is exactly
+the file's weight); the kernel reads s and z rounded to bfloat16 (its activations' dtype) — the one
+rounding this path adds, shown in `attn bench --quality`. From float weights the groups are
+quantized round-to-nearest in Q4_1's form (blocks.q4_1_rtn).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.quant.blocks import GROUP, Blocks, q4_1_rtn
+from model.quant.kernels import int4_kernel
+
+ROWS = 64  # output rows per tile of the packed layout (the kernel's own tiling when N is a multiple of 64)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ Wᵀ (+ b) with W held as 4-bit blocks: a drop-in for `Linear` (forward, dense_weight, columns)."""
+
+    def __init__(self, blocks: Blocks, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        if blocks.kind not in ("q4_0", "q4_1"):
+            raise ValueError(f"Int4Linear takes 4-bit blocks, not {blocks.kind}")
+        N, K = blocks.shape
+        self.n_out, self.n_in = N, K
+        self.dtype = dtype  # the model's float dtype: what dense_weight returns, what forward gives back
+        self.kind = blocks.kind
+        self.kernel = int4_kernel(device)
+        self.register_buffer("scale16", blocks.scale.to(device))  # (N, K/32) float16, the file's d
+        self.register_buffer("offset16", None if blocks.offset is None else blocks.offset.to(device))  # (N, K/32) m
+        pad = -N % ROWS
+        codes = F.pad(blocks.codes, (0, 0, 0, pad)).to(device)  # zero rows up to whole tiles; their output is cut
+        s = blocks.scale.float()
+        z = blocks.offset.float() + 8 * s if blocks.offset is not None else torch.zeros_like(s)
+        sz = F.pad(torch.stack([s, z], dim=-1), (0, 0, 0, 0, 0, pad))  # (N', K/32, 2)
+        self.register_buffer("sz", sz.transpose(0, 1).contiguous().to(torch.bfloat16).to(device))  # (K/32, N', 2)
+        self.register_buffer("packed", pack_rows(codes))  # (N', K/2) uint8: the kernel's layout, whichever kernel runs
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Module) -> "Int4Linear":
+        """Round-to-nearest from a float `Linear` (W stored (in, out)); K padded with zeros to whole groups."""
+        w = lin.dense_weight().detach().t().float()  # (out, in)
+        w = F.pad(w, (0, -w.shape[1] % GROUP))
+        layer = cls(q4_1_rtn(w), lin.bias, lin.weight.dtype, lin.weight.device)
+        layer.n_in = lin.weight.shape[0]
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (M, K)
+        K = self.sz.shape[0] * GROUP
+        if K != x2.shape[1]:
+            x2 = F.pad(x2, (0, K - x2.shape[1]))
+        if self.kernel == "int4pack":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, GROUP, self.sz)
+        else:
+            y = x2.to(self.dtype) @ self._dense_padded().t().to(self.dtype)
+        y = y[:, : self.n_out].to(x.dtype).view(*shape[:-1], self.n_out)
+        return y + self.bias if self.bias is not None else y
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes (N, K) as uint8 0..15."""
+        return unpack_rows(self.packed)[: self.n_out]
+
+    def _dense_padded(self) -> torch.Tensor:
+        d = self.scale16.float().repeat_interleave(GROUP, dim=1)  # (N, K')
+        q = self.codes().float()
+        if self.offset16 is None:
+            return d * (q - 8)
+        return d * q + self.offset16.float().repeat_interleave(GROUP, dim=1)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W (in, out) in the model's dtype, from the kept codes and float16 scales (exactly the file's weight)."""
+        return self._dense_padded()[:, : self.n_in].t().to(self.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense (in, out) weight, for code written against `Linear` (allocates a float copy)."""
+        return self.dense_weight()
+
+    def columns(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of W (out, in) dequantized: a tied embedding read from a 4-bit head."""
+        return self.dense_weight().t()[ids]
+
+
+def pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes, N a multiple of 64 → (N, K/2) bytes in `_convert_weight_to_int4pack_for_cpu`'s layout:
+    per tile of 64 rows, column by column, 32 bytes, byte i holding row i (low nibble) and row i + 32 (high)."""
+    N, K = codes.shape
+    t = codes.to(torch.uint8).view(N // ROWS, 2, ROWS // 2, K)  # (tiles, 2, 32, K)
+    byte = t[:, 0] | (t[:, 1] << 4)  # (tiles, 32, K)
+    return byte.transpose(1, 2).contiguous().view(N, K // 2)
+
+
+def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_rows: (N, K/2) bytes → (N, K) uint8 codes."""
+    N, half = packed.shape
+    K = half * 2
+    byte = packed.view(N // ROWS, K, ROWS // 2).transpose(1, 2)  # (tiles, 32, K)
+    return torch.stack([byte & 15, byte >> 4], dim=1).reshape(N, K)  # (tiles, 2, 32, K) → (N, K)

@@ -1,0 +1,43 @@
+"""Which kernel each quantized layer runs, chosen once by what the device offers.
+
+- int4: ATen's `_weight_int4pack_mm_for_cpu` (4-bit codes in its packed layout, a bfloat16 scale and
+  zero per group of 32, bfloat16 activations; with float32 or float16 activations it takes a path
+  measured 20–40× slower). Vectorised for AVX2 and AVX-512; PyTorch ≥ 2.5.
+- int8: ATen's `_weight_int8pack_mm` (int8 codes, one bfloat16 scale per output channel, bfloat16
+  activations).
+- generic: dequantize to the activations' dtype, then a dense product. Correct everywhere, slow;
+  used where no packed kernel exists, and forced with ATTN_KERNELS=generic (tests cover it).
+
+`describe()` says which ran, for `attn bench`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+GENERIC = "generic"
+
+
+def forced_generic() -> bool:
+    return os.environ.get("ATTN_KERNELS", "").strip().lower() == GENERIC
+
+
+def int4_kernel(device: torch.device) -> str:
+    if device.type == "cpu" and not forced_generic() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "int4pack"
+    return GENERIC
+
+
+def int8_kernel(device: torch.device) -> str:
+    if device.type == "cpu" and not forced_generic() and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return "int8pack"
+    return GENERIC
+
+
+def cpu_features() -> str:
+    """What PyTorch's CPU kernels dispatch on here: its vector ISA level, and AMX tiles when present."""
+    level = torch.backends.cpu.get_cpu_capability()
+    amx = getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)()
+    return level + (" + AMX" if amx else "")

@@ -1,0 +1,166 @@
+"""Quantized linear layers (model/quant) against float references, GGUF blocks kept bit for bit,
+and kernel selection with its fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.decoder import Linear
+from model.loading import load_model
+from model.quant import Int4Linear, Int8Linear, Q8Linear, quantize
+from model.quant.blocks import GROUP, Blocks, load_blocks, q4_1_rtn, q8_0_rtn, save_blocks
+from model.quant.int4 import pack_rows, unpack_rows
+from tests.test_gguf import hf_to_gguf_tensors, model_metadata, tiny_hf_model, train_tokenizer, write_gguf
+from weights.gguf import BLOCKS_FILE, blocks_file, convert_gguf
+
+
+def float_linear(n_in: int, n_out: int, bias: bool, seed: int) -> Linear:
+    g = torch.Generator().manual_seed(seed)
+    lin = Linear(n_in, n_out, bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_in, n_out, generator=g) * 0.1)
+        if bias:
+            lin.bias.copy_(torch.randn(n_out, generator=g))
+    return lin
+
+
+def bf16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What bfloat16 activations and bfloat16 scales may change in x @ w: ~2⁻⁸ relative per product term, summed."""
+    return 2**-7 * (x.abs() @ w.abs()) + 1e-5
+
+
+def use_kernels(monkeypatch, which: str) -> None:
+    monkeypatch.setenv("ATTN_KERNELS", which)
+
+
+# --- layers against their own dense weights, and against the float weights ----------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_in=st.integers(1, 200), n_out=st.integers(1, 150), rows=st.sampled_from([1, 3]), bias=st.booleans(), seed=st.integers(0, 99))
+def test_int4_int8_q8_layers_match_a_float_reference(n_in, n_out, rows, bias, seed):
+    lin = float_linear(n_in, n_out, bias, seed)
+    w = lin.weight.detach().clone()  # (in, out)
+    x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(seed + 1))
+    for cls, step in ((Int4Linear, 15), (Q8Linear, 127 * 2), (Int8Linear, 127 * 2)):
+        q = cls.from_linear(lin)
+        dense = q.dense_weight().float()
+        assert dense.shape == (n_in, n_out)
+        # Dequantized weights within half a quantization step of the float ones (per group, or per channel for int8).
+        spread = w.abs().max() * 2 / step
+        assert (dense - w).abs().max().item() <= spread / 2 * 1.01 + 1e-3
+        y = q(x)
+        ref = x @ dense + (lin.bias.detach() if bias else 0)
+        assert y.shape == (rows, n_out)
+        assert ((y - ref).abs() <= bf16_bound(x, dense) + 1e-4).all(), cls.__name__
+        assert torch.equal(q.columns(torch.tensor([0, n_out - 1])), dense.t()[[0, n_out - 1]])
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Q8Linear, Int8Linear])
+def test_generic_kernel_gives_what_the_packed_one_gives(monkeypatch, cls):
+    lin = float_linear(96, 130, True, 3)
+    x = torch.randn(2, 96)
+    fast = cls.from_linear(lin)
+    use_kernels(monkeypatch, "generic")
+    slow = cls.from_linear(lin)
+    assert fast.kernel != "generic" and slow.kernel == "generic"
+    assert torch.equal(fast.dense_weight(), slow.dense_weight())
+    for rows in (x[:1], x):
+        assert torch.allclose(fast(rows), slow(rows), atol=float(bf16_bound(rows, fast.dense_weight().float()).max()))
+
+
+def test_packed_layout_is_the_kernels_own():
+    codes = torch.randint(0, 16, (192, 96), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(pack_rows(codes), packed) and torch.equal(unpack_rows(packed), codes.to(torch.uint8))
+
+
+def test_blocks_round_trip_through_their_file(tmp_path):
+    w = torch.randn(64, 96)
+    blocks = {"a": q4_1_rtn(w), "b": q8_0_rtn(w), "c": Blocks("q4_0", q4_1_rtn(w).codes, q4_1_rtn(w).scale)}
+    save_blocks(blocks, tmp_path / "b.safetensors")
+    back = load_blocks(tmp_path / "b.safetensors")
+    for k, b in blocks.items():
+        assert back[k].kind == b.kind and torch.equal(back[k].codes, b.codes) and torch.equal(back[k].scale, b.scale)
+        assert torch.equal(back[k].dequantize(), b.dequantize())
+
+
+# --- GGUF blocks: the file's codes, bit for bit -----------------------------------------------------
+
+
+def tiny_quantized_gguf(tmp_path: Path, qtype: Q, tie: bool = True) -> tuple[Path, dict[str, np.ndarray]]:
+    """A tiny Llama GGUF with 2-D weights in `qtype` and the embedding in Q8_0 (as the default model has it);
+    what the gguf package dequantizes each weight to, by HF name."""
+    tk = train_tokenizer("gpt2")
+    model = tiny_hf_model("llama", tk, tie=tie, hidden=128, inter=192)
+    cfg = model.config
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    tensors = hf_to_gguf_tensors("llama", state, cfg, qtype)
+    tensors = [(n, gguf.quants.quantize(state["model.embed_tokens.weight"], Q.Q8_0), Q.Q8_0) if n == "token_embd.weight" else (n, d, t) for n, d, t in tensors]
+    path = write_gguf(tmp_path / "m.gguf", "llama", model_metadata("llama", cfg, tk), tensors)
+    return path, state
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_0], ids=lambda q: q.name)
+def test_gguf_blocks_are_the_files_own_bit_for_bit(tmp_path, qtype):
+    path, _ = tiny_quantized_gguf(tmp_path, qtype)
+    out = convert_gguf(path, tmp_path / "model")
+    assert (out / BLOCKS_FILE).is_file() and blocks_file(out) == out / BLOCKS_FILE
+    from safetensors.torch import load_file
+
+    dense = load_file(out / "model.safetensors")  # what the gguf package dequantized, Q/K un-permuted
+    blocks = load_blocks(out / BLOCKS_FILE)
+    assert set(blocks) == {k for k, v in dense.items() if v.ndim == 2}
+    for name, b in blocks.items():
+        assert b.kind == ("q8_0" if name == "model.embed_tokens.weight" else qtype.name.lower())
+        assert torch.equal(b.dequantize(), dense[name]), name  # bit for bit in float32
+
+    float_model = load_model(out)
+    model = load_model(out)
+    used = quantize(model, "int4", blocks)
+    assert used == {"Int4Linear:int4pack": 4 * 2, "Q8Linear:int8pack": 1}
+    for (name, a), (_, b) in zip(float_model.named_modules(), model.named_modules()):
+        if isinstance(a, Linear):  # the quantized model's weights are exactly the file's
+            assert torch.equal(b.dense_weight(), a.dense_weight()), name
+    for i in range(2):  # and the codes are the file's own
+        assert torch.equal(model.layers[i].attn.o.codes(), blocks[f"model.layers.{i}.self_attn.o_proj.weight"].codes)
+        assert torch.equal(model.layers[i].mlp.down.codes(), blocks[f"model.layers.{i}.mlp.down_proj.weight"].codes)
+
+
+def test_blocks_file_is_written_on_first_use_for_older_conversions(tmp_path):
+    path, _ = tiny_quantized_gguf(tmp_path, Q.Q4_1)
+    out = convert_gguf(path, tmp_path / "model")
+    (out / BLOCKS_FILE).unlink()
+    assert blocks_file(out) == out / BLOCKS_FILE
+    (out / BLOCKS_FILE).unlink()
+    (out / "model.gguf").unlink()
+    assert blocks_file(out) is None  # no source: int4 quantizes the float weights instead
+
+
+def test_quantized_model_logits_stay_close_to_float(tmp_path):
+    path, _ = tiny_quantized_gguf(tmp_path, Q.Q4_1)
+    out = convert_gguf(path, tmp_path / "model")
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    ref = load_model(out)
+    ref.setup_cache(32)
+    want = ref(ids, 0)
+    for mode, blocks in (("int4", load_blocks(out / BLOCKS_FILE)), ("int4", None), ("int8", None)):
+        model = load_model(out)
+        quantize(model, mode, blocks)
+        model.setup_cache(32)
+        got = model(ids, 0)
+        # The file's own codes differ from float32 only by the bfloat16 rounding of activations and scales.
+        tol = 0.05 if blocks is not None else 0.5
+        assert (got - want).abs().max().item() <= tol * want.abs().max().item(), (mode, blocks is not None)
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+        model.setup_cache(32)  # the one-token step after a cached prefix agrees with the full pass
+        model(ids[:, :11], 0)  # (within bfloat16 rounding: one row and several take different kernels)
+        assert (model.step(ids[:, 11:12], 11)[0, -1] - got[0, 11]).abs().max().item() <= 0.02 * got.abs().max().item()
