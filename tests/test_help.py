@@ -64,7 +64,7 @@ def test_every_option_with_a_default_shows_it(command):
         (["heads", "--sort", "bogus", "x"], "--sort must be a column, by its header or JSON name: layer, head, kv, entropy, dist, first, prev, self, prev-tok, dup-tok or induct (got 'bogus')"),
         (["heads", "--measure", "layer", "x"], "--measure must be a measure or detector, by its header or JSON name: entropy, dist, first, prev, self, prev-tok, dup-tok or induct (got 'layer')"),
         (["generate", "--truncate", "right", "x"], "--truncate must be error or left (got 'right')"),
-        (["generate", "--quantize", "int4", "x"], "--quantize must be none or int8 (got 'int4')"),
+        (["generate", "--quantize", "int2", "x"], "--quantize must be none, int8 or int4 (got 'int2')"),
         (["pull", "--dtype", "int3"], "--dtype must be float32, bfloat16 or float16 (got 'int3')"),
         (["inspect", "--top", "x", "y"], "--top must be an integer (got 'x')"),
         (["generate", "--temp", "-1", "x"], "--temp must be ≥ 0.0 (got '-1')"),
