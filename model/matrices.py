@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from model.decoder import Attention, Decoder, attention_scores
+from model.decoder import Attention, Decoder
 
 # Float32 elements one block of rows may hold in its (H, rows, S) scores (1 MiB), as model/probe.py.
 CHUNK_ELEMENTS = 1 << 18
@@ -56,7 +56,7 @@ class MatrixProbe:
         for a in range(0, T, rows):
             b = min(a + rows, T)
             # Keys past the block's last row are masked for all its rows: leave them out of the work.
-            scores = attention_scores(q[:1, :, a:b], k[:1, :, :b], torch.arange(a, b, device=q.device))[0]  # (H, n, b)
+            scores = attn.scores(q[:1, :, a:b], k[:1, :, :b], torch.arange(a, b, device=q.device))[0]  # (H, n, b); window: -inf
             self.sink.rows(layer, a, scores)
             del scores
         self.sink.norms(layer, value_norms(attn, v[0], self.group))

@@ -10,7 +10,7 @@ import model.matrices as matrices
 from model.loading import load_model
 from model.matrices import capture_matrices
 
-KINDS = ["gpt2", "llama", "qwen2"]
+KINDS = ["gpt2", "llama", "qwen2", "mistral_window"]  # the last: a sliding window of 6 < T
 
 
 class Keep:
@@ -64,8 +64,9 @@ def test_every_row_matches_transformers_in_blocks(loaded, kind, monkeypatch):
     assert sum(b[2] for b in sink.blocks) == T
     w, s = sink.weights[1], sink.scores[1]
     assert (w - ref[1][0]).abs().max().item() <= 1e-5
-    future = torch.ones(T, T, dtype=torch.bool).triu(1)
-    assert torch.isneginf(s[:, future]).all() and torch.isfinite(s[:, ~future]).all()
+    masked = ~model.layers[1].attn.visible(torch.arange(T), T)  # the future, and keys outside a window
+    assert torch.isneginf(s[:, masked]).all() and torch.isfinite(s[:, ~masked]).all()
+    assert masked.sum() > T * (T - 1) // 2 if kind == "mistral_window" else True
     assert torch.allclose(s.softmax(-1), w, atol=1e-6)
     assert sink.norm[1].shape == (H, T) and (sink.norm[1] > 0).all()
 
@@ -89,7 +90,7 @@ def test_value_norms_times_weights_are_the_probe_s_value_norms(loaded):
 def test_the_pass_stops_after_the_last_layer_asked(loaded, monkeypatch):
     model, _ = loaded["llama"]
     calls = []
-    monkeypatch.setattr(model.head, "forward", lambda x: calls.append(1))
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: calls.append(1))
     sink = Keep(8)
     capture_matrices(model, random_ids(model.cfg.vocab_size, 8, seed=5), [0], sink)
     assert set(sink.weights) == {0} and calls == []
