@@ -64,10 +64,10 @@ def explore_cmd(
     model: ModelOpt = None,
     prompt_opt: PromptOpt = None,
     file: FileOpt = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The page to write (.html).")] = Path("attention.html"),
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE.html", help="The page to write.")] = Path("attention.html"),
     layer: Annotated[
         Optional[list[int]],
-        typer.Option("--layer", "-l", help="Layers to store, repeatable; negative from the end. [default: all, while the page stays ≈ 20 MB or less (the default model: up to 256 tokens)]", show_default=False),
+        typer.Option("--layer", "-l", metavar="N", help="Layers to store, repeatable; negative from the end. [default: all, while the page stays ≈ 20 MB or less (the default model: up to 256 tokens)]", show_default=False),
     ] = None,
     token: TokenOpt = None,
     occurrence: OccurrenceOpt = None,

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import run_cli
 
-COMMANDS = ["generate", "inspect", "explain", "heads", "bench", "pull", "models", "convert"]
+COMMANDS = ["generate", "inspect", "explain", "heads", "explore", "bench", "pull", "models", "convert"]
 # Options that have no default: absent means "not given" (no prompt file, no system message, …).
 NO_DEFAULT = {"--prompt", "--file", "--system", "--stop", "--find", "--output", "--logprobs", "--compare", "--help"}
 
