@@ -290,15 +290,12 @@
         const pair = [parseInt(m[1], 10), parseInt(m[2], 10)];
         return this.att.block(pair[0], pair[1]) >= 0 && pair[1] < this.H ? pair : null;
       };
+      // What the fragment leaves out (or names wrongly) takes the page's default: a link names the whole view.
       const t = int(p.get("t"));
-      if (t !== null && t >= 0 && t < T) s.t = t;
-      const f = head(p.get("h"));
-      if (f) { s.focus = f; s.heads = [f]; }
-      if (p.has("heads")) {
-        const hs = p.get("heads").split(/[ +]/).map(head).filter(Boolean);
-        if (hs.length) s.heads = hs;
-      }
-      // What the fragment leaves out takes its default: a link names the whole view.
+      s.t = t !== null && t >= 0 && t < T ? t : this.meta.query;
+      s.focus = head(p.get("h")) || [this.meta.layers[0], 0];
+      const hs = (p.get("heads") || "").split(/[ +]/).map(head).filter(Boolean);
+      s.heads = hs.length ? hs : [s.focus];
       s.dir = p.get("dir") === "to" ? "to" : "from";
       s.view = VIEWS.includes(p.get("view")) ? p.get("view") : "weights";
       s.skip = p.get("skip") === "1";
