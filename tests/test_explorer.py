@@ -315,27 +315,22 @@ def test_find_ranks_heads_as_inspect_does(attn, browser, tiny_page):
         assert o.fragment()["h"] == "{}.{}".format(*ranked[1])
 
 
-def test_masked_keys_show_as_masked_not_zero(attn, browser, tiny_llama, tmp_path, monkeypatch):
-    """A mask that hides more than the future (a sliding window of 3) reaches the page as masked."""
-    from model import decoder
-
-    def windowed(q, k, q_pos):
-        scores = decoder.attention_scores(q, k, q_pos)
-        far = torch.arange(k.shape[2], device=q.device)[None, :] <= q_pos[:, None] - 3
-        return scores.masked_fill(far, float("-inf"))
-
-    monkeypatch.setattr("model.matrices.attention_scores", windowed)
+def test_masked_keys_show_as_masked_not_zero(attn, browser, tiny_models, tmp_path):
+    """A sliding window (the tiny Mistral's: 6 keys) reaches the page as masked keys, never as zero weights."""
+    path = tiny_models["mistral_window"][0]
     out = tmp_path / "window.html"
-    assert attn(["explore", "-m", str(tiny_llama), SENTENCE, "-o", str(out)]).code == 0
+    assert attn(["explore", "-m", str(path), SENTENCE, "-o", str(out)]).code == 0
     with Opened(browser, out, "#t=10&h=1.1") as o:
         shown = o.shown()
-        assert [s == "masked" for s in shown[:11]] == [True] * 8 + [False] * 3
-        weights = [number(s) for s in shown[8:11]]
-        assert sum(weights) == pytest.approx(1.0, abs=3e-3)
-        assert o.page.locator("#strip .tok.masked").count() == 8
+        assert [s == "masked" for s in shown[:11]] == [True] * 5 + [False] * 6  # keys 5..10 are the window of query 10
+        assert sum(number(s) for s in shown[5:11]) == pytest.approx(1.0, abs=5e-3)
+        assert o.page.locator("#strip .tok.masked").count() == 5
+        d = json.loads(attn(["inspect", "-m", str(path), SENTENCE, "-t", "10", "-l", "1", "--head", "1", "--format", "json"]).out)
+        assert [v is None for v in d["heads"][0]["values"]] == [True] * 5 + [False] * 6  # as inspect says: null
+        for p, want in zip(d["positions"][5:], d["heads"][0]["values"][5:]):
+            assert abs(number(shown[p]) - want) <= REL * want + 1e-30
         box = o.page.locator("#matrix").bounding_box()
-        T = len(page_meta(out)["ids"])
-        cell = box["width"] / T
+        cell = box["width"] / len(page_meta(out)["ids"])
         o.page.mouse.move(box["x"] + 2.5 * cell, box["y"] + 10.5 * cell)  # query 10, key 2
         assert "outside the layer's attention window" in o.page.inner_text("#readout")
         o.page.mouse.move(box["x"] + 12.5 * cell, box["y"] + 10.5 * cell)  # query 10, key 12
