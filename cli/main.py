@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,6 +30,10 @@ def _signals_held(held: list[int]) -> Iterator[None]:
 # anything: a signal meanwhile is held for main() to act on.
 _held_at_import: list[int] = []
 with _signals_held(_held_at_import):
+    import os
+    import sys
+    import traceback  # its imports (tokenize, re) take a while on a loaded machine too
+
     import typer
 
     from model.errors import AttnError
