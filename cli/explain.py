@@ -199,8 +199,12 @@ def _shown(ex: Explanation, rows: int) -> list[int | None]:
     return out
 
 
-def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, rows: int, preview: int, width: int = 80) -> list[Panel]:
-    """The six stages as rich panels; marks (★, ✗) carry the meaning so NO_COLOR loses nothing."""
+def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, rows: int, preview: int, width: int = 80) -> list[Panel | Text]:
+    """The six stages as rich panels; marks (★, ✗) carry the meaning so NO_COLOR loses nothing.
+
+    Nothing that says which token, layer or head, and no number, is ever cut: when the first panel's
+    title would not fit, the token, layer and head go on a line of their own above the panels.
+    """
     tok = lambda j: show(labels[j], 16)  # noqa: E731
     q = ex.query
     top_set = set(ex.weights.topk(min(top, q + 1)).indices.tolist())
@@ -268,13 +272,16 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
         )
     p3 = Group(Text(scale_line), s_tab, Text(mask_line))
 
+    # The weight bar: 30 cells for weight 1 where there is room, fewer on a narrow terminal, so the
+    # j, token and weight columns keep their width.
+    bar = max(4, min(30, width - 44))
     body = []
     for j in shown:
         if j is None:
             body.append(None)
             continue
         w, star = float(ex.weights[j]), j in top_set
-        body.append([str(j), tok(j), Text(f"{'★' if star else ' '} {w:.3f}", style="bold yellow" if star else ""), Text("█" * round(w * 30), style="yellow" if star else "dim")])
+        body.append([str(j), tok(j), Text(f"{'★' if star else ' '} {w:.3f}", style="bold yellow" if star else ""), Text("█" * round(w * bar), style="yellow" if star else "dim")])
     w_tab = table(["j", "token", "weight", ""], body)
     p4 = Group(
         Text(f"weights = softmax(scores): each exp(score_j) / Σ exp(score); ★ marks the {len(top_set)} strongest"),
@@ -318,4 +325,14 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
         ("5 · values and output", p5),
         ("6 · KV heads", p6),
     ]
-    return [Panel(body, title=f"{name} — {title}" if i == 0 else name, title_align="left", box=box.ROUNDED) for i, (name, body) in enumerate(stages)]
+    first = f"{stages[0][0]} — {title}"
+    if len(first) + 6 <= width:  # "╭─ " … " ─╮" around it
+        return [Panel(body, title=first if i == 0 else name, title_align="left", box=box.ROUNDED) for i, (name, body) in enumerate(stages)]
+    lines: list[str] = []  # the parts on as many lines as it takes, never a word split from its number
+    for part in (f'"{show(labels[q])}" (token {q})', f"layer {ex.layer}", f"head {ex.head}"):
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += " · " + part
+        else:
+            lines.append(part)
+    heading = Text("\n".join(lines), style="bold")
+    return [heading, *(Panel(body, title=name, title_align="left", box=box.ROUNDED) for name, body in stages)]

@@ -191,27 +191,52 @@ def sort_rows(rows: list[dict], by: str, ascending: bool) -> list[dict]:
     return sorted(rows, key=lambda r: (r[by] is None, sign * (r[by] or 0), r["layer"], r["head"]))
 
 
+def cell(c: str, v) -> str:
+    """A value as the table prints it."""
+    if v is None:
+        return "—"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.1f}" if c == "distance" else f"{v:.3f}"
+
+
+def fitting_columns(rows: list[dict], by: str, width: int) -> list[str]:
+    """The columns that fit `width` whole: layer, head and the sort column always, then the others in order.
+
+    A column is never cut or wrapped (a number or a header in pieces says nothing); a narrow terminal
+    leaves whole columns out instead, and the footer names them.
+    """
+    sep = 2  # the space between two columns; the table's edges take one more on each side
+    need = {c: max(len(HEADERS.get(c, c)), *(len(cell(c, r[c])) for r in rows)) for c in COLUMNS}
+    keep = ["layer", "head"] + ([by] if by not in ("layer", "head") else [])
+    used = 2 + sum(need[c] for c in keep) + sep * (len(keep) - 1)
+    for c in COLUMNS:
+        if c not in keep and used + sep + need[c] <= width:
+            keep.append(c)
+            used += sep + need[c]
+    return [c for c in COLUMNS if c in keep]
+
+
 def render_table(rows: list[dict], total: int, by: str, ascending: bool, probed: bool, color: bool) -> None:
     console = Console(file=sys.stdout, color_system="auto" if color else None, force_terminal=color or None, highlight=False)
+    columns = fitting_columns(rows, by, console.width)
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", collapse_padding=True)
     t.title = f"sorted by {by}{' (smallest first)' if ascending else ''}" + ("" if probed else "; detectors on the prompt (induction: --probe induction)")
-    for c in COLUMNS:  # eleven columns in 80: headers short, nothing wraps
+    for c in columns:
         t.add_column(HEADERS.get(c, c), justify="right", no_wrap=True, style="underline" if c == by else None, header_style="bold underline" if c == by else "bold")
     for r in rows:
         cells = []
-        for c in COLUMNS:
+        for c in columns:
             v = r[c]
-            if v is None:
-                cells.append(Text("—", style="dim"))
-            elif isinstance(v, int):
-                cells.append(Text(str(v)))
-            else:
-                strong = c not in ("entropy", "distance") and v >= 0.5
-                cells.append(Text(f"{v:.1f}" if c == "distance" else f"{v:.3f}", style="bold" if strong else ""))
+            strong = isinstance(v, float) and c not in ("entropy", "distance") and v >= 0.5
+            cells.append(Text(cell(c, v), style="dim" if v is None else "bold" if strong else ""))
         t.add_row(*cells)
     console.print(t)
     more = total - len(rows)
     foot = f"{more} more row(s): --top 0 shows all; " if more else ""
+    left_out = [HEADERS.get(c, c) for c in COLUMNS if c not in columns]
+    if left_out:
+        foot += f"too narrow for {', '.join(left_out)} (--format csv has every column); "
     console.print(Text(foot + "entropy in bits; dist in tokens; --format json|csv for pipelines", style="dim"))
 
 

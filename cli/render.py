@@ -246,17 +246,16 @@ def _strip_geometry(v: View, room: int) -> tuple[int, int]:
 
 
 def ruler(positions: list[int], cells: int, cw: int, strip_w: int) -> str:
-    """Token indices over the strip: every cell's when they fit, else a mark every few cells."""
-    if len(positions) <= cells and all(len(str(p)) < cw or (cw >= 2 and len(str(p)) <= cw) for p in positions):
-        return "".join(f"{p:<{cw}}" for p in positions)[:strip_w].ljust(strip_w)
+    """Token indices over the strip, each followed by a space so that none runs into the next:
+    every cell's when they fit, else every 2nd, 5th, 10th, … cell's."""
     groups = bins(len(positions), cells) if len(positions) > cells else [range(i, i + 1) for i in range(len(positions))]
+    widest = max((len(str(positions[g[0]])) for g in groups), default=1)
+    step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10**9) if s * cw >= widest + 1)
     out = [" "] * strip_w
-    at = 0
     for n, g in enumerate(groups):
-        label = str(positions[g[0]])
-        if n % 10 == 0 and at + len(label) <= strip_w and (at == 0 or out[at - 1] == " "):
+        label, at = str(positions[g[0]]), n * cw
+        if n % step == 0 and at + len(label) <= strip_w and (at == 0 or out[at - 1] == " "):
             out[at : at + len(label)] = label
-        at += cw
     return "".join(out)
 
 
@@ -278,11 +277,13 @@ def _head_rows(con: Console, v: View, width: int, color: bool, top: int) -> None
     if inline:
         head.append(f"top {top}", style="bold")
     con.print(head, overflow="ellipsis", no_wrap=True)
+    # A rule between layers, where a layer has several rows to keep apart (not with one head per layer).
+    rules = len({r.layer for r in v.rows}) < len(v.rows)
     prev = None
     for r in v.rows:
         group = (r.layer, r.kv_head)
         lab = f"{r.layer:>{lw}} {r.kv_head:>2} " if group != prev else f"{'':>{lw}} {'':>2} "
-        if prev is not None and r.layer != prev[0]:
+        if rules and prev is not None and r.layer != prev[0]:
             con.print(Text("─" * min(width, label_w + strip_w + 5), style="dim"), no_wrap=True, overflow="crop")
         prev = group
         line = Text(lab)
