@@ -131,6 +131,15 @@ def use_color(choice: Color, stream=None) -> bool:
     return stream.isatty()
 
 
+def size_text(n_bytes: float) -> str:
+    """A size in binary units, as every output of attn gives it (bench and README too): 513.6 MiB, 1.25 GiB."""
+    if n_bytes >= 2**30:
+        return f"{n_bytes / 2**30:.2f} GiB"
+    if n_bytes >= 2**20:
+        return f"{n_bytes / 2**20:.1f} MiB"
+    return f"{n_bytes / 2**10:.1f} KiB"
+
+
 def note(message: str, quiet: bool = False) -> None:
     """A line for the user on stderr (never stdout)."""
     if not quiet:

@@ -95,7 +95,7 @@ def heads_cmd(
     ascending: Annotated[bool, typer.Option("--ascending", help="Sort smallest first (e.g. the sharpest heads by entropy).")] = False,
     top: Annotated[Optional[int], typer.Option("--top", min=0, help="Show the first K rows after sorting (0 = all). [default: 20 in the table, all in JSON/CSV]", show_default=False)] = None,
     fmt: Annotated[Optional[HeadsFormat], typer.Option("--format", **choice(HeadsFormat), help="table, json or csv. [default: table on a TTY, else json]", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write a layers × heads grid coloured by --measure: FILE.svg or FILE.html (self-contained).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a layers × heads grid coloured by --measure: FILE.svg or FILE.html (self-contained); stdout then stays empty unless --format is given.", show_default=False)] = None,
     measure: Annotated[Optional[Measure], typer.Option("--measure", **MEASURE, help="The column the -o grid shows: entropy, dist, first, prev, self, prev-tok, dup-tok or induct. [default: the sort column]", show_default=False)] = None,
     chat: RawChatOpt = False,
     system: SystemOpt = None,
@@ -114,7 +114,8 @@ def heads_cmd(
     if text == "":
         raise UsageError("empty prompt")
     probe = probe or (ProbeKind.induction if text is None else ProbeKind.none)
-    fmt = fmt or (HeadsFormat.table if sys.stdout.isatty() else HeadsFormat.json)
+    if fmt is None and output is None:  # with -o the picture is the product (as inspect's); stdout only if --format asks
+        fmt = HeadsFormat.table if sys.stdout.isatty() else HeadsFormat.json
     m = open_model(model, device, dtype, quiet)
     ids = None
     if text is not None:
@@ -149,7 +150,7 @@ def heads_cmd(
         for r in rows[:top] if top else rows:
             w.writerow({k: "" if v is None else v for k, v in r.items()})
         write_out(buf.getvalue())
-    else:
+    elif fmt is HeadsFormat.table:
         k = 20 if top is None else top
         render_table(rows[:k] if k else rows, len(rows), by, ascending, probe_ids is not None, use_color(color, sys.stdout))
 

@@ -100,7 +100,7 @@ def inspect_cmd(
     find: Annotated[Optional[str], typer.Option("--find", help="Rank every (layer, head) by what the chosen token gives to tokens matching TEXT.", show_default=False)] = None,
     top: Annotated[Optional[int], typer.Option("--top", min=1, help="Table: the K strongest sources per head [default: 3]; with --find, the K best heads [default: 10].", show_default=False)] = None,
     fmt: Annotated[Optional[Format], typer.Option("--format", **choice(Format), help="table | json | csv. [default: table when stdout is a terminal, else json]", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a self-contained picture: FILE.html or FILE.svg.", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a self-contained picture: FILE.html or FILE.svg; stdout then stays empty unless --format is given.", show_default=False)] = None,
     generate_n: Annotated[int, typer.Option("--generate", min=0, help="Generate N tokens first (sampling flags as in generate), then inspect prompt + generated.")] = 0,
     temp: TempOpt = None,
     top_k: TopKOpt = None,

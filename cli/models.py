@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.filesize import decimal
 from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from cli.common import DEFAULT_MODEL, Dtype, note
+from cli.common import DEFAULT_MODEL, Dtype, note, size_text
 from model.config import ModelConfig
 from model.decoder import Decoder
 from model.errors import AttnError, UsageError
@@ -93,14 +92,14 @@ def oom_message(path: Path, device: torch.device, dtype: torch.dtype) -> str:
 
 
 class _Amount(ProgressColumn):
-    """'12.3/92.9 MB' for byte counts, '17/272' for tensor counts."""
+    """'12.3 MiB/92.9 MiB' for byte counts, '17/272' for tensor counts."""
 
     def render(self, task: Task) -> Text:
         done, total = int(task.completed), task.total
         if total is None:
-            return Text(decimal(done) if done else "")
+            return Text(size_text(done) if done else "")
         if total >= 1 << 20:
-            return Text(f"{decimal(done)}/{decimal(int(total))}")
+            return Text(f"{size_text(done)}/{size_text(int(total))}")
         return Text(f"{done}/{int(total)}")
 
 
@@ -161,5 +160,5 @@ def ensure_model(spec: str | None, *, quiet: bool = False) -> Path:
     with StderrProgress(quiet=quiet) as progress:
         path = resolve_model(spec, progress=progress)
     if progress.called and not quiet:
-        note(f"pulled {spec or DEFAULT_MODEL} to {path} ({decimal(dir_size(path))}, {time.monotonic() - start:.1f} s)")
+        note(f"pulled {spec or DEFAULT_MODEL} to {path} ({size_text(dir_size(path))}, {time.monotonic() - start:.1f} s)")
     return path

@@ -10,10 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.filesize import decimal
 from rich.table import Table
 
-from cli.common import choice, epilog, note
+from cli.common import choice, epilog, note, size_text
 from cli.main import app
 from cli.models import StderrProgress, dir_size
 from model.errors import UsageError
@@ -59,7 +58,7 @@ def pull_cmd(
     with StderrProgress(quiet=quiet) as progress:
         path = pull(name, force=force, progress=progress, dtype=dtype.value if dtype else None)
     if not quiet:
-        note(f"{name} ready: {path} ({decimal(dir_size(path))}, {time.monotonic() - start:.1f} s)")
+        note(f"{name} ready: {path} ({size_text(dir_size(path))}, {time.monotonic() - start:.1f} s)")
 
 
 @app.command("models")
@@ -74,7 +73,7 @@ def models_cmd() -> None:
         for column, justify in (("name", "left"), ("path", "left"), ("parameters", "right"), ("dtype", "left"), ("size", "right")):
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for m in found:
-            table.add_row(m.name, str(m.path), f"{m.parameters / 1e6:,.1f} M", m.dtype, decimal(m.size_bytes))
+            table.add_row(m.name, str(m.path), f"{m.parameters / 1e6:,.1f} M", m.dtype, size_text(m.size_bytes))
         Console().print(table)
     else:
         # Plain integers so scripts can sort and sum them.
@@ -98,4 +97,4 @@ def convert_cmd(
     with StderrProgress(quiet=quiet) as progress:
         convert_gguf(gguf, out_dir, dtype.value if dtype else "float32", progress, overwrite=force)
     if not quiet:
-        note(f"wrote {out_dir} ({decimal(dir_size(out_dir))}, {time.monotonic() - start:.1f} s)")
+        note(f"wrote {out_dir} ({size_text(dir_size(out_dir))}, {time.monotonic() - start:.1f} s)")

@@ -170,6 +170,21 @@ def test_heads_csv_and_table(tiny_models):
     assert len([ln for ln in r.out.splitlines() if re.match(r"^\s+\d+\s+\d+\s+\d+\s", ln)]) == 3
 
 
+def test_heads_picture_alone_leaves_stdout_empty(tiny_models, tmp_path):
+    """-o makes the picture the product, as in inspect: stdout only when --format asks for it."""
+    path, _ = tiny_models["gpt2"]
+    out = tmp_path / "heads.svg"
+    r = run_cli(["heads", "-m", str(path), PROMPT, "-o", str(out)])
+    assert r.code == 0 and r.out == "" and r.err == f"attn: wrote {out}\n", r
+    assert out.read_text(encoding="utf-8").count("<rect x=") == 2 * 4
+
+
+def test_sizes_are_in_binary_units():
+    from cli.common import size_text
+
+    assert (size_text(538_090_408), size_text(3 * 2**30), size_text(20_000)) == ("513.2 MiB", "3.00 GiB", "19.5 KiB")
+
+
 @pytest.mark.parametrize("suffix", ["svg", "html"])
 def test_heads_picture(tiny_models, tmp_path, suffix):
     path, _ = tiny_models["gpt2"]

