@@ -44,7 +44,7 @@ from cli.common import (
 )
 from cli.main import app
 from cli.models import Loaded, open_model
-from cli.prompt import encode_prompt_text, read_prompt
+from cli.prompt import counted, encode_prompt_text, read_prompt
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, apply_speed_options
 from model.errors import AttnError, UsageError
 from model.engine import Generation, Request, Token, eos_ids
@@ -125,8 +125,9 @@ def generate_cmd(
 
     m = open_model(model, device, dtype, quiet)
     settings = sampling_settings(m.path, load_generation_config(m.path), temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
-    ids = prompt_ids(m, text, chat, system)
-    ids = fit_context(m, ids, max_tokens, ctx_size, truncate, quiet)
+    use_chat = chat if chat is not None else bool(m.tokenizer.chat_template)
+    ids = encode_prompt_text(m, text, use_chat, system)[0]
+    ids = fit_context(m, ids, max_tokens, ctx_size, truncate, quiet, use_chat)
     apply_speed_options(m, quantize, compile_step, len(ids) + max_tokens, quiet)
     if seed is None:
         seed = secrets.randbelow(2**31)
@@ -137,7 +138,8 @@ def generate_cmd(
     request = Request(ids, max_tokens, settings, seed, stop or [], ignore_eos, logprobs)
     gen = Generation(m.model, m.tokenizer, request, eos_ids(m.cfg, m.tokenizer))
     if echo and mode == "text":
-        write_out(text)
+        # Raw text continues the prompt; a chat answer is a reply, put on a line of its own.
+        write_out(text + ("\n" if use_chat else ""))
     code = run(gen, mode, stream=not no_stream)
     if mode == "text":
         write_out((gen.text if no_stream else "") + "\n")
@@ -157,13 +159,7 @@ def generate_cmd(
         raise typer.Exit(code)
 
 
-def prompt_ids(m: Loaded, text: str, chat: bool | None, system: str | None) -> list[int]:
-    """Token ids of the prompt: through the chat template when chat mode is on (default: when the model has one)."""
-    use_chat = chat if chat is not None else bool(m.tokenizer.chat_template)
-    return encode_prompt_text(m, text, use_chat, system)[0]
-
-
-def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None, truncate: Truncate, quiet: bool) -> list[int]:
+def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None, truncate: Truncate, quiet: bool, chat: bool = False) -> list[int]:
     ctx = ctx_size or m.cfg.max_len
     if ctx > m.cfg.max_len and m.cfg.positions == "learned":
         raise UsageError(f"--ctx-size {ctx} exceeds the {m.cfg.max_len} positions this model has")
@@ -174,7 +170,7 @@ def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None
         note(f"warning: prompt truncated from {len(ids)} to its last {keep} tokens to fit the context of {ctx}", quiet)
         return ids[-keep:]
     raise AttnError(
-        f"prompt ({len(ids)} tokens) + --max-tokens ({max_tokens}) exceeds the context ({ctx} tokens); "
+        f"prompt ({counted(len(ids), chat)}) + --max-tokens ({max_tokens}) exceeds the context ({ctx} tokens); "
         "shorten the prompt, lower -n, or use --truncate left"
     )
 

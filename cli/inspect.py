@@ -138,7 +138,7 @@ def inspect_cmd(
             seed = secrets.randbelow(2**31)
             if verbose:
                 note(f"seed {seed}")
-        new = run_generation(m, ids, generate_n, settings, seed, ignore_eos)
+        new = run_generation(m, ids, generate_n, settings, seed, ignore_eos, chat)
         cached = len(ids) + len(new) - 1  # generation fed every token but the last one: their K, V are cached
         gen_text = m.tokenizer.decode(new)
         ids = ids + new

@@ -107,6 +107,11 @@ def encode_prompt_text(m: Loaded, text: str, chat: bool, system: str | None) -> 
     return ids, pieces
 
 
+def counted(n: int, chat: bool) -> str:
+    """'31 tokens', or '31 tokens with the chat template' when the template's own tokens are in the count."""
+    return f"{n} tokens" + (" with the chat template" if chat else "")
+
+
 def encode_labelled(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
     """Token ids and their labels (raw unless `chat`): the tokens inspect, explain and heads show."""
     ids = encode_prompt_text(m, text, chat, system)[0]
@@ -117,5 +122,5 @@ def encode_prompt(m: Loaded, text: str, chat: bool, system: str | None) -> tuple
     """As encode_labelled, within the model's context."""
     ids, labels = encode_labelled(m, text, chat, system)
     if len(ids) > m.cfg.max_len:
-        raise AttnError(f"prompt of {len(ids)} tokens exceeds the model's {m.cfg.max_len} positions")
+        raise AttnError(f"prompt of {counted(len(ids), chat)} exceeds the model's {m.cfg.max_len} positions")
     return ids, labels

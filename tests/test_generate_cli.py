@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,6 +169,14 @@ def test_echo_prints_the_prompt_first(attn, tiny_llama):
     assert r.out.startswith("hello world") and r.out == "hello world" + greedy_text(tiny_llama, "hello world", 3) + "\n"
 
 
+def test_echo_in_chat_mode_puts_the_answer_on_its_own_line(attn, tiny_llama):
+    """A chat answer is a reply, not a continuation: `attn generate --echo Hi` printed `HiHello! How…`."""
+    chat = attn(["generate", "-m", str(tiny_llama), "--temp", "0", "-n", "3", "--ignore-eos", "--echo", "Hi"])
+    plain = attn(["generate", "-m", str(tiny_llama), "--temp", "0", "-n", "3", "--ignore-eos", "Hi"])
+    assert chat.code == plain.code == 0 and chat.err == plain.err == ""
+    assert chat.out == "Hi\n" + plain.out
+
+
 def test_stats_go_to_stderr(attn, tiny_llama):
     r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "3", "--stats", "hi"])
     assert "decode" in r.err and "tok/s" in r.err and "peak memory" in r.err
@@ -178,7 +187,13 @@ def test_context_overflow_is_an_error_unless_truncate_left(attn, tiny_llama):
     long = "word " * 300
     r = attn(["generate", "-m", str(tiny_llama), "--raw", "-n", "10", long])
     assert r.code == 1 and r.out == ""
-    assert "exceeds the context (256 tokens)" in r.err and "+ --max-tokens (10)" in r.err
+    assert "exceeds the context (256 tokens)" in r.err and "+ --max-tokens (10)" in r.err and "chat template" not in r.err
+    n = len(Tokenizer(tiny_llama).encode(long))
+    assert f"prompt ({n} tokens) + --max-tokens (10)" in r.err
+    # Counted through the chat template, the prompt is longer than the text: the message says so.
+    r = attn(["generate", "-m", str(tiny_llama), "--chat", "-n", "10", long])
+    assert r.code == 1 and r.out == "" and r.err.count("\n") == 1
+    assert re.search(r"prompt \((\d+) tokens with the chat template\) \+ --max-tokens \(10\) exceeds the context \(256 tokens\)", r.err), r.err
     r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "10", "--truncate", "left", "--json", long])
     assert r.code == 0 and "truncated" in r.err
     assert json.loads(r.out)["usage"]["prompt_tokens"] == 246
