@@ -48,7 +48,7 @@ from cli.continuation import run_generation
 from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import encode_labelled, prompt_or_demo
-from cli.render import HeadRow, View, table, to_csv, to_json
+from cli.render import SINK_ONLY, HeadRow, View, table, to_csv, to_json
 from cli.tokens import find_positions, is_index, pick_indices, pick_token, token_labels, token_raw
 from model.errors import AttnError, UsageError
 from model.loading import load_generation_config
@@ -96,7 +96,7 @@ def inspect_cmd(
     head: Annotated[Optional[list[int]], typer.Option("--head", metavar="N", help="Query-head index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
     direction: Annotated[Direction, typer.Option("--direction", **choice(Direction), help="from: the chosen token as query (a row); to: how much each later token attends to it (a column).")] = Direction.from_,
     values: Annotated[Values, typer.Option("--values", **choice(Values), help="weights (softmax), scores (QKᵀ/√d before softmax) or value-norms (‖α·v·W_O‖).")] = Values.weights,
-    skip_first: Annotated[bool, typer.Option("--skip-first", help="Leave the first token (often an attention sink) out and renormalise the rest; its raw share is still shown.")] = False,
+    skip_first: Annotated[bool, typer.Option("--skip-first", help="Leave the first token (often an attention sink) out and renormalise the rest by the sum of the others; its raw share is still shown. A head with under 1% off the first token is marked * and ranked last by --find.")] = False,
     find: Annotated[Optional[str], typer.Option("--find", help="Rank every (layer, head) by what the chosen token gives to tokens matching TEXT.", show_default=False)] = None,
     top: Annotated[Optional[int], typer.Option("--top", min=1, help="Table: the K strongest sources per head [default: 3]; with --find, the K best heads [default: 10].", show_default=False)] = None,
     fmt: Annotated[Optional[Format], typer.Option("--format", **choice(Format), help="table | json | csv. [default: table when stdout is a terminal, else json]", show_default=False)] = None,
@@ -192,15 +192,18 @@ def build_view(m: Loaded, ids, labels, cap: Capture, skip_first: bool, find: str
     for layer, lc in cap.layers.items():
         vals = lc.values
         if renorm:
-            rest = 1.0 - lc.sink  # (h, P): what each query row gives to everything but the first token
-            vals = torch.where(rest > 0, vals / rest.clamp_min(1e-30), torch.zeros_like(vals))
+            # Divided by the sum of the other weights of the same row (float64), so a renormalised row
+            # sums to 1 and no weight exceeds 1 even when the first token takes all but 1e-7.
+            vals = torch.where(lc.rest > 0, vals.double() / lc.rest.clamp_min(1e-300), torch.zeros_like(lc.rest))
         vals = vals[:, keep]
         masked = lc.masked[keep].tolist()  # outside the layer's sliding window: shown as masked, not as 0
         # (h,): the query row's share for `from`; for `to`, the mean over the later rows
         first = lc.sink[:, 0] if cap.direction == "from" else lc.sink.double().mean(dim=-1)
+        off_first = lc.rest[:, 0] if cap.direction == "from" else lc.rest.mean(dim=-1)
         for n, (h, g) in enumerate(zip(cap.heads, cap.kv_heads)):
+            sink_only = renorm and float(off_first[n]) < SINK_ONLY
             row = [None if out else x for x, out in zip(vals[n].tolist(), masked)]
-            rows.append(HeadRow(layer, h, g, row, float(first[n])))
+            rows.append(HeadRow(layer, h, g, row, float(first[n]), sink_only=sink_only))
     positions = positions[keep]
     if find is not None:
         idx = [positions.index(p) for p in find_pos if p in positions]
@@ -211,8 +214,9 @@ def build_view(m: Loaded, ids, labels, cap: Capture, skip_first: bool, find: str
             picked = [r.values[j] for j in idx if r.values[j] is not None]  # masked matches are left out
             if picked:
                 r.match = max(picked) if cap.view == "scores" else sum(picked)  # summed scores mean nothing: take the best
-        # Heads whose window masks every match rank last (match None).
-        rows.sort(key=lambda r: (r.match is None, -(r.match or 0.0), r.layer, r.head))
+        # Heads whose window masks every match rank last (match None); before them, a head that puts almost
+        # nothing off the first token (SINK_ONLY) cannot top the ranking on what is left.
+        rows.sort(key=lambda r: (r.match is None, r.sink_only, -(r.match or 0.0), r.layer, r.head))
     else:
         rows.sort(key=lambda r: (r.layer, r.kv_head, r.head))
     return View(

@@ -66,6 +66,8 @@ def subtitle(v: View) -> str:
     parts.append("1st: raw weight on the first token" + ("" if v.direction == "from" else " (mean over the later tokens)"))
     if v.find is not None:
         parts.append(f'rows ranked by what goes to "{v.find}"')
+    if any(r.sink_only for r in v.rows):
+        parts.append("* under 1% of the head's weight off the first token" + (", ranked last" if v.find is not None else ""))
     return " · ".join(parts)
 
 
@@ -153,7 +155,7 @@ def page(v: View) -> str:
         tds = [f'<tr class="{cls}">']
         if v.find is not None:
             tds.append(f'<td class="n">{n}</td><td class="n">{fmt(r.match or 0.0, v.values)}</td>')
-        tds.append(f'<td class="n">{r.layer}</td><td class="n">{r.kv_head}</td><td class="n">{r.head}</td><td class="n">{fmt(r.first_share, "weights")}</td>')
+        tds.append(f'<td class="n">{r.layer}</td><td class="n">{r.kv_head}</td><td class="n">{r.head}</td><td class="n">{fmt(r.first_share, "weights")}{"*" if r.sink_only else ""}</td>')
         for c, ((lv, val), (label, idx)) in enumerate(zip(row, cols)):
             qc = " q" if c == qcol else ""
             if val is None:  # outside the layer's sliding window
@@ -223,7 +225,7 @@ def svg(v: View) -> str:
         prev = r.layer
         rank = f"{n + 1:>3} {fmt(r.match or 0.0, v.values):>5} " if ranked else ""
         out.append(f'<text x="{left - 6}" y="{y + ch - 4}" text-anchor="end" xml:space="preserve">{rank}{r.layer:>2} {r.kv_head:>2} {r.head:>2}</text>')
-        out.append(f'<text x="{x0 - 4}" y="{y + ch - 4}" text-anchor="end" fill="#555">{fmt(r.first_share, "weights")}</text>')
+        out.append(f'<text x="{x0 - 4}" y="{y + ch - 4}" text-anchor="end" fill="#555">{fmt(r.first_share, "weights")}{"*" if r.sink_only else ""}</text>')
         for c, (lv, val) in enumerate(row):
             masked = val is None  # outside the layer's sliding window: grey, not the colour of 0
             tip = f"layer {r.layer} head {r.head} → {cols[c][0]}: " + ("masked (outside the sliding window)" if masked else f"{val:.6g}")

@@ -17,6 +17,7 @@ from rich.text import Text
 from cli.tokens import show
 
 BARS = "▁▂▃▄▅▆▇█"
+SINK_ONLY = 0.01  # --skip-first marks a head with less than this share of its weight off the first token
 # Heat colours for the 8 bar levels (only used when colour is on; the bar heights carry it without).
 HEAT = ["grey35", "grey50", "steel_blue", "dodger_blue2", "green3", "yellow3", "dark_orange", "red1"]
 
@@ -31,6 +32,7 @@ class HeadRow:
     values: list[float | None]  # None: a position the layer's sliding window masks
     first_share: float
     match: float | None = None  # --find: what the chosen token gives to the matched tokens
+    sink_only: bool = False  # --skip-first: under 1% of its weight is off the first token (values renormalised from ≈ nothing)
 
 
 @dataclass
@@ -104,6 +106,8 @@ def to_json(v: View) -> str:
         out["generated"] = v.generated
     for r in v.rows:
         head = {"layer": r.layer, "head": r.head, "kv_head": r.kv_head, "values": [plain(x) for x in r.values], "first_token_share": plain(r.first_share)}
+        if v.renormalized:
+            head["sink_only"] = r.sink_only
         if v.find is not None:
             head["match"] = plain(r.match)  # null: the layer's sliding window masks every match
         out["heads"].append(head)
@@ -230,6 +234,9 @@ def table(v: View, width: int, color: bool, top: int) -> str:
         _find_rows(con, v, width, color, top)
     else:
         _head_rows(con, v, width, color, top)
+    if marked := sum(r.sink_only for r in v.rows):
+        con.print(Text(f"* {marked} head{'s' if marked > 1 else ''} put under {SINK_ONLY:.0%} of their weight off the first token: "
+                       "renormalised from almost nothing" + (", ranked last" if v.find is not None else ""), style="dim"), overflow="fold")
     foot = "JSON: --format json · CSV: --format csv · picture: -o attention.html"
     if not v.skip_first:
         foot += " · --skip-first hides the first token"
@@ -289,7 +296,7 @@ def _head_rows(con: Console, v: View, width: int, color: bool, top: int) -> None
         line = Text(lab)
         line.append(f"{r.head:>3} ")
         line.append_text(strip(levels(r.values, v.values), cells, cw, color))
-        line.append(f" {fmt(r.first_share, 'weights'):>4} ")
+        line.append(f" {fmt(r.first_share, 'weights'):>4}{'*' if r.sink_only else ' '}")
         srcs = top_sources(v, r, top, 12, room=width - (label_w + strip_w + 6 if inline else 3))
         if inline:
             line.append_text(srcs)
@@ -318,7 +325,7 @@ def _find_rows(con: Console, v: View, width: int, color: bool, top: int) -> None
         bar = "█" * (eighths // 8) + ("▏▎▍▌▋▊▉"[eighths % 8 - 1] if eighths % 8 else "")
         line = Text(f"{n:>3} {r.layer:>{lw}} {r.head:>2} {r.kv_head:>2} {fmt(r.match or 0.0, v.values):>6} ")
         line.append(f"{bar:<{bar_w}}", style="green3" if color else None)
-        line.append(f" {fmt(r.first_share, 'weights'):>4} ")
+        line.append(f" {fmt(r.first_share, 'weights'):>4}{'*' if r.sink_only else ' '}")
         srcs = top_sources(v, r, 3, 12, room=width - (3 + lw + 3 + 3 + 7 + bar_w + 6 if inline else 4))
         if inline:
             con.print(line.append_text(srcs), overflow="ellipsis", no_wrap=True)

@@ -33,6 +33,9 @@ class LayerCapture:
     weights: torch.Tensor  # (h, P) the softmax weights of the same entries
     sink: torch.Tensor  # (h, P) weight the query row of each entry puts on position 0
     masked: torch.Tensor  # (P,) bool: entries the layer's sliding window hides (weight 0, score -inf)
+    # (h, P) float64: what that row puts on every other position, summed. Not 1 − sink: when the sink
+    # takes ≈ all of a row, 1 − sink in float32 is rounding noise (and dividing by it gave weights > 1).
+    rest: torch.Tensor
 
 
 @dataclass
@@ -87,13 +90,14 @@ class AttentionProbe:
             values = weights * value_norms(v[0, :, :S], w_o)  # α ≥ 0, so ‖α·v·W_O‖ = α·‖v·W_O‖
         else:
             values = weights
-        return LayerCapture(values, weights, weights[:, :1].expand_as(weights), ~attn.visible(q_pos, S)[0])
+        rest = weights[:, 1:].double().sum(dim=-1, keepdim=True)  # (h, 1)
+        return LayerCapture(values, weights, weights[:, :1].expand_as(weights), ~attn.visible(q_pos, S)[0], rest.expand_as(weights))
 
     def _column(self, attn: Attention, q, k, v, w_o, start: int) -> LayerCapture:
         c = self.query
         h, T, S = q.shape[1], q.shape[2], k.shape[2]
         rows = max(1, CHUNK_ELEMENTS // (h * S))
-        col_scores, col_weights, sinks = [], [], []
+        col_scores, col_weights, sinks, rests = [], [], [], []
         for a in range(c - start, T, rows):  # rows c..S-1: the tokens that can see the chosen one
             b = min(a + rows, T)
             scores = attn.scores(q[:, :, a:b], k, torch.arange(start + a, start + b, device=q.device))[0]  # (h, n, S)
@@ -102,8 +106,9 @@ class AttentionProbe:
             col_scores.append(scores[:, :, c].clone())
             col_weights.append(weights[:, :, c].clone())
             sinks.append(weights[:, :, 0].clone())
+            rests.append(weights[:, :, 1:].double().sum(dim=-1))
             del scores, weights
-        scores, weights, sink = (torch.cat(t, dim=1) for t in (col_scores, col_weights, sinks))  # (h, P) each
+        scores, weights, sink, rest = (torch.cat(t, dim=1) for t in (col_scores, col_weights, sinks, rests))  # (h, P) each
         if self.view == "scores":
             values = scores
         elif self.view == "value-norms":
@@ -111,7 +116,7 @@ class AttentionProbe:
         else:
             values = weights
         rows_pos = torch.arange(c, start + T, device=q.device)  # the later tokens, as queries of column c
-        return LayerCapture(values, weights, sink, ~attn.visible(rows_pos, c + 1)[:, c])
+        return LayerCapture(values, weights, sink, ~attn.visible(rows_pos, c + 1)[:, c], rest)
 
 
 def value_norms(v: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cli.common import DEMO_SENTENCE
+from cli.render import table, to_json
 from model.tokenizer import Tokenizer
 
 SENTENCE = "a fluffy blue creature roamed the verdant forest"
@@ -220,9 +221,49 @@ def test_skip_first_renormalises_and_keeps_the_raw_share(attn, tiny_llama):
     assert d["positions"] == raw["positions"][1:]
     for h, r in zip(d["heads"], raw["heads"]):
         assert h["first_token_share"] == r["first_token_share"] == r["values"][0]
-        assert sum(h["values"]) == pytest.approx(1.0, abs=1e-5)
-        rest = 1 - r["values"][0]
+        assert abs(sum(h["values"]) - 1.0) <= 1e-6 and max(h["values"]) <= 1.0
+        rest = sum(r["values"][1:])
         assert h["values"] == pytest.approx([x / rest for x in r["values"][1:]], rel=1e-5)
+        assert h["sink_only"] is False  # the tiny random model has no sinks
+    for direction, token in (("to", "2"), ("from", "-1")):
+        for view in ("weights", "value-norms"):
+            d = inspect_json(attn, tiny_llama, SENTENCE, "-t", token, "--skip-first", "--direction", direction, "--values", view, "-q")
+            assert all(x <= 1.0 for h in d["heads"] for x in h["values"]) or view == "value-norms"
+
+
+def crafted_view(first: list[float], find: str | None = None):
+    """build_view over a hand-made capture: one query row per head, weights in float32 as the probe keeps them."""
+    from types import SimpleNamespace
+
+    from cli.inspect import build_view
+    from model.probe import Capture, LayerCapture
+
+    rows = [[f, *[(1 - f) * s for s in (0.9, 0.05, 0.05)]] for f in first]  # the rest split 90/5/5 over tokens 1..3
+    w = torch.tensor(rows, dtype=torch.float32)
+    w[0] = torch.tensor([1 - 1e-7, 9e-8, 5e-9, 5e-9])  # a sink that leaves 1e-7 for the rest: 1 − sink is noise in float32
+    lc = LayerCapture(w, w, w[:, :1].expand_as(w), torch.zeros(4, dtype=torch.bool), w[:, 1:].double().sum(-1, keepdim=True).expand_as(w))
+    heads = list(range(len(first)))
+    cap = Capture(3, "from", "weights", heads, heads, [0, 1, 2, 3], {0: lc})
+    labels = ["a", " b", " c", " d"]
+    return build_view(SimpleNamespace(name="crafted"), [0, 1, 2, 3], labels, cap, True, find, [1] if find else [], 4, None)
+
+
+def test_skip_first_on_crafted_sinks():
+    """A sink at 1 − 1e-7: every renormalised row sums to 1 (within 1e-6), no weight exceeds 1, and the
+    head is marked and ranked after the heads with real weight elsewhere, its raw share still shown."""
+    v = crafted_view([0.0, 0.5, 0.999, 0.2])
+    for r in v.rows:
+        assert abs(sum(r.values) - 1.0) <= 1e-6 and max(r.values) <= 1.0, r
+    assert [r.sink_only for r in sorted(v.rows, key=lambda r: r.head)] == [True, False, True, False]
+    sink = next(r for r in v.rows if r.head == 0)
+    assert sink.values[0] == pytest.approx(0.9, abs=1e-6) and sink.first_share == pytest.approx(1 - 1e-7, abs=1e-7)
+    ranked = crafted_view([0.0, 0.5, 0.999, 0.2], find="b")
+    order = [r.head for r in ranked.rows]
+    assert set(order[:2]) == {1, 3} and set(order[2:]) == {0, 2}  # all four give ≈ 0.9 to " b": the two sink heads go last
+    doc = json.loads(to_json(ranked))
+    assert [h["sink_only"] for h in doc["heads"]] == [False, False, True, True]
+    out = table(ranked, 80, False, 10)
+    assert "* 2 heads put under 1% of their weight off the first token" in out and "ranked last" in out
 
 
 def test_find_ranks_heads_by_weight_on_the_matching_tokens(attn, tiny_llama):
@@ -326,3 +367,17 @@ def test_real_model_finds_a_repeated_word_with_and_without_its_space(attn, real_
     r = attn(["inspect", "-m", str(real_model_dir), SENTENCE, "--token", "verdant", "-l", "0", "--format", "json"])
     assert r.code == 0 and json.loads(r.out)["query"]["index"] == 8
     assert r.err == "attn: --token 'verdant' is split into 6:␣ver 7:d 8:ant: using its last piece, 8:ant\n"
+
+
+@pytest.mark.slow
+def test_real_model_skip_first_never_shows_a_weight_above_1(attn, real_model_dir):
+    """The issue's command: layer 18 head 8 ranked first with 1:␣fluffy 1.40 (1 − sink in float32)."""
+    args = [SENTENCE, "--token", "creature", "--find", "fluffy", "--skip-first"]
+    d = inspect_json(attn, real_model_dir, *args)
+    for h in d["heads"]:
+        assert abs(sum(h["values"]) - 1.0) <= 1e-6 and max(h["values"]) <= 1.0, (h["layer"], h["head"])
+    marked = [h["sink_only"] for h in d["heads"]]
+    assert any(marked) and marked == sorted(marked)  # the sink heads, marked, all after the others
+    assert 1 - d["heads"][0]["first_token_share"] >= 0.01
+    r = attn(["inspect", "-m", str(real_model_dir), *args, "--top", "3", "--format", "table"], env={"NO_COLOR": "1", "COLUMNS": "100"})
+    assert r.code == 0 and "1.40" not in r.out and "ranked last" in r.out
