@@ -36,8 +36,19 @@ class Dtype(str, Enum):
 
 
 def epilog(text: str) -> str:
-    """An --help epilog printed as written: click rewraps paragraphs unless one opens with \\b."""
-    return "\b\n" + "\n".join(line for line in text.splitlines() if line.strip())
+    """An --help epilog printed as written (click rewraps a paragraph unless it opens with \\b): an
+    unindented line after a blank one starts a section; the blank lines inside one are dropped."""
+    sections: list[list[str]] = []
+    blank = True
+    for line in text.splitlines():
+        if not line.strip():
+            blank = True
+            continue
+        if blank and not line.startswith(" ") or not sections:
+            sections.append([])
+        sections[-1].append(line)
+        blank = False
+    return "\n\n".join("\b\n" + "\n".join(lines) for lines in sections)
 
 
 

@@ -6,6 +6,7 @@ import csv
 import html
 import io
 import json
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -57,6 +58,16 @@ Examples:
   attn heads "some text" --probe induction --format csv > heads.csv
 
   attn heads --sort induction -o heads.html
+
+Columns, over the rows i of each head's attention α (row 0 sees only itself and is left out):
+  entropy   mean of −Σ_j α_ij log2 α_ij (bits)     dist  mean of Σ_j α_ij (i − j) (tokens)
+  first     mean of α_i0 (the attention sink)      self  mean of α_ii
+  prev      mean of α_i,i−1 over rows i ≥ 2 (in row 1 the previous token is the first)
+  prev-tok  Σ_{i≥2} α_i,i−1 / Σ_{i≥2} Σ_{j≥1} α_ij: the share of what is not on the first token
+            that goes to the previous one; — when under 1% is off the first token
+  dup-tok   weight on earlier copies of token i; induct: on the tokens that followed them
+            (TransformerLens's detectors, averaged over the rows that have any; induct only from the probe)
+Measures are taken on the prompt; detectors on the induction probe when it runs, else on the prompt.
 """
 
 COLUMNS = ("layer", "head", "kv_head", *MEASURES, *DETECTORS)
@@ -120,8 +131,8 @@ def heads_cmd(
     ids = None
     if text is not None:
         ids = encode_prompt(m, text, chat, system)[0]
-        if len(ids) < 2:
-            raise UsageError("the prompt has one token: head measures need at least two")
+        if len(ids) < 3:
+            raise UsageError(f"the prompt has {len(ids)} token{'s' if len(ids) > 1 else ''}: head measures need at least three (with two, the previous token is the first)")
     probe_ids = None
     if probe is ProbeKind.induction:
         probe_ids = induction_probe(m, probe_length, seed)
@@ -169,7 +180,7 @@ def induction_probe(m: Loaded, length: int, seed: int) -> list[int]:
 
 
 def head_rows(m: Loaded, stats: HeadStats) -> list[dict]:
-    """One plain dict per (layer, head), every measure a float or None (detector not run)."""
+    """One plain dict per (layer, head), every measure a float or None (detector not run, or prev-tok of a head that only sinks)."""
     L, H = stats.entropy.shape
     cols = {name: stats.get(name) for name in (*MEASURES, *DETECTORS)}
     rows = []
@@ -177,7 +188,8 @@ def head_rows(m: Loaded, stats: HeadStats) -> list[dict]:
         for head in range(H):
             r = {"layer": layer, "head": head, "kv_head": m.cfg.kv_head(head)}
             for name, t in cols.items():
-                r[name] = None if t is None else float(t[layer, head])
+                x = None if t is None else float(t[layer, head])
+                r[name] = None if x is None or math.isnan(x) else x  # NaN: too little weight off the first token to say
             rows.append(r)
     return rows
 
@@ -289,8 +301,8 @@ def write_grid(path: Path, m: Loaded, stats: HeadStats, name: str) -> None:
     t = stats.get(name)
     if t is None:
         raise UsageError(f"--measure {name}: that detector was not run (add --probe induction)")
-    values = t.tolist()
-    flat = [v for row in values for v in row]
+    values = [[None if math.isnan(x) else x for x in row] for row in t.tolist()]
+    flat = [v for row in values for v in row if v is not None]
     lo, hi = (0.0, 1.0) if name not in ("entropy", "distance") else (min(flat), max(flat))
     title = f"{m.name}: {name} per layer × head"
     svg = grid_svg(values, title, lo, hi, standalone=path.suffix.lower() == ".svg")

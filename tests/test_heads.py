@@ -40,9 +40,9 @@ def test_measures_equal_those_of_transformers_attention(tiny_models, kind):
         "entropy": -(rows * torch.log2(rows.clamp_min(1e-30))).sum(-1).mean(-1),
         "distance": (rows * dist).sum(-1).mean(-1),
         "first": rows[..., 0].mean(-1),
-        "previous": att[:, :, i, i - 1].mean(-1),
+        "previous": att[:, :, i[1:], i[1:] - 1].mean(-1),  # rows 2..: row 1's previous token is the first
         "self": att[:, :, i, i].mean(-1),
-        "previous_token": att[:, :, i, i - 1].mean(-1),
+        "previous_token": att[:, :, i[1:], i[1:] - 1].sum(-1) / att[:, :, 2:, 1:].sum((-2, -1)),  # of what is off the first token
         "duplicate_token": att[:, :, 9, 3],  # the only row with an earlier copy
         "induction": att[:, :, 9, 4],  # ...whose follower is position 4
     }
@@ -65,7 +65,8 @@ def test_detection_patterns():
 
 
 def hand_built(tiny_models, T: int):
-    """Tiny gpt2 with token embeddings zeroed and layer 0's heads 1 and 2 set to attend to the previous / first token."""
+    """Tiny gpt2 with token embeddings zeroed and layer 0's heads set by hand: head 1 attends to the previous
+    token, head 2 to the first, head 3 half to each (all to the first in row 1, where they are one token)."""
     model = load_model(tiny_models["gpt2"][0])
     cfg = model.cfg
     H, D, C = cfg.n_heads, cfg.head_dim, cfg.dim
@@ -85,8 +86,17 @@ def hand_built(tiny_models, T: int):
         q2 = u.expand(T, D).clone()
         k2 = torch.zeros(T, D)
         k2[0] = u
+        # Head 3: head 1's vectors plus one more dimension in which every q_i and only k_0 are 1:
+        # q_i·k_j = [j = i − 1] + [j = 0], a tie between the previous and the first token from row 2 on.
+        heads = {1: (q1, k1), 2: (q2, k2)}
+        if T < D:  # room for the extra dimension
+            extra = torch.zeros(T, D)
+            extra[:, T] = 1.0
+            k3 = k1.clone()
+            k3[0, T] = 1.0
+            heads[3] = (q1 + extra, k3)
         w, b = attn.qkv.weight, attn.qkv.bias
-        for h, (qm, km) in {1: (q1, k1), 2: (q2, k2)}.items():
+        for h, (qm, km) in heads.items():
             w[:, h * D : (h + 1) * D] = pinv @ qm * beta**0.5
             w[:, (H + h) * D : (H + h + 1) * D] = pinv @ km * beta**0.5
             b[h * D : (h + 1) * D] = 0
@@ -100,13 +110,31 @@ def test_hand_built_heads_rank_first(tiny_models):
     ids = random_ids(model, T)
     s = head_stats(model, ids, None)
     L, H = s.entropy.shape
-    rank = lambda t: [divmod(int(i), H) for i in t.flatten().argsort(descending=True)]  # noqa: E731
+    rank = lambda t: [divmod(int(i), H) for i in t.nan_to_num(nan=-1.0).flatten().argsort(descending=True)]  # noqa: E731  # NaN (a sink head's prev-tok) last
     assert rank(s.previous)[0] == (0, 1) and s.previous[0, 1] > 0.99
     assert rank(s.previous_token)[0] == (0, 1)
     assert rank(s.first)[0] == (0, 2) and s.first[0, 2] > 0.99
     assert rank(-s.distance)[0] == (0, 1)  # always one token back: the nearest attention apart from self
     assert s.entropy[0, 1] < 0.05 and s.entropy[0, 2] < 0.05
     assert s.induction is None and s.duplicate_token is None  # no probe; no repeated token in `ids`
+
+
+def test_previous_and_previous_token_differ_as_documented(tiny_models):
+    """prev: the raw share on token i − 1 over rows i ≥ 2; prev-tok: that share of what is off the first token."""
+    T = 12
+    model = hand_built(tiny_models, T)
+    s = head_stats(model, random_ids(model, T), None)
+    prev, prev_tok, first = s.previous[0], s.previous_token[0], s.first[0]
+    # Head 1 looks at the previous token only.
+    assert prev[1] > 0.99 and prev_tok[1] > 0.99
+    # Head 2 looks at the first token only: no previous-token share (row 1, where they coincide, is left
+    # out; it gave 1/(T − 1) before), and prev-tok is NaN: nothing is left off the first token.
+    assert prev[2] < 1e-6 and torch.isnan(prev_tok[2]) and first[2] > 0.99
+    # Head 3 splits rows 2.. between the first and the previous token: half the raw share, all of the rest.
+    assert abs(prev[3] - 0.5) < 1e-3 and prev_tok[3] > 0.99
+    assert abs(first[3] - (1 + 0.5 * (T - 2)) / (T - 1)) < 1e-3
+    r = run_cli(["heads", "-m", str(tiny_models["gpt2"][0]), "a b c d e", "--format", "json"])  # NaN is JSON null, never NaN
+    assert r.code == 0 and "NaN" not in r.out
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -211,7 +239,7 @@ def test_heads_picture(tiny_models, tmp_path, suffix):
         ([PROMPT, "--sort", "bogus"], "bogus"),
         ([PROMPT, "-o", "heads.png"], "must be a .svg or .html file"),
         ([PROMPT, "--probe", "induction", "--probe-length", "200"], "exceeds the model's 256 positions"),
-        (["a"], "need at least two"),
+        (["a"], "need at least three"),
         ([PROMPT, "-o", "x.svg", "--measure", "layer"], "--measure must be a measure or detector"),
         ([PROMPT, "-o", "x.svg", "--sort", "layer"], "-o draws a measure: --sort layer is not one"),
     ],
