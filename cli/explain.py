@@ -73,7 +73,7 @@ def explain_cmd(
     occurrence: OccurrenceOpt = None,
     layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Layer (negative from the end). [default: with --head unset too, the head whose attention is sharpest]", show_default=False)] = None,
     head: Annotated[Optional[int], typer.Option("--head", help="Query head. [default: as --layer]", show_default=False)] = None,
-    top: Annotated[int, typer.Option("--top", min=1, help="Highlight the K strongest sources.")] = 3,
+    top: Annotated[int, typer.Option("--top", min=0, help="Highlight the K strongest sources (0 = all).")] = 3,
     rows: Annotated[int, typer.Option("--rows", min=4, help="Sources listed per table before the rest is summarised.")] = 24,
     preview: Annotated[int, typer.Option("--preview", min=1, max=64, help="Vector components shown in previews.")] = 6,
     fmt: Annotated[Optional[ExplainFormat], typer.Option("--format", **choice(ExplainFormat), help="table (rich panels) or json. [default: table on a TTY, else json]", show_default=False)] = None,
@@ -207,7 +207,7 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
     """
     tok = lambda j: show(labels[j], 16)  # noqa: E731
     q = ex.query
-    top_set = set(ex.weights.topk(min(top, q + 1)).indices.tolist())
+    top_set = set(ex.weights.topk(min(top or q + 1, q + 1)).indices.tolist())  # --top 0: all, as everywhere
     shown = _shown(ex, rows)
     norm_kind = "LayerNorm" if m.cfg.norm == "layer" else "RMSNorm"
     title = f'"{show(labels[q])}" (token {q}) · layer {ex.layer} · head {ex.head}'

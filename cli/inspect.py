@@ -98,7 +98,7 @@ def inspect_cmd(
     values: Annotated[Values, typer.Option("--values", **choice(Values), help="weights (softmax), scores (QKᵀ/√d before softmax) or value-norms (‖α·v·W_O‖).")] = Values.weights,
     skip_first: Annotated[bool, typer.Option("--skip-first", help="Leave the first token (often an attention sink) out and renormalise the rest by the sum of the others; its raw share is still shown. A head with under 1% off the first token is marked * and ranked last by --find.")] = False,
     find: Annotated[Optional[str], typer.Option("--find", help="Rank every (layer, head) by what the chosen token gives to tokens matching TEXT.", show_default=False)] = None,
-    top: Annotated[Optional[int], typer.Option("--top", min=1, help="Table: the K strongest sources per head [default: 3]; with --find, the K best heads [default: 10].", show_default=False)] = None,
+    top: Annotated[Optional[int], typer.Option("--top", min=0, help="The K strongest sources per head; with --find, the K best heads; 0 = all. Given, every format lists the same K (JSON: each head's top positions). [default: 3 sources / 10 heads in the table, all elsewhere]", show_default=False)] = None,
     fmt: Annotated[Optional[Format], typer.Option("--format", **choice(Format), help="table | json | csv. [default: table when stdout is a terminal, else json]", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a self-contained picture: FILE.html or FILE.svg; stdout then stays empty unless --format is given.", show_default=False)] = None,
     generate_n: Annotated[int, typer.Option("--generate", min=0, help="Generate N tokens first (sampling flags as in generate), then inspect prompt + generated.")] = 0,
@@ -162,6 +162,7 @@ def inspect_cmd(
     cap = capture(m.model, ids, query, layers, heads, direction.value, values.value, cached=cached)
     view = build_view(m, ids, labels, cap, skip_first, find, find_pos, prompt_len, generated)
     view.raw = raw
+    view.top = top
 
     if fmt is None and output is None:  # with -o the picture is the product; stdout only if --format asks
         fmt = Format.table if sys.stdout.isatty() else Format.json

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import html
 import os
+from dataclasses import replace
 from pathlib import Path
 
-from cli.render import View, bins, describe, fmt, levels
+from cli.render import View, bins, describe, fmt, levels, listed, strongest
 from cli.tokens import show
 from model.errors import AttnError
 
@@ -73,6 +74,7 @@ def subtitle(v: View) -> str:
 
 def write_picture(v: View, path: Path) -> None:
     """Write the HTML or SVG picture (by suffix) atomically."""
+    v = replace(v, rows=listed(v))  # --find with --top K: the K best heads, as in the table and JSON
     text = svg(v) if path.suffix.lower() == ".svg" else page(v)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -166,7 +168,7 @@ def page(v: View) -> str:
             ink = "#fff" if lv > 0.55 else "#1b1b1b"
             tip = f"layer {r.layer} head {r.head} → {label}: {val:.6g}"
             tds.append(f'<td class="c{qc}" style="background:{color(lv)};color:{ink}" title="{e(tip)}">{text}</td>')
-        order = sorted((j for j, x in enumerate(r.values) if x is not None), key=lambda j: -r.values[j])[:3]
+        order = strongest(r, 3 if v.top is None else v.top)  # --top K: the same K sources as the table
         top = "  ".join(f"{v.positions[j]}:{show(v.labels[v.positions[j]], 12)} {fmt(r.values[j], v.values)}" for j in order)
         tds.append(f'<td class="top">{e(top)}</td></tr>')
         out.append("".join(tds))

@@ -54,6 +54,7 @@ class View:
     prompt_tokens: int = 0  # tokens before any generated ones
     generated: dict | None = None  # --generate: {"tokens", "text", "seed"}
     raw: list[bytes] = field(default_factory=list)  # each token's bytes, for JSON
+    top: int | None = None  # --top as given: every format lists the same K (0: all); None: the table's defaults, all elsewhere
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -104,8 +105,10 @@ def to_json(v: View) -> str:
         out["find"] = {"text": v.find, "positions": v.find_positions}
     if v.generated is not None:
         out["generated"] = v.generated
-    for r in v.rows:
+    for r in listed(v):
         head = {"layer": r.layer, "head": r.head, "kv_head": r.kv_head, "values": [plain(x) for x in r.values], "first_token_share": plain(r.first_share)}
+        if v.top is not None and v.find is None:  # --top K: each head's K strongest positions, strongest first
+            head["top"] = [v.positions[j] for j in strongest(r, v.top)]
         if v.renormalized:
             head["sink_only"] = r.sink_only
         if v.find is not None:
@@ -118,12 +121,16 @@ CSV_HEADER = ["layer", "head", "kv_head", "query", "position", "token", "value"]
 
 
 def to_csv(v: View) -> str:
-    """One row per (layer, head, position); `query` is the chosen token, `position` the other one."""
+    """One row per (layer, head, position); `query` is the chosen token, `position` the other one.
+    With --top K: the K best heads (--find), or each head's K strongest positions."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_HEADER)
-    for r in v.rows:
-        for p, x in zip(v.positions, r.values):
+    for r in listed(v):
+        keep = set(strongest(r, v.top)) if v.top and v.find is None else None  # --top K: each head's K strongest
+        for j, (p, x) in enumerate(zip(v.positions, r.values)):
+            if keep is not None and j not in keep:
+                continue
             w.writerow([r.layer, r.head, r.kv_head, v.query, p, v.labels[p], "" if x is None else plain(x)])
     return buf.getvalue()
 
@@ -167,9 +174,20 @@ def strip(scaled: list[float | None], cells: int, width: int, color: bool) -> Te
     return t
 
 
+def strongest(r: HeadRow, k: int) -> list[int]:
+    """Indices into the row's values of its k strongest (k = 0: all), strongest first; masked ones left out."""
+    order = sorted((j for j, x in enumerate(r.values) if x is not None), key=lambda j: -r.values[j])
+    return order[:k] if k else order
+
+
+def listed(v: View) -> list[HeadRow]:
+    """The rows every format lists: with --find and --top K, the K best heads; else all."""
+    return v.rows[: v.top] if v.find is not None and v.top else v.rows
+
+
 def top_sources(v: View, r: HeadRow, k: int, limit: int = 12, room: int = 0) -> Text:
-    """The k strongest positions of a row as `index:token value`, as many as fit in `room` (0: all k)."""
-    order = sorted((j for j, x in enumerate(r.values) if x is not None), key=lambda j: -r.values[j])[:k]
+    """The k strongest positions of a row (k = 0: all) as `index:token value`, as many as fit in `room` (0: all k)."""
+    order = strongest(r, k)
     t = Text()
     for n, j in enumerate(order):
         p = v.positions[j]
@@ -282,7 +300,7 @@ def _head_rows(con: Console, v: View, width: int, color: bool, top: int) -> None
     head.append(" ")
     head.append(f"{'1st':>4} ", style="bold")
     if inline:
-        head.append(f"top {top}", style="bold")
+        head.append(f"top {top}" if top else "all sources", style="bold")
     con.print(head, overflow="ellipsis", no_wrap=True)
     # A rule between layers, where a layer has several rows to keep apart (not with one head per layer).
     rules = len({r.layer for r in v.rows}) < len(v.rows)
@@ -310,7 +328,7 @@ def _find_rows(con: Console, v: View, width: int, color: bool, top: int) -> None
     targets = ", ".join(f'{p}:{show(v.labels[p], 16)}' for p in v.find_positions[:8]) + (" …" if len(v.find_positions) > 8 else "")
     verb = "gives to" if v.direction == "from" else "receives from"
     con.print(Text(f'heads ranked by the {v.values} "{show(v.labels[v.query])}" {verb} "{v.find}" (tokens {targets})', style="dim"), overflow="fold")
-    rows = v.rows[:top]
+    rows = v.rows[:top] if top else v.rows
     lw = max(len(str(r.layer)) for r in rows) if rows else 1
     bar_w = 10 if width >= 60 else 5
     head = Text(f"{'#':>3} {'L':>{lw}} {'h':>2} {'kv':>2} {'match':>6} {'':<{bar_w}} {'1st':>4} ", style="bold")

@@ -281,6 +281,33 @@ def test_find_ranks_heads_by_weight_on_the_matching_tokens(attn, tiny_llama):
     assert table.code == 0 and "ranked" in table.out
 
 
+def test_top_means_the_same_in_every_format_and_0_means_all(attn, tiny_llama, tmp_path):
+    """An explicit --top K lists the same K in the table, JSON, CSV and the picture; --top 0 is all (as in heads)."""
+    base = ["inspect", "-m", str(tiny_llama), SENTENCE, "-t", "-1", "-l", "1", "-q"]
+    full = json.loads(attn(base + ["--format", "json"]).out)
+    assert all("top" not in h for h in full["heads"])  # without --top: unchanged
+    d = json.loads(attn(base + ["--top", "2", "--format", "json"]).out)
+    for h, f in zip(d["heads"], full["heads"]):
+        assert h["values"] == f["values"]
+        ranked = sorted(range(len(f["values"])), key=lambda j: -f["values"][j])[:2]
+        assert h["top"] == [full["positions"][j] for j in ranked]
+    rows = list(csv.reader(io.StringIO(attn(base + ["--top", "2", "--format", "csv"]).out)))[1:]
+    assert {(int(r[1]), int(r[4])) for r in rows} == {(h["head"], p) for h in d["heads"] for p in h["top"]}
+    all_json = json.loads(attn(base + ["--top", "0", "--format", "json"]).out)
+    assert all(len(h["top"]) == len(full["positions"]) for h in all_json["heads"])
+    table = attn(base + ["--top", "0", "--format", "table"], env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert table.code == 0 and "all sources" in table.out and "top 0" not in table.out
+    find = base + ["--find", "blue"]
+    ranked = json.loads(attn(find + ["--format", "json"]).out)["heads"]
+    two = json.loads(attn(find + ["--top", "2", "--format", "json"]).out)["heads"]
+    assert two == ranked[:2]
+    assert {int(r[1]) for r in list(csv.reader(io.StringIO(attn(find + ["--top", "2", "--format", "csv"]).out)))[1:]} == {h["head"] for h in two}
+    pic = tmp_path / "a.svg"
+    assert attn(find + ["--top", "2", "-o", str(pic)]).code == 0
+    assert set(re.findall(r"<title>layer (\d+) head (\d+) →", pic.read_text())) == {(str(h["layer"]), str(h["head"])) for h in two}
+    assert attn(find + ["--top", "0", "--format", "json"]).out == attn(find + ["--format", "json"]).out
+
+
 def test_demo_sentence_when_no_prompt_and_a_terminal(attn, tiny_llama):
     r = attn(["inspect", "-m", str(tiny_llama), "--head", "3"], tty=True)
     assert r.code == 0, r
