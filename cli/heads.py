@@ -194,10 +194,17 @@ def head_rows(m: Loaded, stats: HeadStats) -> list[dict]:
     return rows
 
 
+def no_values(column: str) -> str:
+    """Why a column has no value in any row."""
+    if column == "previous_token":  # always computed: null only for heads that park ≥ 99% on the first token
+        return "no head has 1% of its attention off the first token"
+    return "that detector was not run (add --probe induction)"
+
+
 def sort_rows(rows: list[dict], by: str, ascending: bool) -> list[dict]:
     """Strongest first (smallest with `ascending`); rows without the value (detector not run) last."""
     if all(r[by] is None for r in rows):
-        raise UsageError(f"--sort {by}: that detector was not run (add --probe induction)")
+        raise UsageError(f"--sort {by}: {no_values(by)}")
     if by in ("layer", "head", "kv_head"):
         ascending = not ascending  # indices read naturally smallest first
     sign = 1 if ascending else -1
@@ -300,7 +307,7 @@ def grid_svg(values: list[list[float | None]], title: str, lo: float, hi: float,
 def write_grid(path: Path, m: Loaded, stats: HeadStats, name: str) -> None:
     t = stats.get(name)
     if t is None:
-        raise UsageError(f"--measure {name}: that detector was not run (add --probe induction)")
+        raise UsageError(f"--measure {name}: {no_values(name)}")
     values = [[None if math.isnan(x) else x for x in row] for row in t.tolist()]
     flat = [v for row in values for v in row if v is not None]
     lo, hi = (0.0, 1.0) if name not in ("entropy", "distance") else (min(flat), max(flat))
