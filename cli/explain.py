@@ -43,6 +43,7 @@ from cli.common import (
 from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import encode_prompt, prompt_or_demo
+from cli.speed import Quantize, QuantizeOpt, apply_speed_options
 from cli.tokens import is_index, pick_indices, pick_token, show, token_raw, tokens_json
 from model.errors import UsageError
 from model.explain import Explanation, explain, query_rows
@@ -81,6 +82,7 @@ def explain_cmd(
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
+    quantize: QuantizeOpt = Quantize.none,
     no_stdin: NoStdinOpt = False,
     invalid_utf8: InvalidUtf8Opt = "error",
     quiet: QuietOpt = False,
@@ -95,6 +97,9 @@ def explain_cmd(
     text = prompt_or_demo(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
     fmt = fmt or (ExplainFormat.table if sys.stdout.isatty() else ExplainFormat.json)
     m = open_model(model, device, dtype, quiet)
+    if quantize is not Quantize.none:
+        apply_speed_options(m, quantize, False, 0, quiet)
+        note(f"weights quantized ({quantize.value}): the numbers shown are the quantized model's", quiet)
     ids, labels = encode_prompt(m, text, chat, system)
     q, token_note = pick_token(token_raw(m.tokenizer, ids), token, occurrence)
     # The same selection rules, messages and labels as `attn inspect`, so both name the same token and head.
@@ -146,6 +151,7 @@ def explanation_json(m: Loaded, ids: list[int], labels: list[str], ex: Explanati
     """The same numbers as the panels; arrays are aligned with `positions` (masked future positions left out)."""
     return {
         "model": m.name,
+        **({"quantize": m.quantize} if m.quantize != "none" else {}),
         "tokens": tokens_json(m.tokenizer, ids),
         "query": {"index": ex.query, "text": labels[ex.query]},
         "layer": ex.layer,

@@ -49,6 +49,7 @@ from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import encode_labelled, prompt_or_demo
 from cli.render import SINK_ONLY, HeadRow, View, table, to_csv, to_json
+from cli.speed import Quantize, QuantizeOpt, apply_speed_options
 from cli.tokens import find_positions, is_index, pick_indices, pick_token, token_labels, token_raw
 from model.errors import AttnError, UsageError
 from model.loading import load_generation_config
@@ -114,6 +115,7 @@ def inspect_cmd(
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
+    quantize: QuantizeOpt = Quantize.none,
     no_stdin: NoStdinOpt = False,
     invalid_utf8: InvalidUtf8Opt = "error",
     quiet: QuietOpt = False,
@@ -129,6 +131,9 @@ def inspect_cmd(
         raise UsageError("--occurrence goes with --token TEXT")
     text = prompt_or_demo(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
     m = open_model(model, device, dtype, quiet)
+    if quantize is not Quantize.none:
+        apply_speed_options(m, quantize, False, 0, quiet)
+        note(f"weights quantized ({quantize.value}): the attention shown is the quantized model's", quiet)
     ids, labels = encode_labelled(m, text, chat, system)
     prompt_len = len(ids)
     generated, cached = None, 0
@@ -222,6 +227,7 @@ def build_view(m: Loaded, ids, labels, cap: Capture, skip_first: bool, find: str
         rows.sort(key=lambda r: (r.layer, r.kv_head, r.head))
     return View(
         model=m.name,
+        quantize=m.quantize,
         ids=list(ids),
         labels=labels,
         query=cap.query,

@@ -58,6 +58,7 @@ class Loaded:
     dtype: torch.dtype
     load_ms: float
     params: int
+    quantize: str = "none"  # set by --quantize (cli/speed.py): the numbers are then the quantized model's
 
 
 def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False) -> Loaded:

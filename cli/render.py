@@ -55,6 +55,7 @@ class View:
     generated: dict | None = None  # --generate: {"tokens", "text", "seed"}
     raw: list[bytes] = field(default_factory=list)  # each token's bytes, for JSON
     top: int | None = None  # --top as given: every format lists the same K (0: all); None: the table's defaults, all elsewhere
+    quantize: str = "none"  # the weights' quantization (--quantize), when not none
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -82,6 +83,8 @@ def describe(v: View) -> str:
     head = f"{what} from {q} to the tokens before it" if v.direction == "from" else f"{what} of later tokens on {q}"
     if v.skip_first:
         head += "; first token left out" + (", the rest renormalised" if v.renormalized else "")
+    if v.quantize != "none":
+        head += f" ({v.quantize} weights)"
     return head
 
 
@@ -92,6 +95,7 @@ def to_json(v: View) -> str:
     """The contract's one JSON object (docs/cli.md), with the first-token share per head."""
     out = {
         "model": v.model,
+        **({"quantize": v.quantize} if v.quantize != "none" else {}),
         "tokens": [{"index": i, "id": t, "text": s, "bytes": list(b)} for i, (t, s, b) in enumerate(zip(v.ids, v.labels, v.raw))],
         "query": {"index": v.query, "text": v.labels[v.query]},
         "direction": v.direction,

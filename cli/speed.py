@@ -70,6 +70,7 @@ def apply_speed_options(m: Loaded, quantize: Quantize, compile_step: bool, max_l
             found = blocks_file(m.path)
             blocks = load_blocks(found) if found is not None else None
         speed.kernels = dict(quantize_model(m.model, quantize.value, blocks))
+        m.quantize = quantize.value
         if quantize is Quantize.int4:
             kept = sum(n for k, n in speed.kernels.items() if k.startswith("Int4"))
             speed.source = "the GGUF's own 4-bit codes" if blocks else "round-to-nearest from the float weights"
