@@ -121,17 +121,14 @@ def bench_cmd(
     set_threads(threads)
     prompt_lens = prompt_lens or [64]
     max_len = max(prompt_lens) + n_gen
-    m = open_model(model, device, dtype, quiet)
+    m = open_model(model, device, dtype, quiet, quantize.value)
     if max_len > m.cfg.max_len:
         raise AttnError(f"prompt ({max(prompt_lens)}) + generated ({n_gen}) tokens exceed the model's context ({m.cfg.max_len})")
-    weights_mb = sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()]) / 2**20
-    speed = apply_speed_options(m, quantize, compile_step, max_len, quiet)
-    compile_s = speed.compile_s
+    weights_mb = sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()]) / 2**20  # resident, quantized or not
+    compile_s = apply_speed_options(m, compile_step, max_len, quiet)
     if not compile_step:
         m.model.setup_cache(max_len)
     kv_mb = sum(b.numel() * b.element_size() for n, b in m.model.named_buffers() if n.endswith((".k", ".v"))) / 2**20
-    if quantize is not Quantize.none:
-        weights_mb = sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()]) / 2**20 - kv_mb
     hf = _load_transformers(hf_cls, m) if hf_cls is not None else None
 
     vocab = min(m.cfg.vocab_size, m.tokenizer.vocab_size)
@@ -166,7 +163,7 @@ def bench_cmd(
         "device": str(m.device),
         "dtype": str(m.dtype).removeprefix("torch."),
         "quantize": quantize.value,
-        "kernels": speed.kernels,  # quantized layers per "Class:kernel" (which path ran)
+        "kernels": m.kernels,  # quantized layers per "Class:kernel" (which path ran)
         "cpu": cpu_features() if m.device.type == "cpu" else None,
         "compile": compile_s is not None,
         "compile_s": round(compile_s, 2) if compile_s is not None else None,

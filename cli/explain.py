@@ -43,7 +43,7 @@ from cli.common import (
 from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import encode_prompt, prompt_or_demo
-from cli.speed import Quantize, QuantizeOpt, apply_speed_options
+from cli.speed import Quantize, QuantizeOpt
 from cli.tokens import is_index, pick_indices, pick_token, show, token_raw, tokens_json
 from model.errors import UsageError
 from model.explain import Explanation, explain, query_rows
@@ -96,9 +96,8 @@ def explain_cmd(
         raise UsageError("--occurrence goes with --token TEXT")
     text = prompt_or_demo(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
     fmt = fmt or (ExplainFormat.table if sys.stdout.isatty() else ExplainFormat.json)
-    m = open_model(model, device, dtype, quiet)
+    m = open_model(model, device, dtype, quiet, quantize.value)
     if quantize is not Quantize.none:
-        apply_speed_options(m, quantize, False, 0, quiet)
         note(f"weights quantized ({quantize.value}): the numbers shown are the quantized model's", quiet)
     ids, labels = encode_prompt(m, text, chat, system)
     q, token_note = pick_token(token_raw(m.tokenizer, ids), token, occurrence)

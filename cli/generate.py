@@ -123,12 +123,12 @@ def generate_cmd(
     if logprobs is not None and not (json_out or jsonl):
         raise UsageError("--logprobs needs --json or --jsonl")
 
-    m = open_model(model, device, dtype, quiet)
+    m = open_model(model, device, dtype, quiet, quantize.value)
     settings = sampling_settings(m.path, load_generation_config(m.path), temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
     use_chat = chat if chat is not None else bool(m.tokenizer.chat_template)
     ids = encode_prompt_text(m, text, use_chat, system)[0]
     ids = fit_context(m, ids, max_tokens, ctx_size, truncate, quiet, use_chat)
-    apply_speed_options(m, quantize, compile_step, len(ids) + max_tokens, quiet)
+    apply_speed_options(m, compile_step, len(ids) + max_tokens, quiet)
     if seed is None:
         seed = secrets.randbelow(2**31)
         if verbose:

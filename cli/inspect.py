@@ -49,7 +49,7 @@ from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import encode_labelled, prompt_or_demo
 from cli.render import SINK_ONLY, HeadRow, View, table, to_csv, to_json
-from cli.speed import Quantize, QuantizeOpt, apply_speed_options
+from cli.speed import Quantize, QuantizeOpt
 from cli.tokens import find_positions, is_index, pick_indices, pick_token, token_labels, token_raw
 from model.errors import AttnError, UsageError
 from model.loading import load_generation_config
@@ -130,9 +130,8 @@ def inspect_cmd(
     if occurrence is not None and (token is None or is_index(token)):
         raise UsageError("--occurrence goes with --token TEXT")
     text = prompt_or_demo(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
-    m = open_model(model, device, dtype, quiet)
+    m = open_model(model, device, dtype, quiet, quantize.value)
     if quantize is not Quantize.none:
-        apply_speed_options(m, quantize, False, 0, quiet)
         note(f"weights quantized ({quantize.value}): the attention shown is the quantized model's", quiet)
     ids, labels = encode_labelled(m, text, chat, system)
     prompt_len = len(ids)

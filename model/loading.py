@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,8 +71,13 @@ EMBEDDINGS = {"tok_emb.weight", "pos_emb.weight"}
 IGNORED = re.compile(r"h\.\d+\.attn\.(masked_)?bias$")
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Decoder:
-    """Build the decoder for a model directory and fill it with its weights, checked against the config."""
+def load_model(
+    path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", skip: Callable[[str], bool] | None = None
+) -> Decoder:
+    """Build the decoder for a model directory and fill it with its weights, checked against the config.
+
+    Weights `skip` names are checked but not read: they stay on the meta device, for the caller to
+    replace (quantized layers built from a GGUF's own blocks, model/quant)."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     with torch.device("meta"):
@@ -79,8 +85,10 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str | tor
     expected = {k: tuple(p.shape) for k, p in model.state_dict().items()}
     files = checkpoint_files(path)
     plan = plan_loading(cfg, files, expected)
+    if skip is not None:
+        plan = {name: pieces for name, pieces in plan.items() if not skip(name)}
     state = read_weights(plan, expected, cfg, dtype, device)
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(state, assign=True, strict=skip is None)
     return model.eval()
 
 

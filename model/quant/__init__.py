@@ -53,18 +53,16 @@ def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None)
         raise ValueError(f"unknown quantization mode {mode!r}")
     cfg = model.cfg
     used: Counter = Counter()
+    from_blocks = covered_by(cfg, blocks or {})
 
     def make(name: str, lin: Linear) -> nn.Module:
         if mode == "int8":
             layer = Int8Linear.from_linear(lin)
         else:
-            sources = weight_sources(cfg, f"{name}.weight")
-            found = [blocks[s] for s in sources if blocks and s in blocks]
-            if found and len(found) == len(sources) and (lin.weight.shape[0] == found[0].shape[1]):
-                fused = Blocks.cat(found)
-                bias = lin.bias
+            if from_blocks(f"{name}.weight"):  # the float weight may never have been read (load_model's skip)
+                fused = Blocks.cat([blocks[s] for s in weight_sources(cfg, f"{name}.weight")])
                 cls = Q8Linear if fused.kind == "q8_0" else Int4Linear
-                layer = cls(fused, bias, lin.weight.dtype, lin.weight.device)
+                layer = cls(fused, lin.bias, model.dtype, model.device)
             elif name == "lm_head":  # the head (and a tied embedding) stays 8-bit, as llama.cpp keeps its output layer
                 layer = Q8Linear.from_linear(lin)
             else:
@@ -74,6 +72,19 @@ def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None)
 
     swap_linears(model, make)
     return used
+
+
+def covered_by(cfg, blocks: dict[str, Blocks]) -> Callable[[str], bool]:
+    """Which of our weights `blocks` fill completely (every fused part, matching shapes): those need
+    not be read as floats at all (load_model's `skip`)."""
+
+    def covered(name: str) -> bool:
+        if not name.endswith(".weight") or not blocks:
+            return False
+        sources = weight_sources(cfg, name)
+        return bool(sources) and all(s in blocks for s in sources) and len({blocks[s].shape[1] for s in sources}) == 1
+
+    return covered
 
 
 def quantize_int8(model: Decoder) -> Decoder:
