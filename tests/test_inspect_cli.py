@@ -245,7 +245,7 @@ def crafted_view(first: list[float], find: str | None = None):
     heads = list(range(len(first)))
     cap = Capture(3, "from", "weights", heads, heads, [0, 1, 2, 3], {0: lc})
     labels = ["a", " b", " c", " d"]
-    return build_view(SimpleNamespace(name="crafted"), [0, 1, 2, 3], labels, cap, True, find, [1] if find else [], 4, None)
+    return build_view(SimpleNamespace(name="crafted", quantize="none"), [0, 1, 2, 3], labels, cap, True, find, [1] if find else [], 4, None)
 
 
 def test_skip_first_on_crafted_sinks():
