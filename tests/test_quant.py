@@ -37,6 +37,12 @@ def bf16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return 2**-7 * (x.abs() @ w.abs()) + 1e-5
 
 
+def int4_kernel_weight(layer: Int4Linear) -> torch.Tensor:
+    """W (in, out) as the int4 kernel computes it: (q − 8)·s + z with its bfloat16 s and z."""
+    s, z = (layer.sz[..., i].float().t().repeat_interleave(GROUP, dim=1)[: layer.n_out] for i in (0, 1))  # (N, K')
+    return ((layer.codes().float() - 8) * s + z)[:, : layer.n_in].t()
+
+
 def use_kernels(monkeypatch, which: str) -> None:
     monkeypatch.setenv("ATTN_KERNELS", which)
 
@@ -58,9 +64,12 @@ def test_int4_int8_q8_layers_match_a_float_reference(n_in, n_out, rows, bias, se
         spread = w.abs().max() * 2 / step
         assert (dense - w).abs().max().item() <= spread / 2 * 1.01 + 1e-3
         y = q(x)
-        ref = x @ dense + (lin.bias.detach() if bias else 0)
+        # What the kernel multiplies by: for int4, the scale and zero it reads are bfloat16 (the file's float16
+        # d and m rounded); an offset's rounding reaches every column of x, so it is part of the reference.
+        kernel_w = int4_kernel_weight(q) if cls is Int4Linear else dense
+        ref = x @ kernel_w + (lin.bias.detach() if bias else 0)
         assert y.shape == (rows, n_out)
-        assert ((y - ref).abs() <= bf16_bound(x, dense) + 1e-4).all(), cls.__name__
+        assert ((y - ref).abs() <= bf16_bound(x, kernel_w) + 1e-4).all(), cls.__name__
         assert torch.equal(q.columns(torch.tensor([0, n_out - 1])), dense.t()[[0, n_out - 1]])
 
 

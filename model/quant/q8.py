@@ -32,12 +32,12 @@ class Q8Linear(nn.Module):
         self.n_out, self.n_in = N, K
         self.dtype = dtype
         self.kernel = int8_kernel(device)
-        self.register_buffer("codes", blocks.codes.to(device).contiguous())  # (N, K) int8
+        # Per group of 32 columns, its (N, 32) codes as one contiguous matrix: what the eager one-row path hands
+        # `_weight_int8pack_mm` group by group; the (N, K) view of the same bytes serves everything else.
+        self.register_buffer("groups", blocks.codes.view(N, K // GROUP, GROUP).transpose(0, 1).contiguous().to(device))  # (K/32, N, 32)
         self.register_buffer("scale16", blocks.scale.to(device))  # (N, K/32) float16: the file's d
         self.register_buffer("scale_t", blocks.scale.float().t().contiguous().to(device))  # (K/32, N) float32
-        if self.kernel == "int8pack":  # per group, its columns as one contiguous (N, 32) int8 matrix
-            self.register_buffer("groups", blocks.codes.view(N, K // GROUP, GROUP).transpose(0, 1).contiguous().to(device))
-            self.register_buffer("unit", torch.ones(N, dtype=torch.bfloat16, device=device))
+        self.register_buffer("unit", torch.ones(N, dtype=torch.bfloat16, device=device))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     @classmethod
@@ -52,7 +52,7 @@ class Q8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, K)
-        K = self.codes.shape[1]
+        K = self.groups.shape[0] * GROUP
         if K != x2.shape[1]:
             x2 = F.pad(x2, (0, K - x2.shape[1]))
         if x2.shape[0] == 1 and torch.compiler.is_compiling():
@@ -65,9 +65,9 @@ class Q8Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def _fused_row(self, x: torch.Tensor) -> torch.Tensor:
-        N, K = self.codes.shape
-        dots = (x.float().view(1, 1, K // GROUP, GROUP) * self.codes.view(1, N, K // GROUP, GROUP)).sum(-1)  # (1, N, K/32)
-        return (dots * self.scale_t.t()).sum(-1)  # (1, N)
+        G, N, _ = self.groups.shape
+        dots = (x.float().view(G, 1, GROUP) * self.groups).sum(-1)  # (K/32, N): each group's dot product
+        return (dots * self.scale_t).sum(0, keepdim=True)  # (1, N)
 
     def _grouped_row(self, x: torch.Tensor) -> torch.Tensor:
         xb = x.to(torch.bfloat16).view(1, -1, GROUP)  # (1, K/32, 32)
@@ -81,9 +81,10 @@ class Q8Linear(nn.Module):
         xd = x.to(dt)
         return torch.cat([xd @ self._dense_rows(slice(a, a + CHUNK)).to(dt).t() for a in range(0, self.n_out, CHUNK)], dim=1)
 
-    def _dense_rows(self, rows: slice) -> torch.Tensor:
-        codes = self.codes[rows]
-        return (codes.float().view(codes.shape[0], -1, GROUP) * self.scale16[rows].float()[..., None]).view(codes.shape[0], -1)
+    def _dense_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Rows of W (out, in) as float32: d·q."""
+        codes = self.groups[:, rows].transpose(0, 1)  # (n, K/32, 32)
+        return (codes.float() * self.scale16[rows].float()[..., None]).reshape(codes.shape[0], -1)
 
     def dense_weight(self) -> torch.Tensor:
         """W (in, out) in the model's dtype: exactly d·q."""
@@ -96,6 +97,5 @@ class Q8Linear(nn.Module):
 
     def columns(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of W (out, in), dequantized: the tied embedding read from the 8-bit head."""
-        codes = self.codes[ids]  # (..., K)
-        w = codes.float().view(*codes.shape[:-1], -1, GROUP) * self.scale16[ids].float()[..., None]
-        return w.view(*codes.shape)[..., : self.n_in].to(self.dtype)
+        rows = self._dense_rows(ids.reshape(-1))[:, : self.n_in]  # (n, in)
+        return rows.view(*ids.shape, -1).to(self.dtype)
