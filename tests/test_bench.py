@@ -87,3 +87,13 @@ def test_generate_compile_prints_the_same_tokens(attn, tiny_llama):
     assert eager.code == 0 and compiled.code == 0, compiled
     assert json.loads(compiled.out)["text"] == json.loads(eager.out)["text"]
     assert "compiling the one-token step" in compiled.err
+
+
+def test_bench_says_which_kernels_ran_and_the_forced_generic_path(attn, tiny_llama):
+    d = bench_json(attn, tiny_llama, "--quantize", "int4", "--no-quality")
+    layers = 4 * 2  # qkv, o, gate_up, down in each of 2 layers; the head stays 8-bit
+    assert d["kernels"] == {"Int4Linear:int4pack": layers, "Q8Linear:int8pack": 1} and d["cpu"]
+    generic = attn(["bench", "-m", str(tiny_llama), "-p", "8", "-n", "4", "-r", "1", "--json", "--quantize", "int4", "--no-quality"],
+                   env={"ATTN_KERNELS": "generic"})
+    assert generic.code == 0 and "ATTN_KERNELS=generic" in generic.err
+    assert json.loads(generic.out)["kernels"] == {"Int4Linear:generic": layers, "Q8Linear:generic": 1}
