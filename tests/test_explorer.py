@@ -275,6 +275,23 @@ def test_keyboard_moves_token_layer_and_head(browser, tiny_page):
         assert o.errors == []
 
 
+def test_hover_previews_a_token_until_a_click_locks_one(browser, tiny_page):
+    _, out = tiny_page
+    with Opened(browser, out, "#t=5") as o:
+        page, q = o.page, lambda: o.page.locator("#strip .tok.q").get_attribute("data-i")
+        page.hover('#strip .tok[data-i="8"]')
+        assert q() == "8" and o.fragment()["t"] == "5"  # a preview: the address keeps the chosen token
+        page.mouse.move(5, 5)  # off the strip: back to the chosen token
+        assert q() == "5"
+        page.click('#strip .tok[data-i="3"]')
+        page.hover('#strip .tok[data-i="9"]')
+        assert q() == "3" and o.fragment()["t"] == "3" and "locked" in page.inner_text("#strip-caption")
+        page.click('#strip .tok[data-i="3"]')  # the locked token again: unlocked
+        page.hover('#strip .tok[data-i="9"]')
+        assert q() == "9"
+        assert o.errors == []
+
+
 def test_url_fragment_restores_a_view(attn, browser, tiny_page):
     path, out = tiny_page
     with Opened(browser, out, "#t=9&h=1.2&dir=to&view=value-norms&skip=1&find=blue&theme=dark") as o:

@@ -266,6 +266,7 @@
         theme: "auto",
       };
       this.preview = null; // a hovered token, shown until the pointer leaves the strip
+      this.locked = false; // a clicked token: hovering no longer previews
       this.thumbs = null; // per block, an offscreen canvas of the current view
       this.matrixImage = null;
       this.readFragment();
@@ -355,16 +356,20 @@
 
     bind() {
       const strip = $("strip");
+      // Hovering previews a token as the query (bertviz's head view) until a click locks one; a
+      // locked token stays, and hovering then reads values (the tooltips), until clicked again.
       strip.addEventListener("mouseover", (e) => {
         const i = e.target.dataset ? e.target.dataset.i : undefined;
-        if (i !== undefined && +i !== this.preview) { this.preview = +i; this.renderToken(); }
+        if (!this.locked && i !== undefined && +i !== this.preview) { this.preview = +i; this.renderToken(); }
       });
       strip.addEventListener("mouseleave", () => {
         if (this.preview !== null) { this.preview = null; this.renderToken(); }
       });
       strip.addEventListener("click", (e) => {
         const i = e.target.dataset ? e.target.dataset.i : undefined;
-        if (i !== undefined) this.setToken(+i);
+        if (i === undefined) return;
+        if (this.locked && +i === this.state.t) { this.locked = false; this.renderToken(); } // unlock: hovering previews again
+        else this.setToken(+i);
       });
       for (const [id, key] of [["view", "view"], ["dir", "dir"]]) {
         $(id).addEventListener("click", (e) => {
@@ -458,6 +463,7 @@
 
     setToken(t) {
       this.state.t = t;
+      this.locked = true; // chosen by a click, a key or the matrix: hovering the strip no longer moves it
       this.preview = null;
       this.renderToken();
       this.writeFragment();
@@ -643,39 +649,39 @@
       const name = VIEW_NAMES[s.view];
       const found = this.findPositions(t);
       const foundSet = new Set(found.ok ? found.positions : []);
+      // What each span shows now; only what changed is written (on a long prompt most tokens keep
+      // their colour from one click to the next, and every write costs the browser a style pass).
+      if (!this.shownState) this.shownState = this.spans.map(() => ({ cls: "", bg: "", ink: "", tip: "" }));
       for (let p = 0; p < this.T; p++) {
-        const el = this.spans[p];
         const v = values[p];
         const reach = s.dir === "from" ? p <= t : p >= t;
         let cls = p >= this.meta.prompt_tokens ? "tok gen" : "tok";
-        let tip;
+        let tip, bg = "", ink = "";
         if (p === t) cls += " q";
         if (foundSet.has(p)) cls += " found";
         if (!reach) {
           cls += " future";
           tip = s.dir === "from" ? "after the query: masked" : "before the key: cannot attend to it";
-          el.style.background = "";
-          el.style.color = "";
         } else if (s.skip && (s.dir === "from" ? p === 0 : t === 0)) {
           tip = "first token: left out (skip first)";
-          el.style.background = "";
-          el.style.color = "";
         } else if (!Number.isFinite(v)) {
           cls += " masked";
           tip = "masked";
-          el.style.background = "";
-          el.style.color = "";
         } else {
           const k = pal.index(level(v));
-          el.style.background = pal.css[k];
-          el.style.color = pal.ink[k];
+          bg = pal.css[k];
+          ink = pal.ink[k];
           tip = `${name} ${fmt(v, s.view)}`;
         }
-        el.className = cls;
-        el.title = `${p} ${this.meta.labels[p]} — ${tip}`;
+        const el = this.spans[p], was = this.shownState[p];
+        if (was.cls !== cls) { el.className = cls; was.cls = cls; }
+        if (was.bg !== bg) { el.style.background = bg; was.bg = bg; }
+        if (was.ink !== ink) { el.style.color = ink; was.ink = ink; }
+        if (was.tip !== tip) { el.title = `${p} ${this.meta.labels[p]} — ${tip}`; was.tip = tip; }
       }
       const dirText = s.dir === "from" ? `what token ${t} ${this.meta.labels[t]} attends to` : `how much each later token attends to token ${t} ${this.meta.labels[t]}`;
-      $("strip-caption").textContent = `${name}s: ${dirText} · ${this.describeHeads()}${s.skip ? " · first token left out, the rest renormalised" : ""} · hover a token for its value, click to select`;
+      const how = this.locked ? `token ${this.state.t} locked: hover a token for its value, click it again to unlock` : "hover a token to see it as the query, click to lock it";
+      $("strip-caption").textContent = `${name}s: ${dirText} · ${this.describeHeads()}${s.skip ? " · first token left out, the rest renormalised" : ""} · ${how}`;
     }
 
     // Thumbnails of every stored head in the current view: one offscreen canvas each, drawn once.
