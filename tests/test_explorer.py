@@ -330,6 +330,10 @@ def test_find_ranks_heads_as_inspect_does(attn, browser, tiny_page):
         assert o.fragment()["find"] == "blue"
         o.page.click("#ranking button >> nth=1")
         assert o.fragment()["h"] == "{}.{}".format(*ranked[1])
+        o.page.click("#skip")  # with --skip-first: renormalised values, heads with almost nothing off the first token last
+        ranked = o.page.eval_on_selector_all("#ranking button", "bs => bs.map(b => [+b.dataset.l, +b.dataset.h])")
+        d = json.loads(attn(["inspect", "-m", str(path), SENTENCE, *GEN, "-t", "12", "--find", "blue", "--skip-first", "--format", "json"]).out)
+        assert ranked == [[h["layer"], h["head"]] for h in d["heads"]]
 
 
 def test_masked_keys_show_as_masked_not_zero(attn, browser, tiny_models, tmp_path):

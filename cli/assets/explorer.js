@@ -12,6 +12,7 @@
   const $ = (id) => document.getElementById(id);
   const VIEWS = ["weights", "scores", "value-norms"];
   const VIEW_NAMES = { weights: "weight", scores: "score", "value-norms": "value norm" };
+  const SINK_ONLY = 0.01; // as cli/render.py: under this share off the first token, skip-first has little to renormalise
 
   // --- reading the data ------------------------------------------------------------------------
 
@@ -610,6 +611,16 @@
       return n ? sum / n : NaN;
     }
 
+    // The share of a head's weight off the first token: the query row's (from) or the mean over the later rows (to).
+    offFirst(b, t) {
+      const att = this.att;
+      const share = (i) => (att.Z[b * this.T + i] > 0 ? att.R[b * this.T + i] / att.Z[b * this.T + i] : 0);
+      if (this.state.dir === "from") return share(t);
+      let sum = 0;
+      for (let i = t; i < this.T; i++) sum += share(i);
+      return sum / (this.T - t);
+    }
+
     // --- rendering ---
 
     renderAll() {
@@ -898,14 +909,18 @@
           }
           if (!picked.length) continue;
           const match = s.view === "scores" ? Math.max(...picked) : picked.reduce((a, x) => a + x, 0);
-          ranked.push({ L, h, match });
+          ranked.push({ L, h, match, sinkOnly: s.skip && this.offFirst(b, t) < SINK_ONLY });
         }
       }
-      ranked.sort((a, b) => b.match - a.match || a.L - b.L || a.h - b.h);
+      // As `inspect --find --skip-first`: a head with almost nothing off the first token ranks after the
+      // others, whatever its renormalised values say.
+      ranked.sort((a, b) => a.sinkOnly - b.sinkOnly || b.match - a.match || a.L - b.L || a.h - b.h);
       const names = found.positions.map((p) => `${p}:${this.meta.labels[p]}`).join(" ");
+      const top = ranked.slice(0, 10);
       box.innerHTML =
         `<h2>heads ranked by what token ${t} ${s.dir === "from" ? "gives to" : "receives from"} ${esc(names)}</h2>` +
-        ranked.slice(0, 10).map((r, n) => `<button type="button" data-l="${r.L}" data-h="${r.h}">${n + 1}. L${r.L} h${r.h} · ${fmt(r.match, s.view)}</button>`).join("");
+        top.map((r, n) => `<button type="button" data-l="${r.L}" data-h="${r.h}">${n + 1}. L${r.L} h${r.h} · ${fmt(r.match, s.view)}${r.sinkOnly ? " *" : ""}</button>`).join("") +
+        (top.some((r) => r.sinkOnly) ? `<p class="muted">* under 1% of the head's weight off the first token: ranked last</p>` : "");
     }
   }
 
