@@ -1,4 +1,8 @@
-"""Model configuration, built from a checkpoint's own config.json (Hugging Face layout)."""
+"""Model configuration, built from a checkpoint's own config.json (Hugging Face layout).
+
+Each family reads its config.json into this one dataclass (model/families/); the fields say how a
+block is put together, and model/decoder.py reads them top to bottom.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 
 from model.errors import AttnError
 
-SUPPORTED_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
 @dataclass
@@ -27,20 +31,34 @@ class ModelConfig:
     hidden_dim: int  # MLP inner width
     max_len: int  # max_position_embeddings: the longest context the model was trained for
     norm_eps: float
-    norm: str  # "layer" (GPT-2) or "rms" (Llama family)
-    mlp: str  # "gelu" (GPT-2: fc → gelu → proj) or "swiglu" (Llama: silu(gate) * up → down)
+    norm: str  # "layer" (GPT-2, GPT-NeoX: LayerNorm with bias) or "rms"
+    mlp: str  # "gated": down(act(gate) * up) (Llama's SwiGLU, Gemma's GeGLU); "plain": down(act(up)) (GPT-2, GPT-NeoX)
     positions: str  # "learned" (GPT-2 wpe) or "rope"
     tie_embeddings: bool
+    act: str = "silu"  # the MLP's activation: "silu", "gelu" (exact, erf) or "gelu_tanh" (GPT-2's gelu_new, Gemma's)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear" | "llama3" | "longrope", ...}, as transformers reads it
+    rotary_dim: int | None = None  # partial rotary (GPT-NeoX, Phi-4-mini): only the first R of D dims rotate; None: all
+    local_rope_theta: float | None = None  # Gemma 3: layers with a sliding window rotate with this base, unscaled
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     # Sliding-window attention: a query at position p sees keys p-W+1..p in the layers `layer_windows`
     # gives a window W (None: every earlier key). One entry per layer.
     layer_windows: list[int | None] = field(default_factory=list)
+    # How a block is put together (model/decoder.py, Block):
+    pre_norm: bool = True  # a norm on the input of attention and MLP (every family but OLMo 2)
+    post_norm: bool = False  # a norm on the output of attention and MLP, before the residual add (Gemma 2/3, OLMo 2)
+    parallel_residual: bool = False  # GPT-NeoX: x + attn(norm1(x)) + mlp(norm2(x)), both reading the block's input
+    norm_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + w), weights stored around 0
+    norm_weight_in_float32: bool = False  # Gemma, OLMo 2: the weight multiplies in float32, rounded once after
+    qk_norm: str | None = None  # RMSNorm on q and k before RoPE: "head" over each head's D (Qwen3, Gemma 3), "flat" over all of q / k (OLMo 2)
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by 1/√query_pre_attn_scalar, not 1/√D
+    attn_softcap: float | None = None  # Gemma 2: scores → cap·tanh(scores/cap) before the mask and softmax
+    logit_softcap: float | None = None  # Gemma 2: logits → cap·tanh(logits/cap)
+    embed_scale: float | None = None  # Gemma: embeddings × √C (rounded to the weights' dtype, as the reference does)
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
@@ -50,26 +68,46 @@ class ModelConfig:
         if len(self.layer_windows) != self.n_layers:
             raise AttnError(f"config: layer_types has {len(self.layer_windows)} entries for {self.n_layers} layers")
         for w in self.layer_windows:
-            if w is not None and (not isinstance(w, int) or w < 1):
+            if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
                 raise AttnError(f"config: sliding_window must be a positive number of tokens (got {w!r})")
+        if self.act not in ACTIVATIONS:
+            raise AttnError(f"config: activation {self.act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        if self.positions == "rope":
+            r = self.rotary_dim if self.rotary_dim is not None else self.head_dim
+            if r < 2 or r % 2 or r > self.head_dim:
+                raise AttnError(f"config: {r} rotary dims of head_dim {self.head_dim}: need an even number from 2 to head_dim")
+        for name in ("query_pre_attn_scalar", "attn_softcap", "logit_softcap"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise AttnError(f"config: {_JSON_NAMES.get(name, name)} must be positive (got {v!r})")
 
     @property
     def group(self) -> int:
         """Query heads per KV head."""
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def attn_scale(self) -> float:
+        """What Q·K is multiplied by before the softmax: 1/√D, or Gemma's 1/√query_pre_attn_scalar."""
+        return (self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim) ** -0.5
+
+    @property
+    def rope_dims(self) -> int:
+        """R: how many leading dims of each head RoPE rotates (D unless partial)."""
+        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
+
+    def uses_local_rope(self, layer: int) -> bool:
+        """Whether `layer` rotates with the local base (Gemma 3's sliding-window layers)."""
+        return self.local_rope_theta is not None and self.layer_windows[layer] is not None
+
     def kv_head(self, head: int) -> int:
         return head // self.group
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> "ModelConfig":
-        mt = d.get("model_type")
-        if mt not in SUPPORTED_TYPES:
-            raise AttnError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_TYPES)}")
-        try:
-            return _from_gpt2(d) if mt == "gpt2" else _from_llama(d, mt)
-        except KeyError as e:
-            raise AttnError(f"config.json: missing key {e.args[0]!r} for model_type {mt!r}") from None
+        from model.families import read_config  # the families import this module for the dataclass
+
+        return read_config(d)
 
     @classmethod
     def from_dir(cls, path: Path) -> "ModelConfig":
@@ -87,10 +125,14 @@ class ModelConfig:
         if gen.is_file():
             try:
                 g = json.loads(gen.read_text(encoding="utf-8"))
-                cfg.eos_token_ids = _merge_ids(cfg.eos_token_ids, g.get("eos_token_id"))
+                cfg.eos_token_ids = merge_ids(cfg.eos_token_ids, g.get("eos_token_id"))
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                 pass  # a broken generation_config is reported by the sampling defaults reader
         return cfg
+
+
+# The config.json names of fields whose errors are raised here (the family readers check the rest).
+_JSON_NAMES = {"attn_softcap": "attn_logit_softcapping", "logit_softcap": "final_logit_softcapping"}
 
 
 def read_json_object(f: Path) -> dict:
@@ -104,109 +146,32 @@ def read_json_object(f: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def _merge_ids(ids: list[int], extra: Any) -> list[int]:
+def merge_ids(ids: list[int], extra: Any) -> list[int]:
     more = extra if isinstance(extra, list) else [extra] if isinstance(extra, int) else []
     return list(dict.fromkeys([*ids, *more]))
 
 
-def _from_gpt2(d: dict[str, Any]) -> ModelConfig:
-    dim, heads = d["n_embd"], d["n_head"]
-    return ModelConfig(
-        model_type="gpt2",
-        vocab_size=d["vocab_size"],
-        dim=dim,
-        n_layers=d["n_layer"],
-        n_heads=heads,
-        n_kv_heads=heads,
-        head_dim=dim // heads,
-        hidden_dim=d.get("n_inner") or 4 * dim,  # GPT-2 leaves n_inner null to mean 4 × n_embd
-        max_len=d["n_positions"],
-        norm_eps=d.get("layer_norm_epsilon", 1e-5),
-        norm="layer",
-        mlp="gelu",
-        positions="learned",
-        tie_embeddings=d.get("tie_word_embeddings", True),
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=_merge_ids([], d.get("eos_token_id")),
-    )
+def rope_inv_freq(cfg: ModelConfig, max_len: int, local: bool = False) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the R rotary dims in float32, and the factor cos and sin are scaled by.
 
-
-def _from_llama(d: dict[str, Any], mt: str) -> ModelConfig:
-    dim, heads = d["hidden_size"], d["num_attention_heads"]
-    # RoPE settings moved from top-level keys into a `rope_parameters` dict in newer files.
-    rope = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("default", "llama3", "linear"):
-            raise AttnError(f"config.json: rope scaling type {kind!r} is not supported (supported: llama3, linear)")
-        if kind == "default":
-            scaling = None
-    # Qwen2 always has q/k/v bias; Llama and Mistral only with attention_bias.
-    qkv_bias = True if mt == "qwen2" else bool(d.get("attention_bias", False))
-    return ModelConfig(
-        model_type=mt,
-        vocab_size=d["vocab_size"],
-        dim=dim,
-        n_layers=d["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or dim // heads,
-        hidden_dim=d["intermediate_size"],
-        max_len=d.get("max_position_embeddings", 2048),
-        norm_eps=d.get("rms_norm_eps", 1e-6),
-        norm="rms",
-        mlp="swiglu",
-        positions="rope",
-        tie_embeddings=d.get("tie_word_embeddings", False),  # transformers' default for these families
-        qkv_bias=qkv_bias,
-        o_bias=bool(d.get("attention_bias", False)) and mt != "qwen2",
-        mlp_bias=bool(d.get("mlp_bias", False)),
-        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-        rope_scaling=scaling,
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=_merge_ids([], d.get("eos_token_id")),
-        layer_windows=_layer_windows(d, mt),
-    )
-
-
-def _layer_windows(d: dict[str, Any], mt: str) -> list[int | None]:
-    """The sliding window of each layer, as transformers applies it.
-
-    Mistral: `sliding_window` on every layer (null: none). Qwen2: only with `use_sliding_window`, on
-    the layers `layer_types` marks "sliding_attention" — by default those from `max_window_layers` on.
+    Computed as transformers does: θ^(-2i/R), with linear, Llama 3 or LongRoPE scaling. `local`:
+    Gemma 3's base for its sliding-window layers (never scaled). LongRoPE (Phi-3) has short and long
+    factors; transformers picks by the longest position of each call, which makes a cache written
+    in one regime and read in the other; here the choice is made once per cache, by its length
+    `max_len`, as llama.cpp does (long factors only for a context longer than the original one).
     """
-    n = d["num_hidden_layers"]
-    window = d.get("sliding_window")
-    if mt == "qwen2" and not d.get("use_sliding_window", False):
-        window = None
-    if window is None:
-        return [None] * n
-    types = d.get("layer_types")
-    if types is None:
-        first = d.get("max_window_layers", 0) if mt == "qwen2" else 0
-        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-    if not isinstance(types, list) or len(types) != n:
-        raise AttnError(f"config.json: layer_types must list one type for each of the {n} layers")
-    unknown = {t for t in types if t not in ("sliding_attention", "full_attention")}
-    if unknown:
-        raise AttnError(f"config.json: layer_types has unknown type {sorted(unknown)[0]!r}")
-    return [window if t == "sliding_attention" else None for t in types]
-
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies θ^(-2i/D) in float32, with Llama 3's or linear scaling (computed as transformers does)."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    s = cfg.rope_scaling
+    d = cfg.rope_dims
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = None if local else cfg.rope_scaling
     if not s:
-        return inv
-    kind = s.get("rope_type", s.get("type"))
+        return inv, 1.0
+    kind = s["rope_type"]
     if kind == "linear":
-        return inv / s["factor"]
+        return inv / s["factor"], 1.0
+    if kind == "longrope":
+        factors = s["long_factor"] if max_len > s["original_max_position_embeddings"] else s["short_factor"]
+        return inv / torch.tensor(factors, dtype=torch.float32), s["attention_factor"]
     # llama3: long wavelengths are divided by `factor`, short ones kept, a smooth blend between.
     factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
     old_len = s["original_max_position_embeddings"]
@@ -215,4 +180,4 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     smooth = (old_len / wavelen - lo) / (hi - lo)
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-    return torch.where(medium, blended, scaled)
+    return torch.where(medium, blended, scaled), 1.0

@@ -1,9 +1,12 @@
-"""The decoder: one transformer for GPT-2 and the Llama family, with a preallocated KV cache.
+"""The decoder: one transformer for every family (model/families/), with a preallocated KV cache.
 
 Follows nanoGPT (structure, GPT-2), gpt-fast (static KV cache, fused projections) and
 Hugging Face transformers (RoPE layout `rotate_half`, RMSNorm in float32), which is the
-reference the tests compare against. Families differ in construction (`Block.__init__`),
-never in `forward`.
+reference the tests compare against. Families differ in construction, never by name: the
+config's fields say where the norms sit (before, after or both: `Block`), whether attention
+and MLP run side by side (GPT-NeoX), how q and k are normed (Qwen3, Gemma 3, OLMo 2), how
+scores are scaled and soft-capped (Gemma), which window and RoPE base a layer uses, and how
+much of each head rotates (GPT-NeoX, Phi-4-mini).
 
 Weights of every linear layer are stored (in, out): `y = x @ W`. For a one-row decode step
 this is the layout that CPU GEMV kernels stream fastest, and it is GPT-2's own Conv1D layout.
@@ -11,6 +14,7 @@ this is the layout that CPU GEMV kernels stream fastest, and it is GPT-2's own C
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -39,6 +43,8 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.logit_softcap = cfg.logit_softcap  # Gemma 2
+        self.embed_scale: float | None = None  # Gemma's √C in the weights' dtype (setup_cache)
         self.cache_len = 0
         self.decode_step = None  # a compiled one-token step (model/compile.py), when one was built
 
@@ -49,8 +55,14 @@ class Decoder(nn.Module):
             block.attn.cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, device)
         if self.cfg.positions == "rope":
             cos, sin = rope_tables(self.cfg, max_len, device)
-            self.register_buffer("rope_cos", cos.to(dtype), persistent=False)  # (S_max, D)
+            self.register_buffer("rope_cos", cos.to(dtype), persistent=False)  # (S_max, R)
             self.register_buffer("rope_sin", sin.to(dtype), persistent=False)  # sign-folded
+            if self.cfg.local_rope_theta is not None:  # Gemma 3's sliding-window layers
+                cos, sin = rope_tables(self.cfg, max_len, device, local=True)
+                self.register_buffer("rope_local_cos", cos.to(dtype), persistent=False)
+                self.register_buffer("rope_local_sin", sin.to(dtype), persistent=False)
+        if self.cfg.embed_scale is not None:  # rounded to the activations' dtype first, as the reference does
+            self.embed_scale = float(torch.tensor(self.cfg.embed_scale, dtype=dtype))
         self.cache_len = max_len
 
     @property
@@ -95,6 +107,8 @@ class Decoder(nn.Module):
         if isinstance(start, int) and start + T > self.cache_len:
             raise ValueError(f"positions up to {start + T} exceed the cache of {self.cache_len}")
         x = self.embed(ids)  # (B, T, C)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         rope = None
         if self.pos_emb is not None:
             pos = self.pos_emb.weight
@@ -108,27 +122,46 @@ class Decoder(nn.Module):
                 return None
         if last_only:
             x = x[:, -1:]
-        return self.lm_head.forward(self.norm.forward(x))
+        logits = self.lm_head.forward(self.norm.forward(x))
+        if self.logit_softcap is not None:
+            logits = soft_cap(logits, self.logit_softcap)
+        return logits
 
-    def rope_at(self, start: int | torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin of positions start..start+T-1, shaped to broadcast over (B, T, H, D)."""
+    def rope_at(self, start: int | torch.Tensor, T: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """cos and sign-folded sin of positions start..start+T-1, shaped to broadcast over (B, T, H, R):
+        one pair per table (the global one, then Gemma 3's local one); a layer picks its own (Attention.rope_index)."""
+        tables = [(self.rope_cos, self.rope_sin)]
+        if self.cfg.local_rope_theta is not None:
+            tables.append((self.rope_local_cos, self.rope_local_sin))
         if isinstance(start, torch.Tensor):  # one position held on the device (T == 1)
-            return self.rope_cos.index_select(0, start)[:, None], self.rope_sin.index_select(0, start)[:, None]
-        return self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None]  # (T, 1, D)
+            return tuple((cos.index_select(0, start)[:, None], sin.index_select(0, start)[:, None]) for cos, sin in tables)
+        return tuple((cos[start : start + T, None], sin[start : start + T, None]) for cos, sin in tables)  # (T, 1, R)
 
 
 class Block(nn.Module):
+    """x + post(attn(pre(x))), then the same with the MLP; a norm the family lacks is an identity.
+
+    Llama and most: pre only. Gemma 2/3: pre and post (four norms). OLMo 2: post only. GPT-NeoX:
+    attention and MLP both read x and add at once (parallel residual).
+    """
+
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.attn_norm = make_norm(cfg)
+        self.attn_norm = make_norm(cfg) if cfg.pre_norm else nn.Identity()
         self.attn = Attention(cfg, index)
-        self.mlp_norm = make_norm(cfg)
-        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        self.attn_post_norm = make_norm(cfg) if cfg.post_norm else nn.Identity()
+        self.mlp_norm = make_norm(cfg) if cfg.pre_norm else nn.Identity()
+        self.mlp = GatedMLP(cfg) if cfg.mlp == "gated" else MLP(cfg)
+        self.mlp_post_norm = make_norm(cfg) if cfg.post_norm else nn.Identity()
+        self.parallel = cfg.parallel_residual
 
     # The parts are called through `forward`: hooks attach to the Block (model/explain.py) or above.
     def forward(self, x: torch.Tensor, start: int | torch.Tensor, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
-        x = x + self.attn.forward(self.attn_norm.forward(x), start, rope, probe)
-        return x + self.mlp.forward(self.mlp_norm.forward(x))
+        h = self.attn_post_norm.forward(self.attn.forward(self.attn_norm.forward(x), start, rope, probe))
+        if self.parallel:
+            return x + h + self.mlp_post_norm.forward(self.mlp.forward(self.mlp_norm.forward(x)))
+        x = x + h
+        return x + self.mlp_post_norm.forward(self.mlp.forward(self.mlp_norm.forward(x)))
 
 
 class Attention(nn.Module):
@@ -137,35 +170,57 @@ class Attention(nn.Module):
         self.index = index
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = cfg.layer_windows[index]  # sliding window (None: every earlier key)
+        self.rope_index = 1 if cfg.uses_local_rope(index) else 0  # which of Decoder.rope_at's tables
+        self.scale = cfg.attn_scale  # 1/√D, or Gemma's 1/√query_pre_attn_scalar
+        self.softcap = cfg.attn_softcap  # Gemma 2: scores → cap·tanh(scores/cap), before the mask
         H, G, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qkv = Linear(cfg.dim, (H + 2 * G) * D, bias=cfg.qkv_bias)  # fused [q | k | v]
         self.o = Linear(H * D, cfg.dim, bias=cfg.o_bias)
+        # RMSNorm on q and k before RoPE: over each head's D (Qwen3, Gemma 3) or over all H·D and G·D (OLMo 2).
+        self.qk_norm = cfg.qk_norm
+        self.q_norm = make_norm(cfg, D if cfg.qk_norm == "head" else H * D) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, D if cfg.qk_norm == "head" else G * D) if cfg.qk_norm else None
         self.cache: KVCache | None = None
 
     def project(self, x: torch.Tensor, rope: tuple | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, H, T, D) and this chunk's keys and values (B, G, T, D), rotated by position."""
+        """Queries (B, H, T, D) and this chunk's keys and values (B, G, T, D): normed (if the family norms
+        them) and rotated by position (`rope`: this layer's cos and sin; None leaves them unrotated)."""
         B, T, _ = x.shape
         H, G, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv.forward(x).view(B, T, H + 2 * G, D)
-        if rope is not None:  # queries and keys rotated together: one set of element-wise ops
-            qk = apply_rope(qkv[:, :, : H + G], *rope)  # (B, T, H+G, D)
-            q, k = qk.transpose(1, 2).split([H, G], dim=1)  # (B, H, T, D), (B, G, T, D)
-            return q, k, qkv[:, :, H + G :].transpose(1, 2)
-        q, k, v = qkv.transpose(1, 2).split([H, G, G], dim=1)  # (B, H+2G, T, D) → q, k, v
-        return q, k, v
+        qk = qkv[:, :, : H + G]  # queries and keys normed and rotated together: one set of element-wise ops
+        if self.q_norm is not None:
+            qk = self.norm_qk(qk)
+        if rope is not None:
+            qk = apply_rope(qk, *rope)  # (B, T, H+G, D)
+        q, k = qk.transpose(1, 2).split([H, G], dim=1)  # (B, H, T, D), (B, G, T, D)
+        return q, k, qkv[:, :, H + G :].transpose(1, 2)
+
+    def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
+        """The q and k norms, each with its own weight: (B, T, H+G, D) → the same."""
+        B, T = qk.shape[:2]
+        H, G, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k = qk.split([H, G], dim=2)
+        if self.qk_norm == "flat":  # over the whole projection: (B, T, H·D) and (B, T, G·D)
+            q = self.q_norm.forward(q.reshape(B, T, H * D)).view(B, T, H, D)
+            k = self.k_norm.forward(k.reshape(B, T, G * D)).view(B, T, G, D)
+        else:
+            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
+        return torch.cat([q, k], dim=2)
 
     def forward(self, x: torch.Tensor, start: int | torch.Tensor, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.project(x, rope)
+        q, k, v = self.project(x, rope[self.rope_index] if rope is not None else None)
         k, v = self.cache.update(start, k, v)  # (B, G, S, D), S = start + T
         if probe is not None and self.index in probe.layers:
             probe.observe(self.index, self, q, k, v, start)
-        y = attention(q, k, v, start, self.window)  # (B, H, T, D)
+        y = attention(q, k, v, start, self.window, self.scale, self.softcap)  # (B, H, T, D)
         return self.o.forward(y.transpose(1, 2).reshape(B, T, -1))
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-        """This layer's explicit pre-softmax scores (B, H, T, S), masked keys at -inf (see attention_scores)."""
-        return attention_scores(q, k, q_pos, self.window)
+        """This layer's explicit pre-softmax scores (B, H, T, S): scaled, soft-capped, masked keys at -inf
+        (see attention_scores). What the softmax sees, and what inspect's `--values scores` shows."""
+        return attention_scores(q, k, q_pos, self.window, self.scale, self.softcap)
 
     def visible(self, q_pos: torch.Tensor, S: int) -> torch.Tensor:
         """Which of keys 0..S-1 each query position sees in this layer: (T, S) bool (the one mask rule)."""
@@ -211,48 +266,80 @@ def causal_mask(q_pos: torch.Tensor, S: int, window: int | None = None) -> torch
     return visible
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """softmax(QKᵀ/√D + mask)·V with the fused kernel. q (B, H, T, D) at start..start+T-1; k, v (B, G, S, D).
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int | torch.Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """softmax(QKᵀ·scale + mask)·V with the fused kernel. q (B, H, T, D) at start..start+T-1; k, v (B, G, S, D).
 
     The mask is `causal_mask`'s; the branches below only avoid building it where the kernel's own
-    (or none) is the same.
+    (or none) is the same. `scale` defaults to 1/√D. The fused kernel has no soft-cap (a tanh on
+    the scores is no additive mask), so a capped layer (Gemma 2) takes the explicit path.
     """
     T, S = q.shape[2], k.shape[2]
+    if softcap is not None:
+        q_pos = start if isinstance(start, torch.Tensor) else torch.arange(start, start + T, device=q.device)
+        return explicit_attention(q, k, v, q_pos, window, scale, softcap)[0]
     gqa = q.shape[1] != k.shape[1]
     if isinstance(start, torch.Tensor):  # one query at a device-held position over the whole cache
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(start, S, window), enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(start, S, window), scale=scale, enable_gqa=gqa)
     if T == 1:  # one new query sees every cached key, or the last W of them
         if window is not None and S > window:
             k, v = k[:, :, S - window :], v[:, :, S - window :]
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     if window is None or start + T <= window:  # no row's window excludes anything: causal only
         if start == 0:  # square causal: the kernel's own top-left-aligned mask is the right one
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     # A chunk after cached tokens (is_causal would align top-left and hide the cache) or past a window.
     mask = causal_mask(torch.arange(start, start + T, device=q.device), S, window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def attention_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """Explicit pre-softmax scores QKᵀ/√D in float32, keys the mask hides (future, outside the window) at -inf.
-
-    q (B, H, T, D) at absolute positions q_pos (T,); k (B, G, S, D) → (B, H, T, S).
-    """
+def scaled_dots(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Q·K_j × scale (default 1/√D) in float32, every pair: q (B, H, T, D), k (B, G, S, D) → (B, H, T, S)."""
     B, H, T, D = q.shape
     G, S = k.shape[1], k.shape[2]
     qg = q.float().view(B, G, H // G, T, D)  # (B, G, R, T, D): R query heads share each KV head
-    scores = (qg @ k.float().unsqueeze(2).transpose(-1, -2)) * D**-0.5  # (B, G, R, T, S)
-    scores = scores.view(B, H, T, S)
-    return scores.masked_fill(~causal_mask(q_pos, S, window), float("-inf"))
+    dots = qg @ k.float().unsqueeze(2).transpose(-1, -2)  # (B, G, R, T, S)
+    return (dots * (D**-0.5 if scale is None else scale)).view(B, H, T, S)
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap·tanh(x/cap): near x for |x| ≪ cap, never beyond ±cap (Gemma 2's scores and logits)."""
+    return torch.tanh(x / cap) * cap
+
+
+def attention_scores(
+    q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, window: int | None = None, scale: float | None = None, softcap: float | None = None
+) -> torch.Tensor:
+    """Explicit pre-softmax scores in float32: QKᵀ·scale, soft-capped if the layer caps, then the keys the
+    mask hides (future, outside the window) at -inf. q (B, H, T, D) at absolute positions q_pos (T,);
+    k (B, G, S, D) → (B, H, T, S). Prefer `Attention.scores`, which passes the layer's own settings.
+    """
+    scores = scaled_dots(q, k, scale)
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
+    return scores.masked_fill(~causal_mask(q_pos, k.shape[2], window), float("-inf"))
 
 
 def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, window: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same attention written out, softmax in float32: (output (B, H, T, D), weights (B, H, T, S))."""
     B, H, T, D = q.shape
     G, S = k.shape[1], k.shape[2]
-    weights = attention_scores(q, k, q_pos, window).softmax(dim=-1)
+    weights = attention_scores(q, k, q_pos, window, scale, softcap).softmax(dim=-1)
     out = weights.view(B, G, H // G, T, S) @ v.float().unsqueeze(2)  # (B, G, R, T, D)
     return out.view(B, H, T, D).to(q.dtype), weights
 
@@ -288,9 +375,13 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """x / rms(x) · w; Gemma's is x / rms(x) · (1 + w) (`offset`), its weights stored around 0."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, weight_in_float32: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.offset = offset
+        self.weight_in_float32 = weight_in_float32  # Gemma, OLMo 2 round once after the weight; Llama before
         self.weight = nn.Parameter(torch.ones(dim))
         # √eps as a 0-dim CPU tensor (for `hypot`; a CPU scalar tensor is accepted by any device's ops).
         self.eps_root = torch.tensor(eps**0.5, dtype=torch.float32, device="cpu")
@@ -300,53 +391,77 @@ class RMSNorm(nn.Module):
             # √(mean(x²) + eps) = hypot(‖x‖/√C, √eps): five kernels where F.rms_norm runs ten (one row:
             # 10 µs a call against 7 µs, 61 calls per token); the result differs from it by ≤ 5e-7.
             rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).mul_(x.shape[-1] ** -0.5).hypot_(self.eps_root)
-            return torch.div(x, rms).mul_(self.weight)
-        # In float32 whatever the weights' dtype, then rounded, as the Llama reference does.
+            return torch.div(x, rms).mul_(self.weight + self.offset if self.offset else self.weight)
+        # In float32 whatever the weights' dtype, then rounded, as each family's reference does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_float32:
+            return (xf * (self.weight.float() + self.offset)).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm == "layer" else RMSNorm(cfg.dim, cfg.norm_eps)
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The family's norm over `dim` (default C): LayerNorm with bias, or its RMSNorm."""
+    if cfg.norm == "layer":
+        return nn.LayerNorm(dim or cfg.dim, eps=cfg.norm_eps)
+    return RMSNorm(dim or cfg.dim, cfg.norm_eps, cfg.norm_offset, cfg.norm_weight_in_float32)
 
 
-class SwiGLU(nn.Module):
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate) · up): SwiGLU (Llama, SiLU) or GeGLU (Gemma, tanh GELU)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.hidden = cfg.hidden_dim
+        self.act = ACTIVATIONS[cfg.act]
         self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=cfg.mlp_bias)  # fused [gate | up]
         self.down = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up.forward(x).split(self.hidden, dim=-1)
-        return self.down.forward(F.silu(gate) * up)
+        return self.down.forward(self.act(gate) * up)
 
 
-class GeluMLP(nn.Module):
+class MLP(nn.Module):
+    """down(act(up(x))): GPT-2 (tanh GELU, "gelu_new"), GPT-NeoX (exact GELU)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.act = ACTIVATIONS[cfg.act]
         self.up = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.down = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down.forward(F.gelu(self.up.forward(x), approximate="tanh"))  # GPT-2's "gelu_new"
+        return self.down.forward(self.act(self.up.forward(x)))
 
 
 # --- rotary position embedding -----------------------------------------------------------
 
 
-def rope_tables(cfg: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sign-folded sin of position × frequency, (S_max, D), each frequency twice ([f | f], HF layout).
+def rope_tables(cfg: ModelConfig, max_len: int, device, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin of position × frequency, (S_max, R), each frequency twice ([f | f], HF layout).
 
     HF's `rotate_half(x) * sin` is `[-x2, x1] * [sin | sin]` = `[x2, x1] * [-sin | sin]`: with the
-    sign folded into the table, the rotation is a roll of x and no negation (apply_rope).
+    sign folded into the table, the rotation is a roll of x and no negation (apply_rope). LongRoPE's
+    attention factor scales both tables, as transformers does. `local`: Gemma 3's local table.
     """
-    inv = rope_inv_freq(cfg).to(device)
-    freqs = torch.arange(max_len, device=device, dtype=torch.float32)[:, None] * inv[None, :]  # (S_max, D/2)
-    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
+    inv, factor = rope_inv_freq(cfg, max_len, local)
+    inv = inv.to(device)
+    freqs = torch.arange(max_len, device=device, dtype=torch.float32)[:, None] * inv[None, :]  # (S_max, R/2)
+    cos, sin = torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
+    return (cos * factor, sin * factor) if factor != 1.0 else (cos, sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, T, H, D) by position with HF's `rotate_half` pairing (i, i + D/2); `sin` sign-folded (rope_tables)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)  # roll: [x1, x2] → [x2, x1]
+    """Rotate (B, T, H, D) by position with HF's `rotate_half` pairing (i, i + R/2); `sin` sign-folded (rope_tables).
+
+    With partial rotary (the tables R < D wide: GPT-NeoX, Phi-4-mini) only the first R dims turn.
+    """
+    R = cos.shape[-1]
+    if R == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(R // 2, dims=-1), sin)  # roll: [x1, x2] → [x2, x1]
+    head = x[..., :R]
+    return torch.cat([torch.addcmul(head * cos, head.roll(R // 2, dims=-1), sin), x[..., R:]], dim=-1)

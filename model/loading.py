@@ -1,8 +1,9 @@
 """Loading a Hugging Face model directory: config, name tables, safetensors reading, shape checks.
 
-Checkpoint names map to ours in one flat table per family (`{}` is the layer index). A value is
-`our_key` or `our_key:part` for a slice of a fused weight (q|k|v, gate|up). Linear weights are
-transposed to our (in, out) layout, except GPT-2's Conv1D weights, which already are.
+Checkpoint names map to ours in one flat table per family (model/families/, `{}` is the layer
+index). A value is `our_key` or `our_key:part` for a slice of a fused weight (q|k|v, gate|up).
+Linear weights are transposed to our (in, out) layout, except GPT-2's Conv1D weights, which
+already are; a family's `fixes` reorder a tensor once (GPT-NeoX's per-head q|k|v).
 """
 
 from __future__ import annotations
@@ -18,57 +19,12 @@ from safetensors import safe_open
 from model.config import ModelConfig, read_json_object
 from model.decoder import Decoder
 from model.errors import AttnError
+from model.families import family
 
-LLAMA = {
-    "model.embed_tokens.weight": "tok_emb.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.qkv.weight:q",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.qkv.weight:k",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.qkv.weight:v",
-    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.qkv.bias:q",
-    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.qkv.bias:k",
-    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.qkv.bias:v",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.o.weight",
-    "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attn.o.bias",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_up.weight:gate",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.gate_up.weight:up",
-    "model.layers.{}.mlp.gate_proj.bias": "layers.{}.mlp.gate_up.bias:gate",
-    "model.layers.{}.mlp.up_proj.bias": "layers.{}.mlp.gate_up.bias:up",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down.weight",
-    "model.layers.{}.mlp.down_proj.bias": "layers.{}.mlp.down.bias",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-
-GPT2 = {
-    "wte.weight": "tok_emb.weight",
-    "wpe.weight": "pos_emb.weight",
-    "h.{}.ln_1.weight": "layers.{}.attn_norm.weight",
-    "h.{}.ln_1.bias": "layers.{}.attn_norm.bias",
-    "h.{}.attn.c_attn.weight": "layers.{}.attn.qkv.weight",
-    "h.{}.attn.c_attn.bias": "layers.{}.attn.qkv.bias",
-    "h.{}.attn.c_proj.weight": "layers.{}.attn.o.weight",
-    "h.{}.attn.c_proj.bias": "layers.{}.attn.o.bias",
-    "h.{}.ln_2.weight": "layers.{}.mlp_norm.weight",
-    "h.{}.ln_2.bias": "layers.{}.mlp_norm.bias",
-    "h.{}.mlp.c_fc.weight": "layers.{}.mlp.up.weight",
-    "h.{}.mlp.c_fc.bias": "layers.{}.mlp.up.bias",
-    "h.{}.mlp.c_proj.weight": "layers.{}.mlp.down.weight",
-    "h.{}.mlp.c_proj.bias": "layers.{}.mlp.down.bias",
-    "ln_f.weight": "norm.weight",
-    "ln_f.bias": "norm.bias",
-    "lm_head.weight": "lm_head.weight",
-}
-
-TABLES = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA}
-
-# Stored (in, out) already: GPT-2's Conv1D. Everything else that is 2-D comes (out, in) and is transposed.
-NOT_TRANSPOSED = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
-# Embedding tables keep their (rows, C) layout.
+# The name tables live with their families (model/families/): checkpoint name → ours, `{}` the layer index.
+# Embedding tables keep their (rows, C) layout; every other 2-D weight comes (out, in) and is transposed,
+# except where a family says it is stored (in, out) already (GPT-2's Conv1D).
 EMBEDDINGS = {"tok_emb.weight", "pos_emb.weight"}
-# Buffers some GPT-2 files carry (the causal mask), not weights.
-IGNORED = re.compile(r"h\.\d+\.attn\.(masked_)?bias$")
 
 
 def load_model(
@@ -156,7 +112,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _table_regex(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+def _table_regex(table: dict) -> list[tuple[re.Pattern, object]]:
     return [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in table.items()]
 
 
@@ -181,12 +137,12 @@ def part_offsets(cfg: ModelConfig) -> dict[str, int]:
 
 def name_table(cfg: ModelConfig) -> dict[str, str]:
     """The family's checkpoint key → our key table, with a tied model's one matrix mapped to the head."""
-    table = dict(TABLES[cfg.model_type])
+    fam = family(cfg.model_type)
+    table = dict(fam.weights)
     if cfg.tie_embeddings:
         # One matrix serves both ends; it is stored in the head's (C, V) layout.
-        emb = "wte.weight" if cfg.model_type == "gpt2" else "model.embed_tokens.weight"
-        table[emb] = "lm_head.weight"
-        del table["lm_head.weight"]
+        table[fam.embedding] = "lm_head.weight"
+        del table[fam.head]
     return table
 
 
@@ -204,45 +160,66 @@ def weight_sources(cfg: ModelConfig, name: str) -> list[str]:
 
 
 def plan_loading(cfg: ModelConfig, files: dict[str, Path], expected: dict[str, tuple]) -> dict[str, list]:
-    """For each of our tensors, the checkpoint pieces that fill it: [(ckpt_key, file, part, transpose)]."""
+    """For each of our tensors, the checkpoint pieces that fill it: [(ckpt_key, file, part, transpose, fix)]."""
+    fam = family(cfg.model_type)
     table = name_table(cfg)
     patterns = _table_regex(table)
+    fixes = _table_regex(fam.fixes)
     headers: dict[Path, dict] = {}
     plan: dict[str, list] = {}
     for raw_key, f in files.items():
-        key = raw_key.removeprefix("transformer.") if cfg.model_type == "gpt2" else raw_key
-        if IGNORED.search(key) or (cfg.tie_embeddings and key == "lm_head.weight"):
-            continue  # a tied head saved twice is the same matrix
+        key = raw_key.removeprefix(fam.prefix) if fam.prefix else raw_key
+        if (fam.ignored and fam.ignored.search(key)) or (cfg.tie_embeddings and key == fam.head):
+            continue  # a buffer, not a weight; or a tied head saved twice (the same matrix)
         ours = _match(patterns, key)
         if ours is None:
             raise AttnError(f"{f}: unexpected tensor {raw_key} for model_type {cfg.model_type}")
         name, _, part = ours.partition(":")
         if name not in expected:
-            raise AttnError(f"{f}: unexpected tensor {raw_key} (the config has no such layer or bias)")
+            raise AttnError(f"{f}: unexpected tensor {raw_key} (the config has no such layer, norm or bias)")
         if f not in headers:
             headers[f] = read_header(f)
         info = headers[f].get(raw_key)
         if info is None:
             raise AttnError(f"{f}: tensor {raw_key} is listed in the index but not in the file")
-        transpose = len(info["shape"]) == 2 and not NOT_TRANSPOSED.search(key) and name not in EMBEDDINGS
+        not_transposed = fam.not_transposed is not None and fam.not_transposed.search(key)
+        transpose = len(info["shape"]) == 2 and not not_transposed and name not in EMBEDDINGS
         want = _piece_shape(expected[name], part, cfg)
         got = tuple(info["shape"][::-1]) if transpose else tuple(info["shape"])
         if got != want:
             shown = tuple(info["shape"])
             need = want[::-1] if transpose else want
-            raise AttnError(f"{f}: tensor {raw_key} has shape {list(shown)}, expected {list(need)} from config.json")
-        plan.setdefault(name, []).append((raw_key, f, part, transpose))
+            raise AttnError(
+                f"{f}: tensor {raw_key} has shape {list(shown)}, expected {list(need)} from config.json{_shape_hint(name, part, cfg)}"
+            )
+        plan.setdefault(name, []).append((raw_key, f, part, transpose, _match_fix(fixes, key)))
     parts_needed: dict[str, list[str]] = {}  # our generic name → the parts the table fills it from ("" = whole)
     for ours in table.values():
         generic, _, part = ours.partition(":")
         parts_needed.setdefault(generic, []).append(part)
     for name in expected:
-        have = {p for _, _, p, _ in plan.get(name, [])}
+        have = {p for _, _, p, _, _ in plan.get(name, [])}
         missing = [p for p in parts_needed.get(_generic(name), [""]) if p not in have]
         if missing:
             ckpt = _ckpt_name(table, name, missing[0])
             raise AttnError(f"missing tensor {ckpt} in the checkpoint ({', '.join(sorted({str(p) for p in files.values()}))})")
     return plan
+
+
+def _shape_hint(name: str, part: str, cfg: ModelConfig) -> str:
+    """Which config.json fields set the expected shape, for the few tensors whose shape mixes several."""
+    H, G, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q = f"num_attention_heads {H} × head_dim {D} = {H * D}"
+    kv = f"num_key_value_heads {G} × head_dim {D} = {G * D}"
+    if part == "q" or name.endswith("attn.o.weight") or (name.endswith("q_norm.weight") and cfg.qk_norm == "flat"):
+        return f" ({q})"
+    if part in ("k", "v") or (name.endswith("k_norm.weight") and cfg.qk_norm == "flat"):
+        return f" ({kv})"
+    if name.endswith("attn.qkv.weight") or name.endswith("attn.qkv.bias"):
+        return f" ({q}, plus 2 × {kv})"
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return f" (head_dim {D})"
+    return ""
 
 
 def _generic(name: str) -> str:
@@ -255,6 +232,10 @@ def _piece_shape(full: tuple, part: str, cfg: ModelConfig) -> tuple:
         return full
     n = part_sizes(cfg)[part]
     return (full[0], n) if len(full) == 2 else (n,)
+
+
+def _match_fix(fixes: list[tuple[re.Pattern, object]], key: str):
+    return next((fix for rx, fix in fixes if rx.match(key)), None)
 
 
 def _match(patterns: list[tuple[re.Pattern, str]], key: str) -> str | None:
@@ -279,13 +260,15 @@ def read_weights(plan: dict[str, list], expected: dict[str, tuple], cfg: ModelCo
     state = {name: torch.empty(expected[name], dtype=dtype, device=device) for name in plan}
     by_file: dict[Path, list] = {}
     for name, pieces in plan.items():
-        for raw_key, f, part, transpose in pieces:
-            by_file.setdefault(f, []).append((name, raw_key, part, transpose))
+        for raw_key, f, part, transpose, fix in pieces:
+            by_file.setdefault(f, []).append((name, raw_key, part, transpose, fix))
     offsets = part_offsets(cfg)
     for f, items in by_file.items():
         with safe_open(f, framework="pt", device="cpu", backend="pread") as fh:
-            for name, raw_key, part, transpose in items:
+            for name, raw_key, part, transpose, fix in items:
                 src = fh.get_tensor(raw_key)
+                if fix is not None:
+                    src = fix(src, cfg)
                 if transpose:
                     src = src.t()
                 dst = state[name]

@@ -79,10 +79,36 @@ def hf_config(kind: str, vocab: int):
         return tf.Qwen2Config(
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, use_sliding_window=True, sliding_window=5, max_window_layers=1, **llama
         )
+    gqa = dict(num_attention_heads=4, num_key_value_heads=2, **llama)
+    if kind == "qwen3":  # head_dim 24 ≠ C/H = 16; q/k norms per head; biases on q, k, v and W_O
+        return tf.Qwen3Config(head_dim=24, attention_bias=True, tie_word_embeddings=False, **gqa)
+    if kind == "gemma2":  # caps small enough to bite on a tiny random model; a window on layer 0 (of 2)
+        return tf.Gemma2Config(
+            head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=1.5, final_logit_softcapping=4.0, sliding_window=6, **gqa
+        )
+    if kind == "gemma3":  # layer 0 local (window 5, base 10⁴), layer 1 global (base 10⁶, linear scaling ×4)
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}
+        return tf.Gemma3TextConfig(
+            head_dim=16, query_pre_attn_scalar=20, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters=rope, **gqa
+        )
+    if kind == "phi3":  # LongRoPE (short factors below 64 positions), 3/4 of each head rotates, a window wider than any prompt
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}
+        return tf.Phi3Config(rope_parameters=rope, original_max_position_embeddings=64, sliding_window=200, pad_token_id=0, **gqa)
+    if kind == "olmo2":
+        return tf.Olmo2Config(**gqa)
+    if kind == "pythia":  # GPT-NeoX: parallel residual, a quarter of each head rotates
+        return tf.GPTNeoXConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+            rotary_pct=0.25, use_parallel_residual=True, bos_token_id=0, eos_token_id=0, **common
+        )
     raise ValueError(kind)
 
 
-KINDS = ["gpt2", "llama", "llama_mha", "llama3", "qwen2", "mistral", "mistral_window", "qwen2_window"]
+FAMILY_KINDS = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "pythia"]
+KINDS = ["gpt2", "llama", "llama_mha", "llama3", "qwen2", "mistral", "mistral_window", "qwen2_window", *FAMILY_KINDS]
 
 
 def save_model(kind: str, out: Path, tokenizer_json: Path, chat: bool = True, seed: int = 0, shards: str | None = None):
@@ -93,6 +119,11 @@ def save_model(kind: str, out: Path, tokenizer_json: Path, chat: bool = True, se
     cfg = hf_config(kind, len(vocab) + len(SPECIALS))
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    if kind in FAMILY_KINDS:  # norms away from their initial 1 (Gemma's 0, applied as 1 + w), so the mapping matters
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.2)
     kwargs = {"max_shard_size": shards} if shards else {}
     model.save_pretrained(out, safe_serialization=True, **kwargs)
     (out / "tokenizer.json").write_text(tokenizer_json.read_text())
