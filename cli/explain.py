@@ -159,13 +159,25 @@ def explanation_json(m: Loaded, ids: list[int], labels: list[str], ex: Explanati
         "shared_kv_with": ex.shared_with,
         "d_k": ex.d_k,
         "scale": ex.scale,
+        "query_pre_attn_scalar": ex.query_pre_attn_scalar,  # Gemma: scale = 1/√ of this (else 1/√d_k)
         "rope": ex.rope,
+        "rotary_dim": ex.rotary_dim,  # how many leading dims of each head RoPE turns (< d_k: partial rotary)
+        "qk_norm": ex.qk_norm,
         "input": {"residual_norm": float(ex.resid.norm()), "norm": float(ex.x.norm()), "dim": ex.x.numel(), "vector": _floats(ex.x)},
-        "q": {"norm": float(ex.q.norm()), "vector": _floats(ex.q), "rotated": _floats(ex.q_rot)},
+        "q": {
+            "norm": float(ex.q.norm()),
+            "vector": _floats(ex.q),
+            "rotated": _floats(ex.q_rot),
+            "projected": _floats(ex.q_proj) if ex.q_proj is not None else None,  # before the q norm
+        },
         "positions": list(range(ex.query + 1)),
         "masked": list(range(ex.query + 1, ex.n_tokens)),
         "key_norms": _floats(ex.keys.norm(dim=-1)),
+        "key_norms_projected": _floats(ex.keys_proj.norm(dim=-1)) if ex.keys_proj is not None else None,
         "dots": _floats(ex.dots),
+        "scores_raw": _floats(ex.raw_scores),
+        "softcap": ex.softcap,
+        "scores_capped": _floats(ex.capped) if ex.capped is not None else None,
         "window": ex.window,
         "window_masked": [j for j in range(ex.query + 1) if ex.masked[j]],  # outside the sliding window: score null, weight 0
         "scores": [None if ex.masked[j] else x for j, x in enumerate(_floats(ex.scores))],
@@ -181,6 +193,9 @@ def explanation_json(m: Loaded, ids: list[int], labels: list[str], ex: Explanati
             "ratio": ex.update_ratio,
             "cosine": ex.update_cosine,
             "update": _floats(ex.update),
+            # Gemma 2/3, OLMo 2: the head's share after the post-attention norm (what reaches the residual)
+            "post_norm": ex.update_normed is not None,
+            "update_normed": _floats(ex.update_normed) if ex.update_normed is not None else None,
         },
     }
 
@@ -235,11 +250,25 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
         f"after the layer's {norm_kind}: x = {_vec(ex.x, preview)}\n",
         f"‖x‖ = {ex.x.norm():.3f}   — x is what Wq, Wk and Wv read",
     )
-    k_tab = table(["j", "token", "‖K_j‖"], [None if j is None else [str(j), tok(j), f"{ex.keys[j].norm():.3f}"] for j in shown])
+    if ex.keys_proj is not None:
+        k_tab = table(
+            ["j", "token", "‖x_j·Wk‖", "‖K_j‖"],
+            [None if j is None else [str(j), tok(j), f"{ex.keys_proj[j].norm():.3f}", f"{ex.keys[j].norm():.3f}"] for j in shown],
+        )
+    else:
+        k_tab = table(["j", "token", "‖K_j‖"], [None if j is None else [str(j), tok(j), f"{ex.keys[j].norm():.3f}"] for j in shown])
     bias = " + b_q" if m.cfg.qkv_bias else ""
-    lines = [f"Q = x·Wq{bias} = {_vec(ex.q, preview)}   ‖Q‖ = {ex.q.norm():.3f}   (d_k = {ex.d_k})"]
+    if ex.q_proj is not None:
+        over = f"each head's {ex.d_k} numbers" if ex.qk_norm == "head" else f"all {m.cfg.n_heads} heads' {m.cfg.n_heads * ex.d_k} numbers at once"
+        lines = [
+            f"x·Wq{bias} = {_vec(ex.q_proj, preview)}   ‖·‖ = {ex.q_proj.norm():.3f}",
+            f"RMSNorm on Q and on K (over {over}), before RoPE: Q = {_vec(ex.q, preview)}   ‖Q‖ = {ex.q.norm():.3f}   (d_k = {ex.d_k})",
+        ]
+    else:
+        lines = [f"Q = x·Wq{bias} = {_vec(ex.q, preview)}   ‖Q‖ = {ex.q.norm():.3f}   (d_k = {ex.d_k})"]
     if ex.rope:
-        lines.append(f"RoPE rotates Q by position {q} and each K_j by position j: Q_rot = {_vec(ex.q_rot, preview)}")
+        part = f"the first {ex.rotary_dim} of {ex.d_k} dims of " if ex.rotary_dim is not None and ex.rotary_dim < ex.d_k else ""
+        lines.append(f"RoPE rotates {part}Q by position {q} and each K_j by position j: Q_rot = {_vec(ex.q_rot, preview)}")
         lines.append("rotation keeps lengths and turns the angles, so scores come to depend on the distance i − j (stage 3)")
     lines.append(f"keys K_j = x_j·Wk{' + b_k' if m.cfg.qkv_bias else ''} of the {q + 1} visible tokens (KV head {ex.kv_head}):")
     p2 = Group(Text("\n".join(lines)), k_tab)
@@ -247,13 +276,14 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
     # On a narrow terminal the RoPE comparison gives way (it is in the JSON); the stages stay whole.
     rope_cols = ex.rope and width >= 50
     wide = width >= 64
-    cols = ["j", "token", "Q·K_j", "score"] + (["no RoPE"] if rope_cols else []) + (["RoPE adds"] if rope_cols and wide else [])
+    capped = ex.capped is not None
+    cols = ["j", "token", "Q·K_j"] + (["raw"] if capped else []) + ["score"] + (["no RoPE"] if rope_cols else []) + (["RoPE adds"] if rope_cols and wide else [])
     body: list[list | None] = []
     for j in shown:
         if j is None:
             body.append(None)
             continue
-        row = [str(j), tok(j), f"{ex.dots[j]:+.3f}", "−∞ ✗" if ex.masked[j] else f"{ex.scores[j]:+.3f}"]
+        row = [str(j), tok(j), f"{ex.dots[j]:+.3f}", *([f"{ex.raw_scores[j]:+.3f}"] if capped else []), "−∞ ✗" if ex.masked[j] else f"{ex.scores[j]:+.3f}"]
         if rope_cols:
             row.append(f"{ex.scores_unrotated[j]:+.3f}")
             if wide:
@@ -266,9 +296,12 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
         if masked
         else "no later tokens: nothing to mask"
     )
-    scale_line = f"score = Q·K_j × 1/√d_k = Q·K_j × 1/√{ex.d_k} = Q·K_j × {ex.scale:.4f}" + (
+    of = ("query_pre_attn_scalar", ex.query_pre_attn_scalar) if ex.query_pre_attn_scalar is not None else ("d_k", ex.d_k)
+    scale_line = f"{'raw' if capped else 'score'} = Q·K_j × 1/√{of[0]} = Q·K_j × 1/√{of[1]:g} = Q·K_j × {ex.scale:.4f}" + (
         "; 'no RoPE': the score of the unrotated Q and K_j" if rope_cols else ""
     )
+    if capped:
+        scale_line += f"\nsoft-cap: score = {ex.softcap:g}·tanh(raw / {ex.softcap:g}), never beyond ±{ex.softcap:g}; then the mask"
     n_out = int(ex.masked.sum())
     if n_out:  # a sliding window hides the oldest keys, as it hides the future ones
         mask_line += (
@@ -303,15 +336,28 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
         ],
     )
     cos = ex.update_cosine
+    post = ex.update_normed is not None
+    out_lines = [
+        f"Σ α_j·V_j = {_vec(ex.mixed, preview)}   ‖·‖ = {ex.mixed.norm():.3f}\n",
+        f"through head {ex.head}'s rows of W_O ({ex.d_k} × {ex.update.numel()}): update = {_vec(ex.update, preview)}\n",
+    ]
+    if post:
+        out_lines.append(
+            f"a norm follows W_O (RMSNorm of the layer's whole attention output y): this head's share of it is "
+            f"update · w / rms(y) = {_vec(ex.update_normed, preview)}\n"
+        )
+    name = "its share" if post else "update"
+    out_lines += [
+        f"‖{name}‖ = {ex.added.norm():.3f} = {ex.update_ratio:.1%} of ‖residual‖ {ex.resid.norm():.3f}; ",
+        f"cosine with the residual {cos:+.3f} ({'adds along' if cos > 0.1 else 'pushes against' if cos < -0.1 else 'nearly orthogonal to'} it)",
+    ]
     p5 = Group(
-        Text(f"‖α·V·W_O‖: the size of what each source sends through head {ex.head} (inspect's --values value-norms)"),
-        v_tab,
-        Text.assemble(
-            f"Σ α_j·V_j = {_vec(ex.mixed, preview)}   ‖·‖ = {ex.mixed.norm():.3f}\n",
-            f"through head {ex.head}'s rows of W_O ({ex.d_k} × {ex.update.numel()}): update = {_vec(ex.update, preview)}\n",
-            f"‖update‖ = {ex.update.norm():.3f} = {ex.update_ratio:.1%} of ‖residual‖ {ex.resid.norm():.3f}; ",
-            f"cosine with the residual {cos:+.3f} ({'adds along' if cos > 0.1 else 'pushes against' if cos < -0.1 else 'nearly orthogonal to'} it)",
+        Text(
+            f"‖α·V·W_O‖: the size of what each source sends through head {ex.head} (inspect's --values value-norms)"
+            + (", measured before the post-attention norm" if post else "")
         ),
+        v_tab,
+        Text.assemble(*out_lines),
     )
     G, H = m.cfg.n_kv_heads, m.cfg.n_heads
     if G < H:
@@ -325,7 +371,7 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
     stages = [
         ("1 · input to the layer", p1),
         ("2 · query and keys", p2),
-        ("3 · scores and the mask", p3),
+        ("3 · scores, soft-cap and the mask" if capped else "3 · scores and the mask", p3),
         ("4 · softmax", p4),
         ("5 · values and output", p5),
         ("6 · KV heads", p6),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from model import probe
 from model.explain import explain, head_updates
 from model.loading import load_model
-from tests.conftest import run_cli
+from tests.conftest import FAMILY_KINDS, run_cli
 
 PROMPT = "a fluffy blue creature roamed the verdant forest"
 
@@ -103,6 +104,142 @@ def test_explain_equals_independent_computation(tiny_models, kind):
             close(ex.scores_unrotated, (ref["k_raw"][g, :S] @ ref["q_raw"][head, query]) / ref["D"] ** 0.5)
 
 
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+    """RoPE by hand on the first R = 2·len(inv) dims of (…, T, D), HF's rotate_half pairing; the rest passes."""
+    R = 2 * inv.numel()
+    ang = positions.float()[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang, ang], -1).cos() * factor, torch.cat([ang, ang], -1).sin() * factor
+    head, rest = x[..., :R], x[..., R:]
+    return torch.cat([head * cos + rotate_half(head) * sin, rest], dim=-1)
+
+
+def family_reference(hf, kind: str, ids: list[int], layer: int) -> dict:
+    """Every stage for one layer from the transformers modules' raw weights, RoPE and caps by hand."""
+    cfg = hf.config
+    with torch.no_grad():
+        seen = {}
+        attn_module = hf.gpt_neox.layers[layer].attention if kind == "pythia" else hf.model.layers[layer].self_attn
+
+        def keep(mod, args, out) -> None:  # returns None: the module's output is left as it is
+            seen["y"] = out[0][0].detach()
+
+        hook = attn_module.register_forward_hook(keep)
+        try:
+            out = hf(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
+        finally:
+            hook.remove()
+        resid = out.hidden_states[layer][0]  # (T, C)
+        T, C = resid.shape
+        H, G = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+        D = getattr(cfg, "head_dim", None) or C // H
+        pos = torch.arange(T)
+        if kind == "pythia":
+            blk = hf.gpt_neox.layers[layer]
+            x = blk.input_layernorm(resid)
+            qkv = blk.attention.query_key_value(x).view(T, H, 3 * D)  # per head: [q | k | v]
+            q_proj, k_proj, v = (t.transpose(0, 1) for t in qkv.chunk(3, dim=-1))  # (H, T, D) each
+            w_o = blk.attention.dense.weight.t().reshape(H, D, C)
+            post = None
+        else:
+            blk = hf.model.layers[layer]
+            a = blk.self_attn
+            x = resid if kind == "olmo2" else blk.input_layernorm(resid)  # OLMo 2 norms after, not before
+            if kind == "phi3":
+                qkv = a.qkv_proj(x)
+                qp, kp, vp = qkv.split([H * D, G * D, G * D], dim=-1)
+            else:
+                qp, kp, vp = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+            q_proj, k_proj = qp.view(T, H, D).transpose(0, 1), kp.view(T, G, D).transpose(0, 1)
+            v = vp.view(T, G, D).transpose(0, 1)
+            w_o = a.o_proj.weight.t().reshape(H, D, C)
+            post = blk.post_attention_layernorm if kind in ("gemma2", "gemma3", "olmo2") else None
+        q, k = q_proj, k_proj
+        if kind in ("qwen3", "gemma3"):  # per head, over D
+            q, k = a.q_norm(q_proj), a.k_norm(k_proj)
+        elif kind == "olmo2":  # over the whole projection
+            q = a.q_norm(qp).view(T, H, D).transpose(0, 1)
+            k = a.k_norm(kp).view(T, G, D).transpose(0, 1)
+        # RoPE: base, scaling and rotary width as each config states them.
+        rp = cfg.rope_parameters
+        if kind == "gemma3":
+            rp = rp[cfg.layer_types[layer]]
+        R = int(D * rp.get("partial_rotary_factor", 1.0))
+        inv = 1.0 / (rp["rope_theta"] ** (torch.arange(0, R, 2).float() / R))
+        factor = 1.0
+        if rp["rope_type"] == "linear":
+            inv = inv / rp["factor"]
+        elif rp["rope_type"] == "longrope":  # short factors (the prompt is within the original context)
+            inv = inv / torch.tensor(rp["short_factor"])
+            scale = cfg.max_position_embeddings / cfg.original_max_position_embeddings
+            factor = math.sqrt(1 + math.log(scale) / math.log(cfg.original_max_position_embeddings))
+        q_rot, k_rot = rotate(q, pos, inv, factor), rotate(k, pos, inv, factor)
+        scale = cfg.query_pre_attn_scalar**-0.5 if kind.startswith("gemma") else D**-0.5
+        cap = cfg.attn_logit_softcapping if kind == "gemma2" else None
+        window = cfg.sliding_window if getattr(cfg, "layer_types", None) and cfg.layer_types[layer] == "sliding_attention" else None
+        if kind == "phi3":
+            window = cfg.sliding_window
+    return dict(resid=resid, x=x, q_proj=q_proj, k_proj=k_proj, q=q, k=k, q_rot=q_rot, k_rot=k_rot, v=v, w_o=w_o, post=post,
+                y=seen["y"], attn=out.attentions[layer][0], H=H, G=G, D=D, R=R, scale=scale, cap=cap, window=window,
+                o_bias=None if kind == "pythia" else a.o_proj.bias)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_explain_stages_of_each_family_equal_independent_computation(tiny_models, kind):
+    """q/k norms, partial rotary, scale, soft-cap, window mask and the post-attention norm, stage by stage."""
+    path, hf = tiny_models[kind]
+    model = load_model(path)
+    ids = ids_for(model, T=12)
+    close = lambda a, b, tol=1e-4: torch.testing.assert_close(a, b, rtol=tol, atol=tol)  # noqa: E731
+    for layer, head, query in [(0, 1, 11), (1, 3, 9), (0, 2, 3)]:
+        ref = family_reference(hf, kind, ids, layer)
+        g = head // (ref["H"] // ref["G"])
+        S = query + 1
+        ex = explain(model, ids, query, layer, head)
+        close(ex.resid, ref["resid"][query])
+        close(ex.x, ref["x"][query])
+        if kind in ("qwen3", "gemma3", "olmo2"):
+            close(ex.q_proj, ref["q_proj"][head, query])
+            close(ex.keys_proj, ref["k_proj"][g, :S])
+        else:
+            assert ex.q_proj is None and ex.keys_proj is None and ex.qk_norm is None
+        close(ex.q, ref["q"][head, query])
+        close(ex.keys, ref["k"][g, :S])
+        close(ex.q_rot, ref["q_rot"][head, query])
+        close(ex.keys_rot, ref["k_rot"][g, :S])
+        if ref["R"] < ref["D"]:  # partial rotary: the unrotated dims pass through
+            assert ex.rotary_dim == ref["R"]
+            close(ex.q_rot[ref["R"] :], ref["q"][head, query, ref["R"] :])
+        dots = ref["k_rot"][g, :S] @ ref["q_rot"][head, query]
+        raw = dots * ref["scale"]
+        close(ex.dots, dots)
+        close(ex.raw_scores, raw)
+        capped = ref["cap"] * torch.tanh(raw / ref["cap"]) if ref["cap"] else raw
+        if ref["cap"]:
+            close(ex.capped, capped)
+            assert (raw - capped).abs().max() > 1e-3  # the cap changes these scores (a control)
+        else:
+            assert ex.capped is None
+        outside = [j for j in range(S) if ref["window"] is not None and j <= query - ref["window"]]
+        assert ex.masked.nonzero().flatten().tolist() == outside
+        want = capped.masked_fill(torch.tensor([j in outside for j in range(S)]), float("-inf"))
+        close(ex.scores, want)
+        weights = want.softmax(-1)
+        close(ex.weights, weights, 1e-5)
+        close(ex.weights, ref["attn"][head, query, :S], 1e-5)  # transformers' eager weights
+        update = (weights @ ref["v"][g, :S]) @ ref["w_o"][head]
+        close(ex.update, update)
+        close(ex.value_norms, ((weights[:, None] * ref["v"][g, :S]) @ ref["w_o"][head]).norm(dim=-1))
+        if ref["post"] is not None:  # the heads' shares after the norm add up to transformers' normed output
+            shares = torch.stack([explain(model, ids, query, layer, h).update_normed for h in range(ref["H"])])
+            with torch.no_grad():
+                normed = ref["post"](ref["y"])[query]
+            assert ref["o_bias"] is None  # else W_O's bias would have its own share
+            close(shares.sum(0), normed)
+            close(ex.added, ex.update_normed)
+        else:
+            assert ex.update_normed is None
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "llama_mha"])
 def test_head_updates_sum_to_the_attention_output(tiny_models, kind):
     path, hf = tiny_models[kind]
@@ -161,7 +298,11 @@ def test_explain_json(tiny_models):
     with torch.no_grad():
         ref = hf(torch.tensor([[t["id"] for t in d["tokens"]]]), output_attentions=True).attentions[1][0, 3, q, : q + 1]
     assert max(abs(a - b) for a, b in zip(d["weights"], ref.tolist())) < 1e-5
-    assert set(d["output"]) == {"mixed_norm", "update_norm", "residual_norm", "ratio", "cosine", "update"}
+    assert set(d["output"]) == {"mixed_norm", "update_norm", "residual_norm", "ratio", "cosine", "update", "post_norm", "update_normed"}
+    assert d["output"]["post_norm"] is False and d["output"]["update_normed"] is None  # no norm after W_O in Llama
+    assert (d["qk_norm"], d["softcap"], d["scores_capped"], d["query_pre_attn_scalar"]) == (None, None, None, None)
+    assert d["rotary_dim"] == d["d_k"]  # no cap and nothing masked before the query: the raw scores are the scores
+    assert max(abs(a - b) for a, b in zip(d["scores_raw"], d["scores"])) < 1e-6
     assert r.err == ""
 
 

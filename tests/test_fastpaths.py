@@ -14,11 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.config import ModelConfig
+from model.decoder import Decoder
 from model.generate import generate
 from model.loading import load_model
 from model.quant import Int8Linear, quantize_int8
 from model.sampling import SamplingSettings
-from tests.conftest import KINDS
+from tests.conftest import FAMILY_KINDS, KINDS
 
 GREEDY = SamplingSettings(temperature=0)
 
@@ -56,7 +58,7 @@ def test_fused_weights_decode_equals_full_recompute(tiny_models, kind):
     assert greedy(model, prompt) == recompute_greedy(model, prompt)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_mha", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "llama_mha", "gpt2", *FAMILY_KINDS])
 def test_int8_top1_agreement_and_own_decoding(tiny_models, kind):
     path = tiny_models[kind][0]
     ref = load_model(path)
@@ -161,18 +163,56 @@ def test_static_shape_step_equals_forward(tiny_models, kind):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "every_variant"])
 def test_cuda_graph_step_gives_the_same_tokens(tiny_models, kind):
     from model.compile import compile_decode_step
 
-    path = tiny_models[kind][0]
-    eager = load_model(path, torch.float32, torch.device("cuda"))
+    def load():
+        if kind == "every_variant":
+            return every_block_variant().to("cuda")
+        return load_model(tiny_models[kind][0], torch.float32, torch.device("cuda"))
+
+    eager = load()
     prompt = prompt_for(eager)
     want = greedy(eager, prompt, 16)
-    model = load_model(path, torch.float32, torch.device("cuda"))
+    model = load()
     compile_decode_step(model, len(prompt) + 16)
     assert greedy(model, prompt, 16) == want
     assert greedy(model, prompt, 40) == greedy(eager, prompt, 40)  # a longer cache: captured again
+
+
+def every_block_variant() -> Decoder:
+    """A random model with every block variant the families add at once (each is pinned to transformers
+    by its family's parity tests): window and local-RoPE layers, partial rotary, q/k norm over the
+    projection, scores scaled and soft-capped, post norms of (1 + w), parallel residual, GeGLU, scaled
+    embeddings, capped logits. One compile covers them all (a compile costs ≈ 25 s here)."""
+    cfg = ModelConfig(
+        model_type="every_variant", vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
+        max_len=128, norm_eps=1e-6, norm="rms", mlp="gated", act="gelu_tanh", positions="rope", tie_embeddings=True,
+        rotary_dim=8, local_rope_theta=10000.0, layer_windows=[5, None], post_norm=True, parallel_residual=True,
+        norm_offset=1.0, norm_weight_in_float32=True, qk_norm="flat", query_pre_attn_scalar=20.0, attn_softcap=1.5,
+        logit_softcap=4.0, embed_scale=8.0,
+    )
+    torch.manual_seed(0)
+    model = Decoder(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.3)
+    return model
+
+
+def test_compiled_step_covers_every_block_variant():
+    from model.compile import CompileFailed, compile_decode_step
+
+    model = every_block_variant()
+    prompt = prompt_for(model)
+    want = greedy(model, prompt, 12)
+    assert want == recompute_greedy(model, prompt, 12)
+    try:
+        compile_decode_step(model, len(prompt) + 12)
+    except CompileFailed as e:
+        pytest.skip(f"torch.compile unavailable here: {e}")
+    assert greedy(model, prompt, 12) == want
 
 
 def test_compiled_step_that_cannot_be_rebuilt_goes_on_eager(tiny_models, monkeypatch):

@@ -61,7 +61,7 @@ def test_greedy_tokens_match_transformers_generate(tiny_models, kind):
     assert ours == ref[0, 8:].tolist()
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "pythia", "phi3"])  # pythia, phi3: fused tensors reordered / whole
 def test_sharded_checkpoint_loads_the_same(tmp_path, tokenizer_json, tiny_models, kind):
     save_model(kind, tmp_path, tokenizer_json, shards="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
@@ -72,20 +72,22 @@ def test_sharded_checkpoint_loads_the_same(tmp_path, tokenizer_json, tiny_models
         assert torch.equal(single[k], sharded[k]), k
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "gemma2", "gemma3"])
 def test_fused_and_explicit_attention_agree(tiny_models, kind):
+    """Each layer's own settings (window, scale, soft-cap): gemma2's capped layers take the explicit path."""
     model = load_model(tiny_models[kind][0])
-    attn = model.layers[1].attn
-    g = torch.Generator().manual_seed(3)
-    B, H, G, D, S = 1, attn.n_heads, attn.n_kv_heads, attn.head_dim, 20
-    k = torch.randn(B, G, S, D, generator=g)
-    v = torch.randn(B, G, S, D, generator=g)
-    for start, T in [(0, S), (12, 8), (19, 1)]:  # prefill, a chunk after cached tokens, a decode step
-        q = torch.randn(B, H, T, D, generator=g)
-        fused = attention(q, k[:, :, : start + T], v[:, :, : start + T], start)
-        explicit, w = explicit_attention(q, k[:, :, : start + T], v[:, :, : start + T], torch.arange(start, start + T))
-        assert (fused - explicit).abs().max().item() <= 1e-5
-        assert torch.allclose(w.sum(-1), torch.ones(B, H, T))
+    for attn in (block.attn for block in model.layers):
+        g = torch.Generator().manual_seed(3)
+        B, H, G, D, S = 1, attn.n_heads, attn.n_kv_heads, attn.head_dim, 20
+        k = torch.randn(B, G, S, D, generator=g) * 2  # scores of a few units, so a cap of 1.5 bites
+        v = torch.randn(B, G, S, D, generator=g)
+        settings = (attn.window, attn.scale, attn.softcap)
+        for start, T in [(0, S), (12, 8), (19, 1)]:  # prefill, a chunk after cached tokens, a decode step
+            q = torch.randn(B, H, T, D, generator=g) * 2
+            fused = attention(q, k[:, :, : start + T], v[:, :, : start + T], start, *settings)
+            explicit, w = explicit_attention(q, k[:, :, : start + T], v[:, :, : start + T], torch.arange(start, start + T), *settings)
+            assert (fused - explicit).abs().max().item() <= 1e-5
+            assert torch.allclose(w.sum(-1), torch.ones(B, H, T))
 
 
 MEASURE_LOAD = """

@@ -18,7 +18,7 @@ from model.heads import head_patterns
 from model.loading import load_model
 from model.probe import capture
 
-WINDOW_KINDS = ["mistral_window", "qwen2_window"]
+WINDOW_KINDS = ["mistral_window", "qwen2_window", "gemma2", "gemma3"]  # gemma: window layers between global ones
 
 
 def random_ids(vocab: int, T: int = 14, seed: int = 5) -> list[int]:
