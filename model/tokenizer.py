@@ -36,6 +36,8 @@ class Tokenizer:
         self.eos_token = _token_str(self.config.get("eos_token"))
         self.special_ids = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
         self._byte_level = type(self.tk.decoder).__name__ == "ByteLevel"
+        # SentencePiece's BPE (Llama 2, Mistral v0.1): ▁ for a space and <0xNN> pieces for raw bytes.
+        self._sentencepiece = bool(getattr(self.tk.model, "byte_fallback", False))
 
     @property
     def vocab_size(self) -> int:
@@ -72,6 +74,9 @@ class Tokenizer:
                 return bytes([int(piece[3:5], 16)])
             except ValueError:
                 pass
+        if self._sentencepiece and token_id not in self.special_ids:
+            # Decoding one piece alone would strip the space its ▁ stands for (the decoder drops the text's first space).
+            return piece.replace("▁", " ").encode("utf-8")
         return self.token_label(token_id).encode("utf-8")
 
     def stream(self, prompt_ids: list[int]) -> "TextStream":

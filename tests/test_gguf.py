@@ -184,7 +184,7 @@ def model_metadata(arch: str, cfg: Any, tokenizer: Any, pre: str = "gpt2") -> di
         f"{arch}.vocab_size": cfg.vocab_size,
         f"{arch}.rope.dimension_count": cfg.hidden_size // cfg.num_attention_heads,
     }
-    return meta | tokenizer_metadata(tokenizer, pre)
+    return meta | (tokenizer_metadata(tokenizer, pre) if pre else {})
 
 
 def hf_to_gguf_tensors(arch: str, state: dict[str, np.ndarray], cfg: Any, qtype: Q = Q.F32) -> list[tuple[str, np.ndarray, Q]]:
@@ -367,6 +367,169 @@ def test_tokenizer_round_trip(tmp_path: Path, pre: str) -> None:
     assert converted.decode([original.token_to_id("<think>")]) == "<think>"  # user-defined ones are text
 
 
+# --- Llama 3.1/3.2: RoPE scaling stored as rope_freqs ------------------------------------------
+
+
+def llama_cpp_rope_factors(cfg: Any) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.generate_extra_tensors: one divisor per RoPE frequency."""
+    rp = cfg.rope_parameters
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    freqs = 1.0 / (rp["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high, old = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"], rp["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("theta,original", [(500000.0, 32), (10000.0, 64), (500000.0, 8192)])
+def test_llama31_rope_freqs_become_rope_scaling(tmp_path: Path, tokenizer: Any, theta: float, original: int) -> None:
+    """(500000, 32): no frequency blended; (10000, 64): two blended; (500000, 8192): Llama 3.1's own values."""
+    import transformers
+
+    from model.loading import load_model
+
+    model = tiny_hf_model("llama", tokenizer, tie=False)
+    cfg = model.config
+    cfg.rope_parameters = {"rope_type": "llama3", "rope_theta": theta, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": original}
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    model.load_state_dict(tiny_hf_model("llama", tokenizer, tie=False).state_dict())
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    meta = model_metadata("llama", cfg, tokenizer) | {"llama.rope.freq_base": theta}
+    tensors = hf_to_gguf_tensors("llama", state, cfg) + [("rope_freqs.weight", llama_cpp_rope_factors(cfg), Q.F32)]
+    path = write_gguf(tmp_path / "m.gguf", "llama", meta, tensors)
+    out = convert_gguf(path, tmp_path / "out")
+
+    scaling = json.loads((out / "config.json").read_text())["rope_scaling"]
+    assert scaling["rope_type"] == "llama3" and scaling["factor"] == 8.0
+    if original == 8192:
+        assert (scaling["high_freq_factor"], scaling["original_max_position_embeddings"]) == (4.0, 8192)
+    converted = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    torch.testing.assert_close(converted.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    ids = torch.tensor([tokenizer.encode(CORPUS[1]).ids])
+    ours = load_model(out)
+    ours.setup_cache(ids.shape[1])
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(converted(ids).logits, want, rtol=0, atol=1e-6)
+        assert (ours(ids, 0) - want).abs().max().item() <= 1e-4
+    # transformers' own GGUF loading reads the same tensors (it leaves rope_freqs aside)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    got = load_file(out / "model.safetensors")
+    for name, t in reference.state_dict().items():
+        np.testing.assert_array_equal(got[name], t.numpy(), err_msg=name)
+
+
+def test_rope_freqs_that_are_not_llama3_scaling_are_refused(tmp_path: Path, tokenizer: Any) -> None:
+    model = tiny_hf_model("llama", tokenizer)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    odd = np.array([1.0, 3.0, 2.0, 8.0, 1.5, 8.0, 8.0, 8.0], dtype=np.float32)  # not monotone in wavelength
+    tensors = hf_to_gguf_tensors("llama", state, model.config) + [("rope_freqs.weight", odd, Q.F32)]
+    path = write_gguf(tmp_path / "m.gguf", "llama", model_metadata("llama", model.config, tokenizer), tensors)
+    with pytest.raises(AttnError, match="rope_freqs.weight: these RoPE divisors are not Llama 3's scaling"):
+        convert_gguf(path, tmp_path / "out")
+
+
+# --- SentencePiece vocabularies (Llama 2, TinyLlama, Mistral v0.1) ------------------------------
+
+SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def spm_vocabulary() -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style BPE vocabulary laid out as Llama 2's: <unk>, <s>, </s>, the 256 byte pieces
+    <0x00>..<0xFF>, then pieces (▁ for a space) scored by merge rank, as llama.cpp writes them."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    trained = SentencePieceBPETokenizer()
+    trained.train_from_iterator(CORPUS * 3, vocab_size=300, special_tokens=SPM_SPECIALS, show_progress=False)
+    pieces = [t for t, _ in sorted(trained.get_vocab().items(), key=lambda kv: kv[1]) if t not in SPM_SPECIALS]
+    tokens = SPM_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    scores = [0.0] * (3 + 256) + [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)  # UNKNOWN, CONTROL, BYTE, NORMAL
+    return tokens, scores, types
+
+
+def spm_metadata(tokens: list[str], scores: list[float], types: list[int]) -> dict[str, Any]:
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.chat_template": CHAT_TEMPLATE,
+    }
+
+
+class _Vocab:
+    """Just enough of a tokenizer for tiny_hf_model: the vocabulary size."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return self.n
+
+
+def test_sentencepiece_vocabulary_equals_transformers(tmp_path: Path) -> None:
+    import transformers
+    from tokenizers import Tokenizer
+
+    tokens, scores, types = spm_vocabulary()
+    model = tiny_hf_model("llama", _Vocab(len(tokens)))
+    meta = model_metadata("llama", model.config, _Vocab(len(tokens)), pre=None) | spm_metadata(tokens, scores, types)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    path = write_gguf(tmp_path / "m.gguf", "llama", meta, hf_to_gguf_tensors("llama", state, model.config, Q.Q8_0))
+    out = convert_gguf(path, tmp_path / "out")
+
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert ours.get_vocab_size(with_added_tokens=True) == len(tokens)
+    for text in PROBES + ["<s>[INST] hi [/INST]", " leading space", "x  y"]:
+        ids = ours.encode(text).ids
+        assert ids == reference(text)["input_ids"], text
+        assert ids[0] == 1  # BOS, as the file asks
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True), text
+    assert ours.encode("🦜").ids[2:] == [tokens.index(f"<0x{b:02X}>") for b in "🦜".encode()]  # ▁, then byte fallback
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    assert (tc["bos_token"], tc["eos_token"], tc["unk_token"], tc["add_bos_token"]) == ("<s>", "</s>", "<unk>", True)
+    # transformers' own GGUF loading reads the same (dequantized Q8_0) tensors
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    got = load_file(out / "model.safetensors")
+    for name, t in ref_model.state_dict().items():
+        if name in got:
+            np.testing.assert_array_equal(got[name], t.numpy(), err_msg=name)
+    assert set(got) <= set(ref_model.state_dict())
+
+
+def test_sentencepiece_model_generates_through_attn(tmp_path: Path) -> None:
+    """The converted SentencePiece model runs end to end: the CLI encodes with BOS, streams text, exits 0."""
+    from tests.conftest import run_cli
+
+    tokens, scores, types = spm_vocabulary()
+    model = tiny_hf_model("llama", _Vocab(len(tokens)))
+    meta = model_metadata("llama", model.config, _Vocab(len(tokens)), pre=None) | spm_metadata(tokens, scores, types)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    path = write_gguf(tmp_path / "m.gguf", "llama", meta, hf_to_gguf_tensors("llama", state, model.config))
+    out = convert_gguf(path, tmp_path / "out")
+    r = run_cli(["generate", "the fluffy creature", "-m", str(out), "-n", "8", "--raw", "--temperature", "0"])
+    assert r.code == 0, r
+    r = run_cli(["inspect", "the fluffy creature", "-m", str(out), "--raw", "--format", "json", "-l", "0", "--head", "0"])
+    assert r.code == 0, r
+    labels = [t["text"] for t in json.loads(r.out)["tokens"]]
+    assert labels[0] == "<s>" and any(t.startswith(" ") for t in labels[1:])  # a piece's ▁ shown as its space
+
+
 # --- failures --------------------------------------------------------------------------------
 
 
@@ -384,7 +547,8 @@ def tiny_gguf(tmp_path: Path, tokenizer: Any, arch: str = "llama", meta_changes:
     "arch,meta,extra,message",
     [
         ("mamba", {}, [], "unsupported GGUF architecture 'mamba'"),
-        ("llama", {"tokenizer.ggml.model": "llama"}, [], "unsupported GGUF tokenizer 'llama'"),
+        ("llama", {"tokenizer.ggml.model": "bert"}, [], "unsupported GGUF tokenizer 'bert'"),
+        ("llama", {"tokenizer.ggml.model": "llama"}, [], "GGUF metadata lacks the SentencePiece tokens or their scores"),
         ("llama", {"tokenizer.ggml.pre": "made-up"}, [], "unsupported GGUF pre-tokenizer 'made-up'"),
         ("llama", {}, [("blk.0.attn_sinks.weight", np.ones(4, np.float32), Q.F32)], "unsupported tensor 'blk.0.attn_sinks.weight'"),
         ("llama", {"llama.attention.head_count_kv": 4}, [], r"tensor 'blk.0.attn_k.weight' has shape \[32, 64\], the metadata implies \[64, 64\]"),

@@ -2,11 +2,14 @@
 
 A GGUF file is llama.cpp's single-file checkpoint: metadata (shape, RoPE, tokenizer, chat
 template) under llama.cpp's key names, and tensors under llama.cpp's names, often quantized.
-We dequantize every tensor with the `gguf` package, rename it with one flat table, undo the
-row permutation llama.cpp applies to Llama's Q and K projections, and rebuild the config and
-a `tokenizers` byte-level BPE from the metadata. References: llama.cpp `convert_hf_to_gguf.py`
-(what was done to the weights), `src/llama-vocab.cpp` (pre-tokenizer regexes), and transformers'
-`modeling_gguf_pytorch_utils.py` (the same conversion, used as the test reference).
+We dequantize every tensor with the `gguf` package, rename it with its family's table (the GGUF
+name tables live with the families: `model.families.GGUF_ARCHITECTURES`), undo the row permutation
+llama.cpp applies to Llama's Q and K projections, turn Llama 3.1/3.2's `rope_freqs` back into
+config.json's RoPE scaling, and rebuild the config and a `tokenizers` tokenizer from the metadata:
+byte-level BPE, or SentencePiece's BPE (Llama 2, TinyLlama, Mistral v0.1) with byte fallback.
+References: llama.cpp `convert_hf_to_gguf.py` (what was done to the weights), `src/llama-vocab.cpp`
+(pre-tokenizer regexes), and transformers' `integrations/gguf` (the same conversion, used as the
+test reference).
 """
 
 from __future__ import annotations
@@ -23,43 +26,20 @@ from typing import Any, Callable
 import numpy as np
 
 from model.errors import AttnError
+from model.families import GGUF_ARCHITECTURES
 from model.loading import DTYPES
 from model.tokenizer import bytes_to_unicode
 
 Progress = Callable[[str, int, "int | None"], None]
 
 
-# GGUF tensor name → Hugging Face name; `{}` is the layer index. One table for the Llama
-# family (Qwen2 is the same layout plus q/k/v biases). `output.weight` exists only when the
-# head is not tied to the embedding.
-GGUF_TO_HF: dict[str, str] = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "blk.{}.attn_q.bias": "model.layers.{}.self_attn.q_proj.bias",
-    "blk.{}.attn_k.bias": "model.layers.{}.self_attn.k_proj.bias",
-    "blk.{}.attn_v.bias": "model.layers.{}.self_attn.v_proj.bias",
-    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
-}
-
-# llama.cpp permutes these rows (per head: interleaved RoPE pairs instead of HF's two halves)
-# for the `llama` architecture only; Qwen2 keeps HF's layout.
+# llama.cpp permutes these rows (per head: interleaved RoPE pairs instead of HF's two halves) for
+# the architectures whose GgufArch says `permuted_qk` (`llama`).
 PERMUTED_Q = "blk.{}.attn_q.weight"
 PERMUTED_K = "blk.{}.attn_k.weight"
 
-# Per supported `general.architecture`: HF model_type, class, whether Q/K were permuted.
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "llama": {"model_type": "llama", "class": "LlamaForCausalLM", "permuted_qk": True},
-    "qwen2": {"model_type": "qwen2", "class": "Qwen2ForCausalLM", "permuted_qk": False},
-}
+# Llama 3.1/3.2's RoPE scaling, stored by llama.cpp as per-frequency divisors (not a weight).
+ROPE_FREQS = "rope_freqs.weight"
 
 # Pre-tokenizer split regexes by `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp lists
 # them. None means the GPT-2 regex built into tokenizers' ByteLevel pre-tokenizer.
@@ -127,6 +107,9 @@ def convert_gguf(
     if embedding is None:
         raise AttnError("GGUF file lacks tensor 'token_embd.weight'")
     config = build_config(meta, [t.name for t in reader.tensors], dtype, int(embedding.shape[-1]))
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:
+        config["rope_scaling"] = llama3_scaling(dequantize_tensor(freqs), config)
     tokenizer_json, tokenizer_config = build_tokenizer(meta, config)
     plan = _plan(reader, config)
 
@@ -182,10 +165,10 @@ class _Metadata:
 
 def build_config(meta: _Metadata, tensor_names: list[str], dtype: str, embedding_rows: int) -> dict[str, Any]:
     """A transformers-style config.json dict from GGUF metadata."""
-    family = ARCHITECTURES.get(meta.arch)
+    family = GGUF_ARCHITECTURES.get(meta.arch)
     if family is None:
         raise AttnError(
-            f"unsupported GGUF architecture {meta.arch or '(none)'!r}: attn converts {', '.join(ARCHITECTURES)}"
+            f"unsupported GGUF architecture {meta.arch or '(none)'!r}: attn converts {', '.join(GGUF_ARCHITECTURES)}"
         )
     hidden = int(meta.require("embedding_length"))
     heads = int(meta.require("attention.head_count"))
@@ -194,14 +177,12 @@ def build_config(meta: _Metadata, tensor_names: list[str], dtype: str, embedding
     rope_dim = int(meta.arch_key("rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise AttnError(f"unsupported GGUF: partial rotary embedding ({rope_dim} of {head_dim} dims)")
-    if "rope_freqs.weight" in tensor_names:
-        raise AttnError("unsupported GGUF: precomputed RoPE frequencies (rope_freqs.weight, Llama 3.1 scaling)")
     # The embedding's row count is the vocabulary size the weights were trained with.
     embed = embedding_rows
 
     config: dict[str, Any] = {
-        "architectures": [family["class"]],
-        "model_type": family["model_type"],
+        "architectures": [family.hf_class],
+        "model_type": family.model_type,
         "hidden_size": hidden,
         "intermediate_size": int(meta.require("feed_forward_length")),
         "num_hidden_layers": int(meta.require("block_count")),
@@ -224,7 +205,7 @@ def build_config(meta: _Metadata, tensor_names: list[str], dtype: str, embedding
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": dtype,
     }
-    if family["model_type"] == "qwen2":
+    if family.model_type == "qwen2":
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=config["num_hidden_layers"])
     return config
 
@@ -237,6 +218,51 @@ def _rope_scaling(meta: _Metadata) -> dict[str, Any] | None:
     if kind == "linear" and factor:
         return {"rope_type": "linear", "factor": float(factor)}
     raise AttnError(f"unsupported GGUF RoPE scaling {kind!r}")
+
+
+def llama3_scaling(factors: np.ndarray, config: dict[str, Any]) -> dict[str, Any] | None:
+    """config.json's Llama 3 rope_scaling from llama.cpp's `rope_freqs` (one divisor per frequency).
+
+    llama.cpp computes the divisors at conversion (convert_hf_to_gguf.py, LlamaModel): 1 for
+    wavelengths below original/high_freq_factor, `factor` above original/low_freq_factor, and
+    1 / ((1 − s)/factor + s), s = (original/wavelength − low)/(high − low), between. Only
+    original/(high − low) and low/(high − low) show in the divisors, so low is taken as 1 (every
+    Llama 3 file's value) and the rest is solved for; Llama 3.1/3.2's own values are tried first.
+    Whatever is chosen must give back every divisor, or the file is refused.
+    """
+    f = np.asarray(factors, dtype=np.float64).reshape(-1)
+    dim, theta = config["head_dim"], config["rope_theta"]
+    if f.shape[0] != dim // 2:
+        raise AttnError(f"GGUF {ROPE_FREQS} has {f.shape[0]} entries; head_dim {dim} needs {dim // 2}")
+    if config["rope_scaling"] is not None:
+        raise AttnError(f"GGUF file has both {ROPE_FREQS} and rope.scaling.type metadata: unsupported")
+    if np.allclose(f, 1.0):
+        return None
+    factor = float(f.max())
+    wavelen = 2 * math.pi * theta ** (np.arange(0, dim, 2) / dim)
+    candidates = [(4.0, 8192)]  # (high_freq_factor, original context) of Llama 3.1 and 3.2, with low = 1
+    s = (1 / f - 1 / factor) / (1 - 1 / factor)  # 0 for the divided frequencies, 1 for the kept ones
+    blend = (s > 1e-6) & (s < 1 - 1e-6)
+    if blend.sum() >= 2:  # s = A/wavelength − B, A = original/(high − 1), B = 1/(high − 1)
+        A, B = np.linalg.lstsq(np.stack([1 / wavelen[blend], -np.ones(int(blend.sum()))], 1), s[blend], rcond=None)[0]
+        if B > 0:
+            candidates.append((1 + 1 / B, round(A / B)))
+    elif blend.sum() == 1:
+        i = int(np.flatnonzero(blend)[0])
+        candidates.append((4.0, round(wavelen[i] * (1 + 3 * s[i]))))
+    else:  # no blended frequency: any original context between the kept and the divided wavelengths does
+        kept, divided = wavelen[f < 1 + 1e-6], wavelen[f > factor - 1e-6]
+        low, high = 4 * kept.max() if kept.size else 0.0, divided.min() if divided.size else 4 * kept.max() + 8
+        candidates.append((4.0, max(math.ceil(high) - 1, math.floor(low) + 1)))  # an integer in (low, high)
+    for hi, old in candidates:
+        want = np.where(wavelen < old / hi, 1.0, np.where(wavelen > old, factor, 0.0))
+        blended = (want == 0.0)
+        smooth = (old / wavelen - 1.0) / (hi - 1.0)
+        want[blended] = 1 / ((1 - smooth[blended]) / factor + smooth[blended])
+        if np.allclose(want, f, rtol=1e-5, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(hi),
+                    "original_max_position_embeddings": int(old)}
+    raise AttnError(f"GGUF {ROPE_FREQS}: these RoPE divisors are not Llama 3's scaling; unsupported")
 
 
 def build_generation_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
@@ -258,39 +284,23 @@ def build_generation_config(meta: _Metadata, config: dict[str, Any]) -> dict[str
 
 def build_tokenizer(meta: _Metadata, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(tokenizer.json text, tokenizer_config.json dict) from the GGUF tokenizer metadata."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
+    from tokenizers import AddedToken, processors
 
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise AttnError(f"unsupported GGUF tokenizer {kind!r}: attn converts byte-level BPE ('gpt2') tokenizers")
-    pre = meta.get("tokenizer.ggml.pre") or "default"
-    if pre not in PRE_TOKENIZERS:
-        raise AttnError(f"unsupported GGUF pre-tokenizer {pre!r}: attn knows {', '.join(sorted(PRE_TOKENIZERS))}")
     tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
-    merges: list[str] = list(meta.get("tokenizer.ggml.merges") or [])
-    if not tokens or not merges:
-        raise AttnError("GGUF metadata lacks the tokenizer's tokens or merges")
     types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
-
-    alphabet = set(bytes_to_unicode().values())
-    spell = bytes_to_unicode()
-    vocab: dict[str, int] = {}
-    for i, (tok, ty) in enumerate(zip(tokens, types)):
-        # Normal tokens are stored in the byte alphabet; a few converters wrote raw text instead.
-        if ty == _NORMAL and not set(tok) <= alphabet:
-            tok = "".join(spell[b] for b in tok.encode("utf-8"))
-        vocab.setdefault(tok, i)
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-
-    tok = Tokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES))
-    steps: list[Any] = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre] if r]
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=PRE_TOKENIZERS[pre][-1] is None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    tok.decoder = decoders.ByteLevel()
+    if kind == "gpt2":
+        tok = _byte_level_bpe(meta, tokens, types)
+        add_bos_default = False
+    elif kind == "llama":
+        tok = _sentencepiece_bpe(meta, tokens, types)
+        add_bos_default = True  # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+    else:
+        raise AttnError(f"unsupported GGUF tokenizer {kind!r}: attn converts byte-level BPE ('gpt2') and SentencePiece ('llama') tokenizers")
     # Control tokens (<|im_end|>) are matched whole and skipped when decoding; user-defined
     # ones (<think>) are matched whole but printed.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL])
+    special = (_CONTROL, _UNKNOWN) if kind == "llama" else (_CONTROL,)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in special])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
 
     def name(key: str) -> str | None:
@@ -298,7 +308,7 @@ def build_tokenizer(meta: _Metadata, config: dict[str, Any]) -> tuple[str, dict[
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     bos, eos = name("bos_token_id"), name("eos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     if add_bos or add_eos:
         a = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
@@ -325,6 +335,67 @@ def build_tokenizer(meta: _Metadata, config: dict[str, Any]) -> tuple[str, dict[
     return tok.to_str(), tokenizer_config
 
 
+def _byte_level_bpe(meta: _Metadata, tokens: list[str], types: list[int]) -> Any:
+    """GPT-2-style BPE over bytes (SmolLM, Llama 3, Qwen2): tokens, merges and llama.cpp's split regexes."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    pre = meta.get("tokenizer.ggml.pre") or "default"
+    if pre not in PRE_TOKENIZERS:
+        raise AttnError(f"unsupported GGUF pre-tokenizer {pre!r}: attn knows {', '.join(sorted(PRE_TOKENIZERS))}")
+    merges: list[str] = list(meta.get("tokenizer.ggml.merges") or [])
+    if not tokens or not merges:
+        raise AttnError("GGUF metadata lacks the tokenizer's tokens or merges")
+    alphabet = set(bytes_to_unicode().values())
+    spell = bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for i, (tok, ty) in enumerate(zip(tokens, types)):
+        # Normal tokens are stored in the byte alphabet; a few converters wrote raw text instead.
+        if ty == _NORMAL and not set(tok) <= alphabet:
+            tok = "".join(spell[b] for b in tok.encode("utf-8"))
+        vocab.setdefault(tok, i)
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+
+    tok = Tokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES))
+    steps: list[Any] = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre] if r]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=PRE_TOKENIZERS[pre][-1] is None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_bpe(meta: _Metadata, tokens: list[str], types: list[int]) -> Any:
+    """SentencePiece's BPE (Llama 2, TinyLlama, Mistral v0.1) as a `tokenizers` BPE, built as transformers'
+    LlamaTokenizer builds it from a GGUF: pieces with ▁ for spaces, <0xNN> byte tokens to fall back on, a
+    ▁ prepended to the text, and merges recovered from the pieces' scores (SentencePiece merges the pair
+    whose result scores highest; the file has the scores, not the merges)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    scores = list(meta.get("tokenizer.ggml.scores") or [])
+    if not tokens or len(scores) != len(tokens):
+        raise AttnError("GGUF metadata lacks the SentencePiece tokens or their scores")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(BPE(vocab=vocab, merges=_merges_from_scores(vocab, dict(zip(tokens, scores))), fuse_unk=True, byte_fallback=True))
+    # llama.cpp's add_space_prefix (default on): a ▁ before the text, and the first one dropped when decoding.
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    return tok
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Every split of a piece into two pieces of the vocabulary, best-scoring result first (ties: shorter
+    left part, then lower ids), as transformers' `generate_merges` orders them."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
 # ---------------------------------------------------------------------------------------------
 # tensors
 
@@ -337,12 +408,15 @@ def _name_pattern(gguf_name: str) -> tuple[str, int | None]:
 
 def _plan(reader: Any, config: dict[str, Any]) -> list[tuple[Any, str, int | None]]:
     """(gguf tensor, HF name, heads to un-permute with or None) per tensor; unknown names are errors."""
-    permuted = ARCHITECTURES[config["model_type"]]["permuted_qk"]
+    arch = next(a for a in GGUF_ARCHITECTURES.values() if a.model_type == config["model_type"])
+    permuted, table = arch.permuted_qk, arch.tensors
     layers = config["num_hidden_layers"]
     plan, seen = [], set()
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:  # read into config.json's rope_scaling (llama3_scaling)
+            continue
         pattern, layer = _name_pattern(t.name)
-        hf = GGUF_TO_HF.get(pattern)
+        hf = table.get(pattern)
         if hf is None or (layer is not None and layer >= layers):
             raise AttnError(f"unsupported tensor {t.name!r} in GGUF file")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
@@ -357,9 +431,9 @@ def _plan(reader: Any, config: dict[str, Any]) -> list[tuple[Any, str, int | Non
         plan.append((t, hf.format(layer), heads))
         seen.add(hf.format(layer))
     required = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        GGUF_TO_HF[p].format(i)
+        table[p].format(i)
         for i in range(layers)
-        for p in GGUF_TO_HF
+        for p in table
         if p.startswith("blk.") and p.endswith(".weight")
     ]
     missing = [n for n in required if n not in seen]
