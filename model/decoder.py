@@ -304,8 +304,9 @@ def scaled_dots(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) ->
     """Q·K_j × scale (default 1/√D) in float32, every pair: q (B, H, T, D), k (B, G, S, D) → (B, H, T, S)."""
     B, H, T, D = q.shape
     G, S = k.shape[1], k.shape[2]
-    qg = q.float().view(B, G, H // G, T, D)  # (B, G, R, T, D): R query heads share each KV head
-    dots = qg @ k.float().unsqueeze(2).transpose(-1, -2)  # (B, G, R, T, S)
+    # The R = H/G query heads that share a KV head stacked as rows: one product per KV head, K never repeated.
+    qg = q.float().reshape(B, G, (H // G) * T, D)  # (B, G, R·T, D)
+    dots = qg @ k.float().transpose(-1, -2)  # (B, G, R·T, S)
     return (dots * (D**-0.5 if scale is None else scale)).view(B, H, T, S)
 
 
@@ -340,7 +341,7 @@ def explicit_attention(
     B, H, T, D = q.shape
     G, S = k.shape[1], k.shape[2]
     weights = attention_scores(q, k, q_pos, window, scale, softcap).softmax(dim=-1)
-    out = weights.view(B, G, H // G, T, S) @ v.float().unsqueeze(2)  # (B, G, R, T, D)
+    out = weights.view(B, G, (H // G) * T, S) @ v.float()  # (B, G, R·T, D)
     return out.view(B, H, T, D).to(q.dtype), weights
 
 
