@@ -2,15 +2,19 @@
 
 Each repetition runs the same path as `attn generate` (greedy, no stop on EOS) on a fixed random
 prompt; a warm-up run is excluded. `--compare transformers` runs Hugging Face transformers on the
-same weights in the same process, alternating repetitions so that machine drift hits both.
+same weights in the same process, `--compare llama.cpp` runs llama.cpp on the GGUF that matches the
+mode in a child process (cli/llamacpp.py); repetitions alternate so that machine drift hits both.
 Quality (top-1 agreement with float32 and perplexity over a fixed text) is measured whenever the
 weights are not float32 (`--quantize int8`, `--dtype bfloat16`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import platform
 import statistics
 import time
 from enum import Enum
@@ -31,13 +35,15 @@ from cli.common import (
     QuietOpt,
     VerboseOpt,
     peak_memory_mb,
+    pick_device,
     use_color,
     write_out,
 )
+from cli import llamacpp
 from cli.main import app
 from cli.models import Loaded, open_model
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, ThreadsOpt, apply_speed_options, set_threads
-from model.errors import AttnError
+from model.errors import AttnError, UsageError
 from model.engine import Generation, Request
 from model.quant.kernels import cpu_features
 from model.generate import generate
@@ -53,6 +59,8 @@ Examples:
   attn bench --quantize int8                  # speed, plus top-1 agreement and perplexity vs float32
 
   attn bench --compare transformers           # the same weights through transformers, ratio printed
+
+  attn bench --quantize int8 --compare llama.cpp   # against llama.cpp on Q8_0 (pip install -e ".[bench]")
 """
 
 GREEDY = SamplingSettings(temperature=0.0)
@@ -94,8 +102,17 @@ case, reading about winds and trawlers and birds, and some of them laughed at th
 the ferry, because they had been children on that ferry once, and had waved."""
 
 
+COMPARE_HELP = (
+    "Also run this engine on the same prompt ids (greedy, same threads), alternating repetitions, and print the ratio: "
+    "transformers (same weights, same process) or llama.cpp (llama-cpp-python in a child process, CPU only, on the GGUF "
+    "matching the mode: --quantize int4 → the model's own Q4_0/Q4_1 GGUF, int8 → Q8_0, float32 → F32, bfloat16/float16 → F16; "
+    "requantized once with llama.cpp and cached in $ATTN_HOME/llamacpp; needs pip install -e \".[bench]\")."
+)
+
+
 class Compare(str, Enum):
     transformers = "transformers"
+    llama_cpp = "llama.cpp"
 
 
 @app.command("bench", epilog=epilog(EPILOG))
@@ -109,7 +126,7 @@ def bench_cmd(
     threads: ThreadsOpt = None,
     quantize: QuantizeOpt = Quantize.none,
     compile_step: CompileOpt = False,
-    compare: Annotated[Optional[Compare], typer.Option("--compare", **choice(Compare), help="Also run this engine on the same weights, alternating repetitions.", show_default=False)] = None,
+    compare: Annotated[Optional[Compare], typer.Option("--compare", **choice(Compare), help=COMPARE_HELP, show_default=False)] = None,
     quality: Annotated[Optional[bool], typer.Option("--quality/--no-quality", help="Top-1 agreement and perplexity vs float32 over a fixed text, and greedy output identical to float32 on 5 prompts. [default: on unless float32 eager]", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of a table.")] = False,
     quiet: QuietOpt = False,
@@ -117,7 +134,13 @@ def bench_cmd(
     color: ColorOpt = Color.auto,
 ) -> None:
     """Measure prefill and decode speed, time to first token and peak memory."""
-    hf_cls = _transformers_class() if compare is Compare.transformers else None  # fails before any loading
+    # Both checks come before any loading: a missing package or a wrong device fails at once.
+    hf_cls = _transformers_class() if compare is Compare.transformers else None
+    if compare is Compare.llama_cpp:
+        llamacpp.installed_version()
+        device = "cpu" if device.strip().lower() == "auto" else device  # the comparison is llama.cpp's CPU build
+        if pick_device(device).type != "cpu":
+            raise UsageError("--compare llama.cpp runs llama.cpp on the CPU: use --device cpu")
     set_threads(threads)
     prompt_lens = prompt_lens or [64]
     max_len = max(prompt_lens) + n_gen
@@ -129,32 +152,31 @@ def bench_cmd(
     if not compile_step:
         m.model.setup_cache(max_len)
     kv_mb = sum(b.numel() * b.element_size() for n, b in m.model.named_buffers() if n.endswith((".k", ".v"))) / 2**20
-    hf = _load_transformers(hf_cls, m) if hf_cls is not None else None
 
     vocab = min(m.cfg.vocab_size, m.tokenizer.vocab_size)
     g = torch.Generator().manual_seed(0)
     prompts = {p: torch.randint(0, vocab, (p,), generator=g).tolist() for p in prompt_lens}
-    for p in prompt_lens:  # warm-up at every prompt length (kernel choices, allocator, CUDA caches), excluded
-        _attn_run(m, prompts[p], min(8, n_gen))
-        if hf is not None:
-            _hf_run(hf, m, prompts[p], min(8, n_gen))
-
-    results = []
-    for p in prompt_lens:
-        ours, theirs = [], []
-        for _ in range(reps):
-            ours.append(_attn_run(m, prompts[p], n_gen))
-            if hf is not None:
-                theirs.append(_hf_run(hf, m, prompts[p], n_gen))
-        row = {"prompt_tokens": p, "gen_tokens": n_gen, **_summarise(ours), "peak_memory_mb": round(peak_memory_mb(m.device), 1)}
-        if hf is not None:
-            row["transformers"] = _summarise(theirs)
-            row["ratio"] = {
-                k: round(row[f"{k}_tps"]["median"] / row["transformers"][f"{k}_tps"]["median"], 2)
-                if row["transformers"][f"{k}_tps"]["median"] else None
-                for k in ("prefill", "decode")
-            }
-        results.append(row)
+    compare_info = None
+    with contextlib.ExitStack() as stack:
+        other = None
+        if hf_cls is not None:
+            hf = _load_transformers(hf_cls, m)
+            other = lambda p, n: _hf_run(hf, m, p, n)  # noqa: E731
+            compare_info = {"engine": "transformers", "version": _transformers_version()}
+        elif compare is Compare.llama_cpp:
+            llama = stack.enter_context(llamacpp.LlamaCpp(torch.get_num_threads()))
+            gguf = _start_llamacpp(llama, m, quantize, max_len, quiet)
+            other = lambda p, n: _llama_run(llama, p, n)  # noqa: E731
+        while True:
+            try:
+                results = _measure(m, prompts, n_gen, reps, compare.value if compare else None, other)
+                break
+            except llamacpp.Crashed as crash:
+                # Loads llama.cpp again without repacked buffers and measures both engines anew; a second
+                # crash (or one where nothing was repacked) ends with attn's error instead.
+                llama.fall_back(crash, quiet)
+        if compare is Compare.llama_cpp:
+            compare_info = _llamacpp_info(llama, gguf)
 
     want_quality = quality if quality is not None else (quantize is not Quantize.none or m.dtype != torch.float32 or compile_step)
     out = {
@@ -172,14 +194,47 @@ def bench_cmd(
         "load_ms": round(m.load_ms, 1),
         "weights_mb": round(weights_mb, 1),
         "kv_cache_mb": round(kv_mb, 1),
+        "cpu_info": cpu_info(),
         "results": results,
         "quality": quality_vs_float32(m) if want_quality else None,
         "compare": compare.value if compare else None,
+        "compare_info": compare_info,
     }
     if json_out:
         write_out(json.dumps(out) + "\n")
     else:
         _print_table(out, use_color(color, None))
+
+
+def _measure(m: Loaded, prompts: dict[int, list[int]], n_gen: int, reps: int, name: str | None, other) -> list[dict]:
+    """Warm-up at every prompt length, then the repetitions, alternating attn and the other engine (if any)
+    so that machine drift hits both; one row per prompt length."""
+    for prompt in prompts.values():  # kernel choices, allocator, CUDA caches: excluded
+        _attn_run(m, prompt, min(8, n_gen))
+        if other is not None:
+            other(prompt, min(8, n_gen))
+    results = []
+    for p, prompt in prompts.items():
+        ours, theirs = [], []
+        for _ in range(reps):
+            ours.append(_attn_run(m, prompt, n_gen))
+            if other is not None:
+                theirs.append(other(prompt, n_gen))
+        row = {"prompt_tokens": p, "gen_tokens": n_gen, **_summarise(ours), "peak_memory_mb": round(peak_memory_mb(m.device), 1)}
+        if other is not None:
+            # Same prompt ids, greedy: the tokens agree until the two engines' roundings first pick differently.
+            row[name] = {**_summarise(theirs), "same_greedy_tokens": _common_prefix(ours[0]["tokens"], theirs[0]["tokens"])}
+            row["ratio"] = {
+                k: round(row[f"{k}_tps"]["median"] / row[name][f"{k}_tps"]["median"], 2)
+                if row[name][f"{k}_tps"]["median"] else None
+                for k in ("prefill", "decode")
+            }
+        results.append(row)
+    return results
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # --- one repetition of each engine ---------------------------------------------------------
@@ -203,7 +258,7 @@ def _attn_run(m: Loaded, prompt: list[int], n: int) -> dict:
         pass
     _sync(m.device)
     gen.t_end = time.perf_counter()  # after the device has finished the last step
-    return _rates(len(prompt), len(gen.ids), gen.t0, gen.t_first, gen.t_end)
+    return {**_rates(len(prompt), len(gen.ids), gen.t0, gen.t_first, gen.t_end), "tokens": gen.ids}
 
 
 def _hf_run(hf, m: Loaded, prompt: list[int], n: int) -> dict:
@@ -215,11 +270,17 @@ def _hf_run(hf, m: Loaded, prompt: list[int], n: int) -> dict:
         hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
         _sync(m.device)
         t1 = time.perf_counter()
-        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
         _sync(m.device)
         t2 = time.perf_counter()
     first = t1 - t0
-    return _rates(len(prompt), n, t1 - first, t1, t1 + (t2 - t1))
+    return {**_rates(len(prompt), n, t1 - first, t1, t1 + (t2 - t1)), "tokens": out[0, len(prompt):].tolist()}
+
+
+def _llama_run(llama: llamacpp.LlamaCpp, prompt: list[int], n: int) -> dict:
+    """llama.cpp in its child process, timed there the way `_attn_run` times attn (the pipe is outside the timings)."""
+    r = llama.run(prompt, n)
+    return {**_rates(len(prompt), len(r["tokens"]), 0.0, r["ttft_s"], r["ttft_s"] + r["decode_s"]), "tokens": r["tokens"]}
 
 
 def _rates(p: int, count: int, t0: float, t_first: float, t_end: float) -> dict:
@@ -249,6 +310,61 @@ def _summarise(runs: list[dict]) -> dict:
     return out
 
 
+# --- llama.cpp -----------------------------------------------------------------------------------
+
+
+def _start_llamacpp(llama: llamacpp.LlamaCpp, m: Loaded, quantize: Quantize, max_len: int, quiet: bool) -> dict:
+    """Start the child, pick or make the GGUF matching attn's mode, load it; what the output says about it."""
+    types = llamacpp.gguf_types(quantize.value, str(m.dtype).removeprefix("torch."))
+    src = llamacpp.source_gguf(m.path, m.name)
+    llama.start()
+    path, gtype = llamacpp.gguf_for_mode(src, types, llama, quiet)
+    llama.load(path, max_len, quiet)
+    return {"gguf": str(path), "gguf_type": gtype, "source_gguf": str(src)}
+
+
+def _llamacpp_info(llama: llamacpp.LlamaCpp, gguf: dict) -> dict:
+    return {
+        "engine": "llama.cpp",
+        "package": llamacpp.PACKAGE,
+        "version": llama.info.get("version"),
+        "pinned": llamacpp.PINNED,
+        **gguf,
+        "threads": llama.threads,
+        "extra_buffers": llama.extra_bufts,  # False only after a crash with them (then `crash` says what happened)
+        "repacked": llama.repacked,
+        "buffers_mib": llama.loaded.get("buffers"),
+        "crash": llama.crash,
+        "system_info": llama.info.get("system_info"),
+    }
+
+
+# Flags that decide which kernels can run (llama.cpp's and PyTorch's), as /proc/cpuinfo spells them.
+CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and kernel-relevant features (Linux): what decides llama.cpp's kernels as well as PyTorch's."""
+    name, flags = None, set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = (x.strip() for x in line.partition(":"))
+                if key == "model name" and name is None:
+                    name = value
+                elif key == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the name only
+        pass
+    return {
+        "model": name or platform.processor() or None,
+        "cores": os.cpu_count(),
+        "features": [f for f in CPU_FLAGS if f in flags],
+    }
+
+
 # --- transformers ----------------------------------------------------------------------------
 
 
@@ -258,6 +374,12 @@ def _transformers_class():
     except ImportError:
         raise AttnError("--compare transformers needs the transformers package (pip install transformers)") from None
     return AutoModelForCausalLM
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _load_transformers(cls, m: Loaded):
@@ -348,7 +470,7 @@ def _print_table(out: dict, color: bool) -> None:
     for r in out["results"]:
         cells = [str(r["prompt_tokens"]), str(r["gen_tokens"]), _cell(r["prefill_tps"]), _cell(r["decode_tps"]), _cell(r["ttft_ms"], 0), f"{r['peak_memory_mb']:.0f}"]
         if compare:
-            t = r["transformers"]
+            t = r[compare]
             ratio = r["ratio"]
             cells += [_cell(t["prefill_tps"]), _cell(t["decode_tps"]), f"{ratio['prefill']}×", f"{ratio['decode']}×"]
         table.add_row(*cells)
@@ -364,4 +486,24 @@ def _print_table(out: dict, color: bool) -> None:
             f"perplexity {q['perplexity']:.3f} vs {q['perplexity_float32']:.3f} (float32); "
             f"{q['greedy_tokens']} greedy tokens identical to float32 on {q['greedy_identical']}/{q['greedy_prompts']} prompts"
         )
+    info = out["compare_info"]
+    if info and info["engine"] == "llama.cpp":
+        notes += _llamacpp_notes(info)
     console.print("\n".join(notes))
+
+
+def _llamacpp_notes(info: dict) -> list[str]:
+    buffers = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in (info["buffers_mib"] or {}).items())
+    lines = [
+        f"llama.cpp: {info['package']} {info['version']}"
+        + ("" if info["version"] == info["pinned"] else f" (attn's bench extra pins {info['pinned']})")
+        + f", {info['gguf_type']} GGUF {info['gguf']}, {info['threads']} threads",
+        f"llama.cpp weights: {'repacked for this CPU' if info['repacked'] else 'not repacked'} ({buffers})",
+    ]
+    crash = info["crash"]
+    if crash:
+        lines.append(
+            f"llama.cpp CRASHED with its repacked weight buffers ({crash['status']} during {crash['during']}); the numbers "
+            "above are from a second run without them (use_extra_bufts=False), not llama.cpp's default configuration"
+        )
+    return lines
