@@ -35,13 +35,12 @@ from cli.common import (
     QuietOpt,
     VerboseOpt,
     peak_memory_mb,
-    pick_device,
     use_color,
     write_out,
 )
 from cli import llamacpp
 from cli.main import app
-from cli.models import Loaded, open_model
+from cli.models import Loaded, open_model, pick_device
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, ThreadsOpt, apply_speed_options, set_threads
 from model.errors import AttnError, UsageError
 from model.engine import Generation, Request

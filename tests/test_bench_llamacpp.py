@@ -230,7 +230,8 @@ def test_real_compare_int8(attn, real_model_dir, real_gguf_path, tmp_path, monke
     model.mkdir()
     for f in real_model_dir.iterdir():
         (model / f.name).symlink_to(f)
-    (model / "model.gguf").symlink_to(real_gguf_path)
+    if not (model / "model.gguf").exists():  # pulled before pull kept the source GGUF
+        (model / "model.gguf").symlink_to(real_gguf_path)
     monkeypatch.setenv("ATTN_HOME", str(tmp_path / "home"))
     r = attn(["bench", "-m", str(model), "-p", "8", "-n", "8", "-r", "1", "--quantize", "int8", "--no-quality",
               "--compare", "llama.cpp", "--threads", "2", "--json"])
