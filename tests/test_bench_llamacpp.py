@@ -94,19 +94,15 @@ def test_mode_to_gguf_type():
         llamacpp.gguf_types("int3", "float32")
 
 
-def test_source_gguf(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTN_HOME", str(tmp_path / "home"))
+def test_source_gguf(tmp_path):
     own = tmp_path / "own"
     own.mkdir()
     write_gguf(own / "model.gguf")
     assert llamacpp.source_gguf(own, "own") == own / "model.gguf"
-    with pytest.raises(AttnError, match="model.gguf is missing"):
+    with pytest.raises(AttnError, match="model.gguf is missing$"):
         llamacpp.source_gguf(tmp_path, "other")
-    # The registry model pulled before model.gguf was kept: its GGUF comes from the verified wheel.
-    pulled = tmp_path / "home" / "models" / "smollm2-135m-instruct"
-    pulled.mkdir(parents=True)
-    monkeypatch.setattr(llamacpp, "_gguf_from_wheel", lambda name: Path(f"/wheel/{name}.gguf"))
-    assert llamacpp.source_gguf(pulled, "smollm2-135m-instruct") == Path("/wheel/smollm2-135m-instruct.gguf")
+    with pytest.raises(AttnError, match="is missing: `attn pull --force smollm2-135m-instruct` keeps it"):
+        llamacpp.source_gguf(tmp_path, "smollm2-135m-instruct")
 
 
 # --- the child-process protocol, with the fake runner ----------------------------------------------
@@ -117,7 +113,7 @@ def test_compare_llamacpp_json(attn, fake_llama, tmp_path):
     assert r.code == 0, r
     assert NOISE not in r.out and NOISE not in r.err  # the child's stdout and stderr are captured
     d = json.loads(r.out)
-    assert d["compare"] == "llama.cpp" and d["cpu"]["cores"] >= 1
+    assert d["compare"] == "llama.cpp" and d["cpu_info"]["cores"] >= 1
     info = d["compare_info"]
     assert info["engine"] == "llama.cpp" and info["version"] == "0.0-fake" and info["pinned"] == llamacpp.PINNED
     assert info["gguf_type"] == "F32" and info["source_gguf"] == str(fake_llama / "model.gguf")
@@ -230,7 +226,7 @@ def test_real_compare_int8(attn, real_model_dir, real_gguf_path, tmp_path, monke
     model.mkdir()
     for f in real_model_dir.iterdir():
         (model / f.name).symlink_to(f)
-    if not (model / "model.gguf").exists():  # pulled before pull kept the source GGUF
+    if not (model / "model.gguf").exists():  # a test cache pulled before pull kept the source GGUF
         (model / "model.gguf").symlink_to(real_gguf_path)
     monkeypatch.setenv("ATTN_HOME", str(tmp_path / "home"))
     r = attn(["bench", "-m", str(model), "-p", "8", "-n", "8", "-r", "1", "--quantize", "int8", "--no-quality",
