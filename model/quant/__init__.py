@@ -4,10 +4,10 @@ Each replacement keeps `Linear`'s protocol — `forward(x)`, `dense_weight()` (W
 model's dtype, for the probe and explain), `columns(ids)` (a tied embedding's rows), `bias` — so the
 decoder, the microscope and the compiled step need not know which one they hold.
 
-- int8: per-output-channel int8 (int8.py).
+- int8: 8-bit groups of 32 with a scale and an offset, round-to-nearest from the float weights (q8.py).
 - int4: 4-bit groups of 32 with a scale and an offset (int4.py). From a GGUF with Q4_0/Q4_1 blocks the
   file's own codes are kept; from float weights, round-to-nearest. The LM head (the tied embedding)
-  stays 8-bit: the file's Q8_0 blocks, or Q8_0 round-to-nearest from float (q8.py).
+  stays 8-bit: the file's Q8_0 blocks, or 8-bit groups from float (q8.py).
 Which kernel runs is chosen by kernels.py.
 """
 
@@ -22,13 +22,12 @@ from model.decoder import Decoder, Linear
 from model.loading import weight_sources
 from model.quant.blocks import Blocks
 from model.quant.int4 import Int4Linear
-from model.quant.int8 import Int8Linear
 from model.quant.kernels import cpu_features, forced_generic
 from model.quant.q8 import Q8Linear
 
 MODES = ("int8", "int4")
 
-__all__ = ["MODES", "Blocks", "Int4Linear", "Int8Linear", "Q8Linear", "cpu_features", "forced_generic", "quantize", "quantize_int8", "swap_linears"]
+__all__ = ["MODES", "Blocks", "Int4Linear", "Q8Linear", "cpu_features", "forced_generic", "quantize", "quantize_int8", "swap_linears"]
 
 
 def swap_linears(model: nn.Module, make: Callable[[str, Linear], nn.Module]) -> int:
@@ -57,7 +56,7 @@ def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None)
 
     def make(name: str, lin: Linear) -> nn.Module:
         if mode == "int8":
-            layer = Int8Linear.from_linear(lin)
+            layer = Q8Linear.from_linear(lin)
         else:
             if from_blocks(f"{name}.weight"):  # the float weight may never have been read (load_model's skip)
                 fused = Blocks.cat([blocks[s] for s in weight_sources(cfg, f"{name}.weight")])

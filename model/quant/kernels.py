@@ -3,8 +3,8 @@
 - int4: ATen's `_weight_int4pack_mm_for_cpu` (4-bit codes in its packed layout, a bfloat16 scale and
   zero per group of 32, bfloat16 activations; with float32 or float16 activations it takes a path
   measured 20–40× slower). Vectorised for AVX2 and AVX-512; PyTorch ≥ 2.5.
-- int8: ATen's `_weight_int8pack_mm` (int8 codes, one bfloat16 scale per output channel, bfloat16
-  activations).
+- 8-bit groups (q8.py, `--quantize int8` and the int4 mode's head): inductor's fused reduction over
+  the int8 codes inside a compiled step ("fused"); eager, they are dequantized before the product.
 - generic: dequantize to the activations' dtype, then a dense product. Correct everywhere, slow;
   used where no packed kernel exists, and forced with ATTN_KERNELS=generic (tests cover it).
 
@@ -30,10 +30,8 @@ def int4_kernel(device: torch.device) -> str:
     return GENERIC
 
 
-def int8_kernel(device: torch.device) -> str:
-    if device.type == "cpu" and not forced_generic() and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        return "int8pack"
-    return GENERIC
+def q8_kernel(device: torch.device) -> str:
+    return GENERIC if forced_generic() else "fused"
 
 
 def cpu_features() -> str:
