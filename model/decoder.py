@@ -283,6 +283,10 @@ def attention(
     """
     T, S = q.shape[2], k.shape[2]
     if softcap is not None:
+        if isinstance(start, int) and T == 1:  # one new query sees every cached key, or the last W: no mask to build
+            if window is not None and S > window:
+                k, v = k[:, :, S - window :], v[:, :, S - window :]
+            return explicit_attention(q, k, v, None, None, scale, softcap)[0]
         q_pos = start if isinstance(start, torch.Tensor) else torch.arange(start, start + T, device=q.device)
         return explicit_attention(q, k, v, q_pos, window, scale, softcap)[0]
     gqa = q.shape[1] != k.shape[1]
@@ -316,15 +320,23 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def attention_scores(
-    q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, window: int | None = None, scale: float | None = None, softcap: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Explicit pre-softmax scores in float32: QKᵀ·scale, soft-capped if the layer caps, then the keys the
     mask hides (future, outside the window) at -inf. q (B, H, T, D) at absolute positions q_pos (T,);
-    k (B, G, S, D) → (B, H, T, S). Prefer `Attention.scores`, which passes the layer's own settings.
+    k (B, G, S, D) → (B, H, T, S). `q_pos` None: every key is visible (the caller kept only those).
+    Prefer `Attention.scores`, which passes the layer's own settings.
     """
     scores = scaled_dots(q, k, scale)
     if softcap is not None:
         scores = soft_cap(scores, softcap)
+    if q_pos is None:
+        return scores
     return scores.masked_fill(~causal_mask(q_pos, k.shape[2], window), float("-inf"))
 
 
@@ -332,7 +344,7 @@ def explicit_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_pos: torch.Tensor,
+    q_pos: torch.Tensor | None,
     window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
