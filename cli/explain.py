@@ -247,7 +247,8 @@ def explanation_panels(m: Loaded, labels: list[str], ex: Explanation, top: int, 
 
     p1 = Text.assemble(
         f"residual stream entering layer {ex.layer}: ‖r‖ = {ex.resid.norm():.3f}\n",
-        f"after the layer's {norm_kind}: x = {_vec(ex.x, preview)}\n",
+        (f"after the layer's {norm_kind}: x = {_vec(ex.x, preview)}\n" if m.cfg.pre_norm
+         else f"no norm before attention (this family norms each sublayer's output): x = r = {_vec(ex.x, preview)}\n"),
         f"‖x‖ = {ex.x.norm():.3f}   — x is what Wq, Wk and Wv read",
     )
     if ex.keys_proj is not None:

@@ -70,7 +70,7 @@ def test_int8_top1_agreement_and_own_decoding(tiny_models, kind):
     assert greedy(q, prompt) == recompute_greedy(q, prompt)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma2", "olmo2"])  # gemma2, olmo2: their norms' float32 weighting, caps
 def test_bfloat16_top1_agreement_and_own_decoding(tiny_models, kind):
     path = tiny_models[kind][0]
     ref = load_model(path)
