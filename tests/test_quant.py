@@ -37,10 +37,16 @@ def bf16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return 2**-7 * (x.abs() @ w.abs()) + 1e-5
 
 
-def int4_kernel_weight(layer: Int4Linear) -> torch.Tensor:
-    """W (in, out) as the int4 kernel computes it: (q − 8)·s + z with its bfloat16 s and z."""
-    s, z = (layer.sz[..., i].float().t().repeat_interleave(GROUP, dim=1)[: layer.n_out] for i in (0, 1))  # (N, K')
-    return ((layer.codes().float() - 8) * s + z)[:, : layer.n_in].t()
+def kernel_weight(layer) -> torch.Tensor:
+    """W (in, out) as the int4pack kernel computes it: (q − 8)·s + z with its bfloat16 s and z, once for
+    Int4Linear, for the high and the low halves of the codes for Q8Linear."""
+
+    def one(p) -> torch.Tensor:
+        s, z = (p.sz[..., i].float().t().repeat_interleave(GROUP, dim=1) for i in (0, 1))  # (N', K')
+        return (p.codes().float() - 8) * s + z
+
+    w = one(layer.q) if isinstance(layer, Int4Linear) else one(layer.hi) + one(layer.lo)
+    return w[: layer.n_out, : layer.n_in].t()
 
 
 def use_kernels(monkeypatch, which: str) -> None:
@@ -64,9 +70,9 @@ def test_int4_int8_q8_layers_match_a_float_reference(n_in, n_out, rows, bias, se
         spread = w.abs().max() * 2 / step
         assert (dense - w).abs().max().item() <= spread / 2 * 1.01 + 1e-3
         y = q(x)
-        # What the kernel multiplies by: for int4, the scale and zero it reads are bfloat16 (the file's float16
-        # d and m rounded); an offset's rounding reaches every column of x, so it is part of the reference.
-        kernel_w = int4_kernel_weight(q) if cls is Int4Linear else dense
+        # What the kernel multiplies by: the scale and zero it reads are bfloat16 (float16 d and m rounded);
+        # an offset's rounding reaches every column of x, so it is part of the reference.
+        kernel_w = kernel_weight(q)
         ref = x @ kernel_w + (lin.bias.detach() if bias else 0)
         assert y.shape == (rows, n_out)
         assert ((y - ref).abs() <= bf16_bound(x, kernel_w) + 1e-4).all(), cls.__name__
@@ -135,10 +141,10 @@ def test_gguf_blocks_are_the_files_own_bit_for_bit(tmp_path, qtype):
     float_model = load_model(out)
     model = load_model(out)
     used = quantize(model, "int4", blocks)
-    assert used == {"Int4Linear:int4pack": 4 * 2, "Q8Linear:fused": 1}
-    for (name, a), (_, b) in zip(float_model.named_modules(), model.named_modules()):
+    assert used == {"Int4Linear:int4pack": 4 * 2, "Q8Linear:int4pack": 1}
+    for name, a in float_model.named_modules():
         if isinstance(a, Linear):  # the quantized model's weights are exactly the file's
-            assert torch.equal(b.dense_weight(), a.dense_weight()), name
+            assert torch.equal(model.get_submodule(name).dense_weight(), a.dense_weight()), name
     for i in range(2):  # and the codes are the file's own
         assert torch.equal(model.layers[i].attn.o.codes(), blocks[f"model.layers.{i}.self_attn.o_proj.weight"].codes)
         assert torch.equal(model.layers[i].mlp.down.codes(), blocks[f"model.layers.{i}.mlp.down_proj.weight"].codes)

@@ -20,6 +20,29 @@ from model.quant.kernels import int4_kernel
 ROWS = 64  # output rows per tile of the packed layout (the kernel's own tiling when N is a multiple of 64)
 
 
+class Packed4(nn.Module):
+    """x @ ((q − 8)·s + z)ᵀ for 4-bit codes q (N, K) held in the int4pack kernel's layout, s and z per group
+    of 32 in bfloat16: the one product Int4Linear makes, and the two (high and low halves) Q8Linear makes."""
+
+    def __init__(self, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, device: torch.device) -> None:
+        super().__init__()
+        N = codes.shape[0]
+        pad = -N % ROWS  # zero rows up to whole tiles; their output is cut
+        self.register_buffer("packed", pack_rows(F.pad(codes, (0, 0, 0, pad)).to(device)))  # (N', K/2) uint8
+        sz = F.pad(torch.stack([s.float(), z.float()], dim=-1), (0, 0, 0, 0, 0, pad))  # (N', K/32, 2)
+        self.register_buffer("sz", sz.transpose(0, 1).contiguous().to(torch.bfloat16).to(device))  # (K/32, N', 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) → (M, N') bfloat16."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.sz)
+
+    def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes (N', K) as uint8 0..15, or only `rows` of them (cheap: a tied embedding reads a few)."""
+        if rows is None:
+            return unpack_rows(self.packed)
+        return unpack_row_ids(self.packed, rows)
+
+
 class Int4Linear(nn.Module):
     """y = x @ Wᵀ (+ b) with W held as 4-bit blocks: a drop-in for `Linear` (forward, dense_weight, columns)."""
 
@@ -34,13 +57,9 @@ class Int4Linear(nn.Module):
         self.kernel = int4_kernel(device)
         self.register_buffer("scale16", blocks.scale.to(device))  # (N, K/32) float16, the file's d
         self.register_buffer("offset16", None if blocks.offset is None else blocks.offset.to(device))  # (N, K/32) m
-        pad = -N % ROWS
-        codes = F.pad(blocks.codes, (0, 0, 0, pad)).to(device)  # zero rows up to whole tiles; their output is cut
         s = blocks.scale.float()
         z = blocks.offset.float() + 8 * s if blocks.offset is not None else torch.zeros_like(s)
-        sz = F.pad(torch.stack([s, z], dim=-1), (0, 0, 0, 0, 0, pad))  # (N', K/32, 2)
-        self.register_buffer("sz", sz.transpose(0, 1).contiguous().to(torch.bfloat16).to(device))  # (K/32, N', 2)
-        self.register_buffer("packed", pack_rows(codes))  # (N', K/2) uint8: the kernel's layout, whichever kernel runs
+        self.q = Packed4(blocks.codes, s, z, device)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     @classmethod
@@ -54,31 +73,30 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (M, K)
-        K = self.sz.shape[0] * GROUP
-        if K != x2.shape[1]:
-            x2 = F.pad(x2, (0, K - x2.shape[1]))
+        x2 = pad_input(x.reshape(-1, shape[-1]), self.scale16.shape[1] * GROUP)  # (M, K')
         if self.kernel == "int4pack":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, GROUP, self.sz)
+            y = self.q(x2)
         else:
-            y = x2.to(self.dtype) @ self._dense_padded().t().to(self.dtype)
+            y = x2.to(self.dtype) @ self._dense_rows().t().to(self.dtype)
         y = y[:, : self.n_out].to(x.dtype).view(*shape[:-1], self.n_out)
         return y + self.bias if self.bias is not None else y
 
     def codes(self) -> torch.Tensor:
         """The 4-bit codes (N, K) as uint8 0..15."""
-        return unpack_rows(self.packed)[: self.n_out]
+        return self.q.codes()[: self.n_out]
 
-    def _dense_padded(self) -> torch.Tensor:
-        d = self.scale16.float().repeat_interleave(GROUP, dim=1)  # (N, K')
-        q = self.codes().float()
+    def _dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of W (out, in') as float32 from the codes and the float16 d (and m): exactly the file's weight."""
+        q = (self.q.codes()[: self.n_out] if rows is None else self.q.codes(rows)).float()
+        pick = slice(None) if rows is None else rows
+        d = self.scale16[pick].float().repeat_interleave(GROUP, dim=1)
         if self.offset16 is None:
             return d * (q - 8)
-        return d * q + self.offset16.float().repeat_interleave(GROUP, dim=1)
+        return d * q + self.offset16[pick].float().repeat_interleave(GROUP, dim=1)
 
     def dense_weight(self) -> torch.Tensor:
         """W (in, out) in the model's dtype, from the kept codes and float16 scales (exactly the file's weight)."""
-        return self._dense_padded()[:, : self.n_in].t().to(self.dtype)
+        return self._dense_rows()[:, : self.n_in].t().to(self.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -87,7 +105,12 @@ class Int4Linear(nn.Module):
 
     def columns(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of W (out, in) dequantized: a tied embedding read from a 4-bit head."""
-        return self.dense_weight().t()[ids]
+        return self._dense_rows(ids.reshape(-1))[:, : self.n_in].view(*ids.shape, -1).to(self.dtype)
+
+
+def pad_input(x: torch.Tensor, K: int) -> torch.Tensor:
+    """x (M, k) with zero columns up to K: the inputs of weights padded to whole groups."""
+    return x if x.shape[1] == K else F.pad(x, (0, K - x.shape[1]))
 
 
 def pack_rows(codes: torch.Tensor) -> torch.Tensor:
@@ -105,3 +128,12 @@ def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     K = half * 2
     byte = packed.view(N // ROWS, K, ROWS // 2).transpose(1, 2)  # (tiles, 32, K)
     return torch.stack([byte & 15, byte >> 4], dim=1).reshape(N, K)  # (tiles, 2, 32, K) → (N, K)
+
+
+def unpack_row_ids(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """pack_rows's codes of some rows only: (N, K/2) bytes, rows (n,) → (n, K) uint8."""
+    N, half = packed.shape
+    tiles = packed.view(N // ROWS, half * 2, ROWS // 2)  # (tiles, K, 32)
+    within = rows % ROWS
+    byte = tiles[rows // ROWS, :, within % (ROWS // 2)]  # (n, K)
+    return (byte >> (4 * (within // (ROWS // 2)))[:, None]) & 15

@@ -3,8 +3,8 @@
 - int4: ATen's `_weight_int4pack_mm_for_cpu` (4-bit codes in its packed layout, a bfloat16 scale and
   zero per group of 32, bfloat16 activations; with float32 or float16 activations it takes a path
   measured 20–40× slower). Vectorised for AVX2 and AVX-512; PyTorch ≥ 2.5.
-- 8-bit groups (q8.py, `--quantize int8` and the int4 mode's head): inductor's fused reduction over
-  the int8 codes inside a compiled step ("fused"); eager, they are dequantized before the product.
+- 8-bit groups (q8.py, `--quantize int8` and the int4 mode's head): the same kernel twice, over the
+  high and the low 4 bits of each code.
 - generic: dequantize to the activations' dtype, then a dense product. Correct everywhere, slow;
   used where no packed kernel exists, and forced with ATTN_KERNELS=generic (tests cover it).
 
@@ -29,9 +29,6 @@ def int4_kernel(device: torch.device) -> str:
         return "int4pack"
     return GENERIC
 
-
-def q8_kernel(device: torch.device) -> str:
-    return GENERIC if forced_generic() else "fused"
 
 
 def cpu_features() -> str:

@@ -1,15 +1,15 @@
-"""8-bit blocks: int8 codes with a float16 scale (and offset) per group of 32 along the input dimension.
+"""8-bit blocks: 8-bit codes with a float16 scale (and offset) per group of 32 along the input dimension.
 
-Two kinds (model/quant/blocks.py): GGUF's Q8_0, w = d·q (the default model's token embedding, its tied
-head, which `--quantize int4` keeps as the file has it), and "u8", w = d·q + m with codes 0..255 (what
-`--quantize int8` makes: every layer, round-to-nearest). Both run as int8 codes c with a scale s and an
-offset o per group — u8 as c = q − 128, o = m + 128·d — so that y = Σ_g s_g·(c_g·x_g) + Σ_g o_g·Σ x_g.
-No ATen kernel takes per-group scales, so:
-- one row (decode) in a compiled step: that sum written as one reduction over the int8 codes, which
-  inductor fuses into a single pass (kernel "fused");
-- otherwise (several rows, or eager): the codes dequantized in chunks of rows, then a dense float32
-  product — the same numbers as the fused reduction up to float32 summation order, so cached decoding
-  and a full recompute agree; slow for decoding, which is what the compiled step is for.
+Two kinds (model/quant/blocks.py): GGUF's Q8_0, w = d·q with q int8 (the default model's token
+embedding, its tied head, which `--quantize int4` keeps as the file has it), and "u8", w = d·q + m
+with q 0..255 (what `--quantize int8` makes of every layer, round-to-nearest). Either is w = a·u + b
+per group with u = 0..255 (Q8_0: u = q + 128, a = d, b = −128·d; u8: u = q, a = d, b = m).
+
+No ATen kernel takes 8-bit codes with per-group scales, but its 4-bit one does: u = 16·hi + lo, so
+x·w = x·((hi − 8)·16a + 0) + x·((lo − 8)·a + b + 136a) — two `_weight_int4pack_mm_for_cpu` products
+over the codes' two halves, in eager and compiled steps alike (measured on a 2-core Zen4, 49152 × 576:
+both together 20 GB/s, against 11–17 for inductor's fused int8 reduction). The codes are kept exactly;
+the kernels read a, b in bfloat16, as int4.py's do.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.quant.blocks import GROUP, Blocks, u8_rtn
-from model.quant.kernels import q8_kernel
+from model.quant.int4 import Packed4, pad_input
+from model.quant.kernels import int4_kernel
 
-CHUNK = 2048  # rows dequantized at once for a several-row product
+CHUNK = 2048  # rows dequantized at once for the generic path
 
 
 class Q8Linear(nn.Module):
@@ -35,17 +36,14 @@ class Q8Linear(nn.Module):
         self.n_out, self.n_in = N, K
         self.dtype = dtype
         self.kind = blocks.kind
-        self.kernel = q8_kernel(device)
-        codes = blocks.codes if blocks.kind == "q8_0" else (blocks.codes.to(torch.int16) - 128).to(torch.int8)
-        # Per group of 32 columns, its (N, 32) codes as one contiguous matrix: the fused reduction reads
-        # them group by group, and the (N, K) view of the same bytes serves everything else.
-        self.register_buffer("groups", codes.view(N, K // GROUP, GROUP).transpose(0, 1).contiguous().to(device))  # (K/32, N, 32)
+        self.kernel = int4_kernel(device)
         self.register_buffer("scale16", blocks.scale.to(device))  # (N, K/32) float16: d, as stored
         self.register_buffer("offset16", None if blocks.offset is None else blocks.offset.to(device))  # (N, K/32): m
-        s = blocks.scale.float()
-        self.register_buffer("scale_t", s.t().contiguous().to(device))  # (K/32, N) float32: s per group
-        offset = None if blocks.offset is None else (blocks.offset.float() + 128 * s).t().contiguous().to(device)
-        self.register_buffer("offset_t", offset)  # (K/32, N) float32: o = m + 128·d per group
+        u = blocks.codes.to(torch.int16) + (128 if blocks.kind == "q8_0" else 0)  # (N, K) 0..255
+        a = blocks.scale.float()
+        b = -128 * a if blocks.offset is None else blocks.offset.float()
+        self.hi = Packed4(u >> 4, 16 * a, torch.zeros_like(a), device)
+        self.lo = Packed4(u & 15, a, b + 136 * a, device)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     @classmethod
@@ -59,44 +57,28 @@ class Q8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (M, K)
-        K = self.groups.shape[0] * GROUP
-        if K != x2.shape[1]:
-            x2 = F.pad(x2, (0, K - x2.shape[1]))
-        if x2.shape[0] == 1 and self.kernel == "fused" and torch.compiler.is_compiling():
-            y = self._fused_row(x2)
-        else:
-            y = self._chunked(x2)
-        y = y.to(x.dtype).view(*shape[:-1], self.n_out)
+        x2 = pad_input(x.reshape(-1, shape[-1]), self.scale16.shape[1] * GROUP)  # (M, K')
+        if self.kernel == "int4pack":
+            y = self.hi(x2).float() + self.lo(x2).float()
+        else:  # dequantize a chunk of rows at a time, then a dense float32 product
+            xf = x2.float()
+            y = torch.cat([xf @ self._dense_rows(torch.arange(a, min(a + CHUNK, self.n_out), device=x.device)).t() for a in range(0, self.n_out, CHUNK)], dim=1)
+        y = y[:, : self.n_out].to(x.dtype).view(*shape[:-1], self.n_out)
         return y + self.bias if self.bias is not None else y
 
-    def _fused_row(self, x: torch.Tensor) -> torch.Tensor:
-        G = self.groups.shape[0]
-        xg = x.float().view(G, 1, GROUP)
-        dots = (xg * self.groups).sum(-1)  # (K/32, N): each group's dot product with the codes
-        y = dots * self.scale_t
-        if self.offset_t is not None:
-            y = y + self.offset_t * xg.sum(-1)  # o_g · Σ x_g
-        return y.sum(0, keepdim=True)  # (1, N)
-
-    def _chunked(self, x: torch.Tensor) -> torch.Tensor:
-        dt = torch.float32 if x.device.type == "cpu" else self.dtype  # CPU half-precision GEMMs are slow
-        xd = x.to(dt)
-        return torch.cat([xd @ self._dense_rows(slice(a, a + CHUNK)).to(dt).t() for a in range(0, self.n_out, CHUNK)], dim=1)
-
-    def _dense_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
-        """Rows of W (out, in) as float32, from the stored d (and m): d·q (+ m)."""
-        codes = self.groups[:, rows].transpose(0, 1).float()  # (n, K/32, 32)
-        d = self.scale16[rows].float()[..., None]
+    def _dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of W (out, in') as float32, from the codes and the stored float16 d (and m): exactly the blocks' weight."""
+        if rows is None:
+            rows = torch.arange(self.n_out, device=self.scale16.device)
+        u = (self.hi.codes(rows).float() * 16 + self.lo.codes(rows).float())  # (n, K') 0..255
+        d = self.scale16[rows].float().repeat_interleave(GROUP, dim=1)
         if self.offset16 is None:
-            w = codes * d
-        else:  # the u8 codes were stored shifted by −128
-            w = (codes + 128) * d + self.offset16[rows].float()[..., None]
-        return w.reshape(codes.shape[0], -1)
+            return d * (u - 128)
+        return d * u + self.offset16[rows].float().repeat_interleave(GROUP, dim=1)
 
     def dense_weight(self) -> torch.Tensor:
         """W (in, out) in the model's dtype, exactly as the blocks define it."""
-        return self._dense_rows(slice(None))[:, : self.n_in].t().to(self.dtype)
+        return self._dense_rows()[:, : self.n_in].t().to(self.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -105,5 +87,4 @@ class Q8Linear(nn.Module):
 
     def columns(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of W (out, in), dequantized: the tied embedding read from the 8-bit head."""
-        rows = self._dense_rows(ids.reshape(-1))[:, : self.n_in]  # (n, in)
-        return rows.view(*ids.shape, -1).to(self.dtype)
+        return self._dense_rows(ids.reshape(-1))[:, : self.n_in].view(*ids.shape, -1).to(self.dtype)
