@@ -210,7 +210,9 @@ def _shown(ex: Explanation, rows: int) -> list[int | None]:
     S = ex.query + 1
     if S <= rows:
         return list(range(S))
-    keep = {0, *range(S - 3, S), *ex.weights.topk(rows - 5).indices.tolist()}
+    strongest = max(1, rows - 5)
+    last = min(3, max(0, rows - 1 - strongest))
+    keep = {0, *range(S - last, S), *ex.weights.topk(strongest).indices.tolist()}
     out: list[int | None] = []
     for j in sorted(keep):
         if out and out[-1] is not None and j != out[-1] + 1:

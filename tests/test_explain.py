@@ -420,3 +420,12 @@ def test_explain_json_equals_inspect_json(tiny_models, kind):
         assert ins["query"] == ex["query"] and ins["positions"] == ex["positions"]
         assert ins["heads"][0]["kv_head"] == ex["kv_head"]
         assert max(abs(a - b) for a, b in zip(ins["heads"][0]["values"], ex[key])) < 1e-6, view
+
+
+def test_explain_fewest_rows_lists_first_strongest_and_last(tiny_models, attn):
+    """--rows at its minimum (4) on a longer prompt: the first, the strongest and the last sources, and a gap."""
+    path = str(tiny_models["llama"][0])
+    r = attn(["explain", "-m", path, "--raw", "--rows", "4", "-l", "1", "--head", "0", "--format", "table",
+              "a fluffy blue creature roamed the verdant forest"], env={"NO_COLOR": "1"})
+    assert r.code == 0, r
+    assert "…" in r.out
