@@ -15,7 +15,7 @@ this is the layout that CPU GEMV kernels stream fastest, and it is GPT-2's own C
 from __future__ import annotations
 
 from functools import partial
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,18 @@ class Probe(Protocol):
         """q: (B, H, T, D) rotated queries of positions start..start+T-1; k, v: (B, G, S, D), S = start + T."""
 
 
+class Span(NamedTuple):
+    """Where a call's tokens sit: their positions, and the rows of the KV cache they read and write.
+
+    A batch of requests keeps one request per cache row ("slot"), each at its own position: a
+    one-token step then carries a (B,) tensor of positions, and the mask is per row.
+    """
+
+    start: int | torch.Tensor  # int: every row's T tokens at start..start+T-1; (B,) tensor: row b's one token at start[b]
+    row: int = 0  # the call's B rows are cache rows row..row+B-1
+    keys: int | None = None  # with a tensor start: cache positions 0..keys-1 are read (None: all of them, static shapes)
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -46,10 +58,11 @@ class Decoder(nn.Module):
         self.logit_softcap = cfg.logit_softcap  # Gemma 2
         self.embed_scale: float | None = None  # Gemma's √C in the weights' dtype (setup_cache)
         self.cache_len = 0
+        self.cache_rows = 0  # sequences the cache holds at once (a batch's slots)
         self.decode_step = None  # a compiled one-token step (model/compile.py), when one was built
 
     def setup_cache(self, max_len: int, batch: int = 1) -> None:
-        """Preallocate the KV cache and the RoPE tables for sequences of up to `max_len` tokens."""
+        """Preallocate the KV cache and the RoPE tables for `batch` sequences of up to `max_len` tokens."""
         dtype, device = self.dtype, self.device
         for block in self.layers:
             block.attn.cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, device)
@@ -63,7 +76,7 @@ class Decoder(nn.Module):
                 self.register_buffer("rope_local_sin", sin.to(dtype), persistent=False)
         if self.cfg.embed_scale is not None:  # rounded to the activations' dtype first, as the reference does
             self.embed_scale = float(torch.tensor(self.cfg.embed_scale, dtype=dtype))
-        self.cache_len = max_len
+        self.cache_len, self.cache_rows = max_len, batch
 
     @property
     def dtype(self) -> torch.dtype:
@@ -80,30 +93,35 @@ class Decoder(nn.Module):
         return self.lm_head.columns(ids)  # (B, T, C) from the tied (C, V) matrix
 
     def forward(
-        self, ids: torch.Tensor, start: int = 0, probe: Probe | None = None, last_only: bool = False
+        self, ids: torch.Tensor, start: int = 0, probe: Probe | None = None, last_only: bool = False, row: int = 0
     ) -> torch.Tensor | None:
-        """Logits (B, T, V) for tokens `ids` (B, T) at positions start..start+T-1, writing their K, V.
+        """Logits (B, T, V) for tokens `ids` (B, T) at positions start..start+T-1, writing their K, V
+        into cache rows row..row+B-1 (a batch prefills one request into its own row).
 
         `last_only` computes logits for the last position only (B, 1, V), as generation needs.
         With a probe, the pass stops after the last layer it asked for and returns None.
         Blocks are called as modules here, so hooks on them fire (model/explain.py uses one).
         """
-        return self._run(ids, start, probe, last_only, hooks=True)
+        return self._run(ids, Span(start, row), probe, last_only, hooks=True)
 
-    def step(self, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, start: int | torch.Tensor, keys: int | None = None) -> torch.Tensor:
         """`forward(ids, start, last_only=True)` for one token per row (B, 1): generation's hot loop.
 
         The same path, but the parts' `forward` is called directly: no hooks, no probe, and none
         of `nn.Module.__call__`'s per-call cost (≈ 270 calls per token).
 
-        `start` may also be a (1,) integer tensor on the model's device: then every shape is the
-        same at every position (the whole cache is read, keys past `start` masked) and nothing is
-        read back to the host, which is what capturing the step as a CUDA graph needs (model/compile.py).
+        `start` may also be a (B,) integer tensor on the model's device, one position per row (a
+        batch of requests at different points, cache rows 0..B-1): each row sees its own keys
+        0..start[b] through the mask, and `keys` (≥ max(start) + 1) bounds how much of the cache is
+        read. Without `keys` every shape is the same at every position (the whole cache is read)
+        and nothing is read back to the host, which is what capturing the step as a CUDA graph
+        needs (model/compile.py).
         """
-        return self._run(ids, start, None, True, hooks=False)
+        return self._run(ids, Span(start, 0, keys), None, True, hooks=False)
 
-    def _run(self, ids: torch.Tensor, start: int | torch.Tensor, probe: Probe | None, last_only: bool, hooks: bool) -> torch.Tensor | None:
+    def _run(self, ids: torch.Tensor, span: Span, probe: Probe | None, last_only: bool, hooks: bool) -> torch.Tensor | None:
         B, T = ids.shape
+        start = span.start
         if isinstance(start, int) and start + T > self.cache_len:
             raise ValueError(f"positions up to {start + T} exceed the cache of {self.cache_len}")
         x = self.embed(ids)  # (B, T, C)
@@ -112,12 +130,12 @@ class Decoder(nn.Module):
         rope = None
         if self.pos_emb is not None:
             pos = self.pos_emb.weight
-            x = x + (pos.index_select(0, start) if isinstance(start, torch.Tensor) else pos[start : start + T])
+            x = x + (pos.index_select(0, start)[:, None] if isinstance(start, torch.Tensor) else pos[start : start + T])
         else:
             rope = self.rope_at(start, T)
         stop = max(probe.layers) if probe is not None else None
         for i, block in enumerate(self.layers):
-            x = block(x, start, rope, probe) if hooks else block.forward(x, start, rope, None)
+            x = block(x, span, rope, probe) if hooks else block.forward(x, span, rope, None)
             if i == stop:
                 return None
         if last_only:
@@ -133,8 +151,8 @@ class Decoder(nn.Module):
         tables = [(self.rope_cos, self.rope_sin)]
         if self.cfg.local_rope_theta is not None:
             tables.append((self.rope_local_cos, self.rope_local_sin))
-        if isinstance(start, torch.Tensor):  # one position held on the device (T == 1)
-            return tuple((cos.index_select(0, start)[:, None], sin.index_select(0, start)[:, None]) for cos, sin in tables)
+        if isinstance(start, torch.Tensor):  # one position per row, held on the device (T == 1): (B, 1, 1, R)
+            return tuple((cos.index_select(0, start)[:, None, None], sin.index_select(0, start)[:, None, None]) for cos, sin in tables)
         return tuple((cos[start : start + T, None], sin[start : start + T, None]) for cos, sin in tables)  # (T, 1, R)
 
 
@@ -156,8 +174,8 @@ class Block(nn.Module):
         self.parallel = cfg.parallel_residual
 
     # The parts are called through `forward`: hooks attach to the Block (model/explain.py) or above.
-    def forward(self, x: torch.Tensor, start: int | torch.Tensor, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
-        h = self.attn_post_norm.forward(self.attn.forward(self.attn_norm.forward(x), start, rope, probe))
+    def forward(self, x: torch.Tensor, span: Span, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
+        h = self.attn_post_norm.forward(self.attn.forward(self.attn_norm.forward(x), span, rope, probe))
         if self.parallel:
             return x + h + self.mlp_post_norm.forward(self.mlp.forward(self.mlp_norm.forward(x)))
         x = x + h
@@ -208,13 +226,13 @@ class Attention(nn.Module):
             q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         return torch.cat([q, k], dim=2)
 
-    def forward(self, x: torch.Tensor, start: int | torch.Tensor, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, span: Span, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, rope[self.rope_index] if rope is not None else None)
-        k, v = self.cache.update(start, k, v)  # (B, G, S, D), S = start + T
+        k, v = self.cache.update(span, k, v)  # (B, G, S, D), S = start + T
         if probe is not None and self.index in probe.layers:
-            probe.observe(self.index, self, q, k, v, start)
-        y = attention(q, k, v, start, self.window, self.scale, self.softcap)  # (B, H, T, D)
+            probe.observe(self.index, self, q, k, v, span.start)
+        y = attention(q, k, v, span.start, self.window, self.scale, self.softcap)  # (B, H, T, D)
         return self.o.forward(y.transpose(1, 2).reshape(B, T, -1))
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
@@ -236,20 +254,34 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this chunk's k, v at start..; the keys and values of positions 0..start+T-1.
+    def update(self, span: Span, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this chunk's k, v (B, G, T, D) at its positions in its cache rows; the keys and values
+        (B, G, S, D) of positions 0..start+T-1.
 
-        With `start` a (1,) device tensor (one token, Decoder.step) the whole cache is returned:
-        positions after `start` are masked by `attention`.
+        With a tensor start (one token per row at its own position, Decoder.step) the cache up to
+        `span.keys` (all of it by default) is returned: keys after each row's position are masked
+        by `attention`.
         """
+        B, G, T, D = k.shape
+        ck, cv = self.k, self.v
+        if span.row or B != ck.shape[0]:  # some rows of the cache: views, so writes land in it
+            ck, cv = ck.narrow(0, span.row, B), cv.narrow(0, span.row, B)
+        start = span.start
         if isinstance(start, torch.Tensor):
-            self.k.index_copy_(2, start, k)
-            self.v.index_copy_(2, start, v)
-            return self.k, self.v
-        T = k.shape[2]
-        self.k.narrow(2, start, T).copy_(k)
-        self.v.narrow(2, start, T).copy_(v)
-        return self.k.narrow(2, 0, start + T), self.v.narrow(2, 0, start + T)
+            at = start.view(B, 1, 1, 1).expand(B, G, 1, D)  # row b writes position start[b]
+            ck.scatter_(2, at, k)
+            cv.scatter_(2, at, v)
+            if span.keys is None:
+                return ck, cv
+            return ck.narrow(2, 0, span.keys), cv.narrow(2, 0, span.keys)
+        ck.narrow(2, start, T).copy_(k)
+        cv.narrow(2, start, T).copy_(v)
+        return ck.narrow(2, 0, start + T), cv.narrow(2, 0, start + T)
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of cache row `src` into row `dst` (a batch compacting its rows)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
 
 
 # --- attention: the fused path and the explicit one --------------------------------------
@@ -258,11 +290,11 @@ class KVCache(nn.Module):
 def causal_mask(q_pos: torch.Tensor, S: int, window: int | None = None) -> torch.Tensor:
     """The one mask rule: a query at absolute position p sees keys 0..p, or with a sliding window W
     only the last W of them, p-W+1..p (Mistral, Qwen2's window layers; transformers'
-    `sliding_window_overlay`). (T,) → (T, S) bool."""
-    keys = torch.arange(S, device=q_pos.device)[None, :]
-    visible = keys <= q_pos[:, None]
+    `sliding_window_overlay`). (…, T) → (…, T, S) bool: per row of a batch when q_pos is (B, 1, T)."""
+    keys = torch.arange(S, device=q_pos.device)
+    visible = keys <= q_pos[..., None]
     if window is not None:
-        visible &= keys > q_pos[:, None] - window
+        visible &= keys > q_pos[..., None] - window
     return visible
 
 
@@ -287,11 +319,13 @@ def attention(
             if window is not None and S > window:
                 k, v = k[:, :, S - window :], v[:, :, S - window :]
             return explicit_attention(q, k, v, None, None, scale, softcap)[0]
-        q_pos = start if isinstance(start, torch.Tensor) else torch.arange(start, start + T, device=q.device)
+        # A tensor start is one query per row at its own position: (B, 1, 1), the mask then (B, 1, 1, S).
+        q_pos = start.view(-1, 1, 1) if isinstance(start, torch.Tensor) else torch.arange(start, start + T, device=q.device)
         return explicit_attention(q, k, v, q_pos, window, scale, softcap)[0]
     gqa = q.shape[1] != k.shape[1]
-    if isinstance(start, torch.Tensor):  # one query at a device-held position over the whole cache
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(start, S, window), scale=scale, enable_gqa=gqa)
+    if isinstance(start, torch.Tensor):  # one query per row at its own device-held position (B,), over S cached keys
+        mask = causal_mask(start.view(-1, 1, 1), S, window)  # (B, 1, 1, S): per row, shared by the heads
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if T == 1:  # one new query sees every cached key, or the last W of them
         if window is not None and S > window:
             k, v = k[:, :, S - window :], v[:, :, S - window :]
@@ -328,7 +362,7 @@ def attention_scores(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Explicit pre-softmax scores in float32: QKᵀ·scale, soft-capped if the layer caps, then the keys the
-    mask hides (future, outside the window) at -inf. q (B, H, T, D) at absolute positions q_pos (T,);
+    mask hides (future, outside the window) at -inf. q (B, H, T, D) at absolute positions q_pos (T,) (or (B, 1, T), per row);
     k (B, G, S, D) → (B, H, T, S). `q_pos` None: every key is visible (the caller kept only those).
     Prefer `Attention.scores`, which passes the layer's own settings.
     """

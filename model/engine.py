@@ -1,22 +1,25 @@
-"""The generation loop every command drives: a request in, token events and a finished record out.
+"""The generation loop every command drives: requests in, token events and finished records out.
 
-`generate` (model/generate.py) samples token ids; a `Generation` turns them into what a user asked
-for: text through `DecodeStream`, end-of-sequence by one rule (`eos_ids`), stop strings matched on
-the text and held back while partial, optional log-probabilities, and the timings `--json` and
-`--stats` report. It never prints: commands iterate it and render what it yields.
+`decode` (model/generate.py) samples token ids for many prompts at once, one per KV-cache row;
+a `Generation` turns one request's ids into what a user asked for: text through `DecodeStream`,
+end-of-sequence by one rule (`eos_ids`), stop strings matched on the text and held back while
+partial, optional log-probabilities, and the timings `--json` and `--stats` report. `run_batch`
+drives many generations through one `decode` (`attn batch`, `attn bench --batch`); iterating a
+single `Generation` runs it as a batch of one (`generate`, `inspect --generate`, `bench`). It
+never prints: commands iterate it and render what it yields.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from model.config import ModelConfig
 from model.decoder import Decoder
-from model.generate import generate
+from model.generate import PREFILL_CHUNK, NonFiniteLogits, Sequence, Step, decode
 from model.sampling import SamplingSettings
 from model.tokenizer import Tokenizer
 
@@ -54,8 +57,9 @@ class Token:
 
 
 class Generation:
-    """One request through the model. Iterate it for `Token`s; afterwards (or after an interruption,
-    see `interrupted`) `finish_reason`, `text`, `stop_sequence` and the timings describe the run."""
+    """One request through the model. Iterate it for `Token`s (a batch of one), or pass many to
+    `run_batch`; afterwards (or after an interruption, see `interrupted`) `finish_reason`, `text`,
+    `stop_sequence` and the timings describe the run, and `error` says why it failed, if it did."""
 
     def __init__(self, model: Decoder, tokenizer: Tokenizer, request: Request, eos: set[int]) -> None:
         self.model, self.tokenizer, self.request = model, tokenizer, request
@@ -65,6 +69,7 @@ class Generation:
         self.ids: list[int] = []  # generated ids, EOS and stop-string tokens included
         self.logprobs: list[dict] = []
         self.finish_reason = "length"
+        self.error: NonFiniteLogits | None = None
         self.t0 = self.t_first = self.t_end = 0.0
 
     @property
@@ -76,36 +81,52 @@ class Generation:
         return self.stops.matched
 
     def __iter__(self) -> Iterator[Token]:
-        req = self.request
-        generator = torch.Generator(device=self.model.device).manual_seed(req.seed)
-        text = self.tokenizer.stream(req.prompt_ids)
-        self.t0 = time.perf_counter()
-        steps = generate(self.model, req.prompt_ids, req.max_new_tokens, req.settings, generator, req.logprobs is not None)
+        max_len = len(self.request.prompt_ids) + self.request.max_new_tokens
         try:
-            for step in steps:
-                self.ids.append(step.id)
-                if len(self.ids) == 1:
-                    self.t_first = time.perf_counter()
-                if step.id in self.eos:
-                    self.finish_reason = "eos"
-                    break
-                visible = self.stops.push(text.push(step.id))
-                lp = self._logprob_entry(step.id, step.logprobs) if step.logprobs is not None else None
-                if lp is not None:
-                    self.logprobs.append(lp)
-                self.pieces.append(visible)
-                yield Token(step.id, visible, lp)
-                if self.stops.matched is not None:
-                    self.finish_reason = "stop"
-                    break
+            for _, tok in run_batch(self.model, [self], slots=1, max_len=max_len):
+                if tok is not None:
+                    yield tok
+        finally:
+            if not self.t_end:  # stopped early by the caller
+                self._end()
+        if self.error is not None:
+            raise self.error
+
+    def _start(self) -> Sequence:
+        """The token-level sequence of this request, as it takes a cache row (its clock starts)."""
+        req = self.request
+        self.t0 = time.perf_counter()
+        self._text = self.tokenizer.stream(req.prompt_ids)
+        generator = torch.Generator(device=self.model.device).manual_seed(req.seed)
+        self.seq = Sequence(req.prompt_ids, req.max_new_tokens, req.settings, generator, req.logprobs is not None)
+        return self.seq
+
+    def _accept(self, step: Step) -> list[Token]:
+        """What one sampled token shows; ends the sequence (`seq.done`) at EOS, a stop string or the length."""
+        self.ids.append(step.id)
+        if len(self.ids) == 1:
+            self.t_first = time.perf_counter()
+        out = []
+        if step.id in self.eos:
+            self.finish_reason = "eos"
+        else:
+            visible = self.stops.push(self._text.push(step.id))
+            lp = self._logprob_entry(step.id, step.logprobs) if step.logprobs is not None else None
+            if lp is not None:
+                self.logprobs.append(lp)
+            self.pieces.append(visible)
+            out.append(Token(step.id, visible, lp))
+            if self.stops.matched is not None:
+                self.finish_reason = "stop"
+        if self.finish_reason != "length" or len(self.ids) == self.request.max_new_tokens:
+            self.seq.done = True
             if self.stops.matched is None:
                 rest = self.stops.flush()  # text held back for a stop string that never completed
                 if rest:
                     self.pieces.append(rest)
-                    yield Token(None, rest)
-        finally:
-            steps.close()
+                    out.append(Token(None, rest))
             self._end()
+        return out
 
     def interrupted(self) -> str:
         """Record that the caller stopped the run (Ctrl-C); returns the text held back for a stop string,
@@ -148,6 +169,38 @@ class Generation:
             "decode_tps": decoded / (decode_ms / 1e3) if decode_ms > 0 and decoded else 0.0,
             "run_ms": (self.t_end - self.t0) * 1e3,
         }
+
+
+def run_batch(
+    model: Decoder, generations: Iterable[Generation], slots: int, max_len: int, chunk: int = PREFILL_CHUNK
+) -> Iterator[tuple[Generation, Token | None]]:
+    """Run `generations` through one `decode`, `slots` at a time in a cache of `max_len` positions
+    (≥ every prompt + its max tokens), taking them in order as slots free up. Yields (generation,
+    token) as text appears and (generation, None) once a generation has ended (finished, or failed:
+    its `error`). Stopping the iteration (Ctrl-C) leaves the unfinished ones as they are: see `interrupted`."""
+    running: dict[Sequence, Generation] = {}
+
+    def admitted() -> Iterator[Sequence]:
+        for g in generations:
+            seq = g._start()
+            running[seq] = g
+            yield seq
+
+    steps = decode(model, admitted(), slots, max_len, chunk)
+    try:
+        for seq, step in steps:
+            g = running[seq]
+            if step is None:
+                g.error, g.finish_reason = seq.error, "error"
+                g._end()
+            else:
+                for tok in g._accept(step):
+                    yield g, tok
+            if seq.done:
+                del running[seq]
+                yield g, None
+    finally:
+        steps.close()
 
 
 class StopStrings:

@@ -44,22 +44,22 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: fl
 
 
 def filter_logits(logits: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
-    """Temperature, then top-k, top-p, min-p (in that order); removed tokens get -inf. logits: (V,)."""
+    """Temperature, then top-k, top-p, min-p (in that order); removed tokens get -inf. logits: (…, V), per row."""
     # Shift so the top logit is 0 first: a tiny temperature then sends the rest to -inf, never to +inf/NaN.
-    logits = (logits - logits.max()) / s.temperature
+    logits = (logits - logits.max(-1, keepdim=True).values) / s.temperature
     if s.top_k > 0 and s.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, s.top_k).values[-1]
+        kth = torch.topk(logits, s.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already reach top_p; the top token always stays.
         drop = (probs.cumsum(-1) - probs) >= s.top_p
-        drop[0] = False
+        drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if s.min_p > 0.0:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < s.min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < s.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
 
 
@@ -67,10 +67,41 @@ def sample(
     logits: torch.Tensor, s: SamplingSettings, recent: torch.Tensor | None = None, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Next token id (a 0-d tensor, no host sync) from logits (V,)."""
+    return sample_rows(logits[None], [s], [recent], [generator])[0]
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    settings: list[SamplingSettings],
+    recent: list[torch.Tensor | None],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V), each row with its own settings, recent tokens and generator.
+
+    Row b's token is the one `sample` gives for that row alone, whatever the other rows hold: rows
+    with equal settings are filtered together (the same per-row arithmetic), and each row draws
+    its noise from its own generator, so a request's seed reproduces its text in any batch.
+    """
     logits = logits.float()
-    if recent is not None:
-        logits = apply_repeat_penalty(logits, recent, s.repeat_penalty)
-    if s.temperature < 1e-6:  # 0 is greedy; so is its limit, below what float32 logits can resolve
-        return logits.max(-1).indices  # argmax's first-of-ties index; 25 µs against argmax's 75 on a 49k vocabulary (CPU)
-    probs = filter_logits(logits, s).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    penalized = [b for b, (s, r) in enumerate(zip(settings, recent)) if r is not None and s.repeat_penalty != 1.0]
+    if penalized:
+        logits = logits.clone()  # the caller's logits stay as they were (log-probabilities are of the raw ones)
+        for b in penalized:
+            logits[b] = apply_repeat_penalty(logits[b], recent[b], settings[b].repeat_penalty)
+    # Greedy for every row first (0 is greedy; so is its limit, below what float32 logits can resolve);
+    # max's first-of-ties index, 25 µs against argmax's 75 on a 49k vocabulary (CPU).
+    out = logits.max(-1).indices
+    groups: dict[SamplingSettings, list[int]] = {}
+    for b, s in enumerate(settings):
+        if s.temperature >= 1e-6:
+            groups.setdefault(s, []).append(b)
+    for s, rows in groups.items():
+        idx = torch.tensor(rows, device=logits.device)
+        probs = filter_logits(logits[idx], s).softmax(-1)  # (n, V)
+        # torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1) drawn for every token; drawn here
+        # row by row from each row's own generator, it gives the same token multinomial gives.
+        q = torch.empty_like(probs)
+        for j, b in enumerate(rows):
+            q[j].exponential_(1, generator=generators[b])
+        out[idx] = (probs / q).argmax(-1)
+    return out
