@@ -124,6 +124,23 @@ RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", e
 RepeatLastNOpt = Annotated[int, typer.Option("--repeat-last-n", envvar="ATTN_REPEAT_LAST_N", min=-1, help="How many recent tokens the penalty sees (-1 = all).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", envvar="ATTN_SEED", min=0, help="Random seed. [default: a random one, reported with -v and in JSON]", show_default=False)]
 
+# Generation: what to generate and when to stop (generate, batch).
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", envvar="ATTN_MAX_TOKENS", min=1, help="New tokens at most.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="Stop at this text (repeatable); it is not printed.", show_default=False)]
+IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-sequence tokens.")]
+CtxSizeOpt = Annotated[Optional[int], typer.Option("--ctx-size", min=1, help="Context length. [default: the model's]", show_default=False)]
+
+
+class Truncate(str, Enum):
+    error = "error"
+    left = "left"
+
+
+TruncateOpt = Annotated[Truncate, typer.Option("--truncate", **choice(Truncate), help="Prompt + max tokens over the context: error, or keep the tail (left).")]
+LogprobsOpt = Annotated[
+    Optional[int], typer.Option("--logprobs", min=0, max=20, help="With --json/--jsonl: per-token logprob, bytes and the top K alternatives.", show_default=False)
+]
+
 
 # --- streams -------------------------------------------------------------------------
 

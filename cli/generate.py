@@ -6,22 +6,24 @@ import json
 import secrets
 import sys
 import time
-from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from cli.common import (
     epilog,
-    choice,
     ChatOpt,
     ColorOpt,
     Color,
+    CtxSizeOpt,
     DeviceOpt,
     Dtype,
     DtypeOpt,
     FileOpt,
+    IgnoreEosOpt,
     InvalidUtf8Opt,
+    LogprobsOpt,
+    MaxTokensOpt,
     MinPOpt,
     ModelOpt,
     NoStdinOpt,
@@ -31,10 +33,13 @@ from cli.common import (
     RepeatLastNOpt,
     RepeatPenaltyOpt,
     SeedOpt,
+    StopOpt,
     SystemOpt,
     TempOpt,
     TopKOpt,
     TopPOpt,
+    Truncate,
+    TruncateOpt,
     VerboseOpt,
     interrupted_code,
     note,
@@ -44,7 +49,7 @@ from cli.common import (
 )
 from cli.main import app
 from cli.models import Loaded, open_model
-from cli.prompt import counted, encode_prompt_text, read_prompt
+from cli.prompt import encode_prompt_text, fit_context, read_prompt
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, apply_speed_options
 from model.errors import AttnError, UsageError
 from model.engine import Generation, Request, Token, eos_ids
@@ -65,11 +70,6 @@ Examples:
 """
 
 
-class Truncate(str, Enum):
-    error = "error"
-    left = "left"
-
-
 @app.command("generate", epilog=epilog(EPILOG))
 def generate_cmd(
     ctx: typer.Context,
@@ -77,7 +77,7 @@ def generate_cmd(
     model: ModelOpt = None,
     prompt_opt: PromptOpt = None,
     file: FileOpt = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", envvar="ATTN_MAX_TOKENS", min=1, help="New tokens at most.")] = 256,
+    max_tokens: MaxTokensOpt = 256,
     temp: TempOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
@@ -85,19 +85,19 @@ def generate_cmd(
     repeat_penalty: RepeatPenaltyOpt = None,
     repeat_last_n: RepeatLastNOpt = 64,
     seed: SeedOpt = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="Stop at this text (repeatable); it is not printed.", show_default=False)] = None,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-sequence tokens.")] = False,
+    stop: StopOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
     chat: ChatOpt = None,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     quantize: QuantizeOpt = Quantize.none,
     compile_step: CompileOpt = False,
-    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", min=1, help="Context length. [default: the model's]", show_default=False)] = None,
-    truncate: Annotated[Truncate, typer.Option("--truncate", **choice(Truncate), help="Prompt + max tokens over the context: error, or keep the tail (left).")] = Truncate.error,
+    ctx_size: CtxSizeOpt = None,
+    truncate: TruncateOpt = Truncate.error,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object at the end instead of streamed text.")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON event per line: token events, then a done event.")] = False,
-    logprobs: Annotated[Optional[int], typer.Option("--logprobs", min=0, max=20, help="With --json/--jsonl: per-token logprob, bytes and the top K alternatives.", show_default=False)] = None,
+    logprobs: LogprobsOpt = None,
     stats: Annotated[bool, typer.Option("--stats", help="Timings and peak memory to stderr.")] = False,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the generated text.")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text once, at the end.")] = False,
@@ -157,22 +157,6 @@ def generate_cmd(
         )
     if code:
         raise typer.Exit(code)
-
-
-def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None, truncate: Truncate, quiet: bool, chat: bool = False) -> list[int]:
-    ctx = ctx_size or m.cfg.max_len
-    if ctx > m.cfg.max_len and m.cfg.positions == "learned":
-        raise UsageError(f"--ctx-size {ctx} exceeds the {m.cfg.max_len} positions this model has")
-    if len(ids) + max_tokens <= ctx:
-        return ids
-    if truncate is Truncate.left and max_tokens < ctx:
-        keep = ctx - max_tokens
-        note(f"warning: prompt truncated from {len(ids)} to its last {keep} tokens to fit the context of {ctx}", quiet)
-        return ids[-keep:]
-    raise AttnError(
-        f"prompt ({counted(len(ids), chat)}) + --max-tokens ({max_tokens}) exceeds the context ({ctx} tokens); "
-        "shorten the prompt, lower -n, or use --truncate left"
-    )
 
 
 def run(gen: Generation, mode: str, stream: bool) -> int:

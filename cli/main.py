@@ -79,6 +79,7 @@ def _register() -> None:
     _held_at_import.clear()
     with _signals_held(held):
         from cli import generate  # noqa: F401
+        from cli import batch  # noqa: F401
         from cli import bench  # noqa: F401
         from cli import inspect as inspect_cmd_module  # noqa: F401
         from cli import explain  # noqa: F401

@@ -7,7 +7,7 @@ import stat
 import sys
 from pathlib import Path
 
-from cli.common import DEMO_SENTENCE, note
+from cli.common import DEMO_SENTENCE, Truncate, note
 from cli.models import Loaded
 from cli.tokens import token_labels
 from model.errors import AttnError, UsageError
@@ -51,7 +51,7 @@ def read_prompt(
     stdin_text = None
     if explicit_stdin and sys.stdin is None:
         raise UsageError("'-' asks for stdin, but there is none")
-    if explicit_stdin or (not no_stdin and _stdin_piped()):
+    if explicit_stdin or (not no_stdin and stdin_piped()):
         stdin_text = drop_final_newline(decode_input(sys.stdin.buffer.read(), "stdin", invalid, quiet)) or None  # empty stdin adds nothing
     if stdin_text is not None and prompt is not None:
         return stdin_text.rstrip("\n") + "\n\n" + prompt
@@ -65,7 +65,7 @@ def drop_final_newline(text: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-def _stdin_piped() -> bool:
+def stdin_piped() -> bool:
     """True when stdin is a pipe or file; False for a terminal, a closed stdin or /dev/null (as in CI)."""
     if sys.stdin is None or sys.stdin.isatty():
         return False
@@ -112,6 +112,14 @@ def counted(n: int, chat: bool) -> str:
     return f"{n} tokens" + (" with the chat template" if chat else "")
 
 
+def encode_messages(m: Loaded, messages: list[dict[str, str]]) -> list[int]:
+    """Ids of a conversation through the model's chat template (an error when it has none)."""
+    if not m.tokenizer.chat_template:
+        raise AttnError("'messages' need a chat template and this model has none; give a 'prompt'")
+    messages = [{"role": x["role"], "content": x["content"]} for x in messages]
+    return m.tokenizer.encode(m.tokenizer.render_chat(messages), add_special_tokens=False)
+
+
 def encode_labelled(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
     """Token ids and their labels (raw unless `chat`): the tokens inspect, explain and heads show."""
     ids = encode_prompt_text(m, text, chat, system)[0]
@@ -124,3 +132,20 @@ def encode_prompt(m: Loaded, text: str, chat: bool, system: str | None) -> tuple
     if len(ids) > m.cfg.max_len:
         raise AttnError(f"prompt of {counted(len(ids), chat)} exceeds the model's {m.cfg.max_len} positions")
     return ids, labels
+
+
+def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None, truncate: Truncate, quiet: bool, chat: bool = False) -> list[int]:
+    """The prompt's ids with room for `max_tokens` in the context: as they are, their tail (--truncate left), or an error."""
+    ctx = ctx_size or m.cfg.max_len
+    if ctx > m.cfg.max_len and m.cfg.positions == "learned":
+        raise UsageError(f"--ctx-size {ctx} exceeds the {m.cfg.max_len} positions this model has")
+    if len(ids) + max_tokens <= ctx:
+        return ids
+    if truncate is Truncate.left and max_tokens < ctx:
+        keep = ctx - max_tokens
+        note(f"warning: prompt truncated from {len(ids)} to its last {keep} tokens to fit the context of {ctx}", quiet)
+        return ids[-keep:]
+    raise AttnError(
+        f"prompt ({counted(len(ids), chat)}) + --max-tokens ({max_tokens}) exceeds the context ({ctx} tokens); "
+        "shorten the prompt, lower -n, or use --truncate left"
+    )
