@@ -5,7 +5,9 @@ prompt; a warm-up run is excluded. `--compare transformers` runs Hugging Face tr
 same weights in the same process, `--compare llama.cpp` runs llama.cpp on the GGUF that matches the
 mode in a child process (cli/llamacpp.py); repetitions alternate so that machine drift hits both.
 Quality (top-1 agreement with float32 and perplexity over a fixed text) is measured whenever the
-weights are not float32 (`--quantize int8`, `--dtype bfloat16`).
+weights are not float32 (`--quantize int8`, `--dtype bfloat16`). `--batch` measures the batched
+loop `attn batch` drives: B rows, each its own random prompt, decoded together; the rates are
+aggregates over the rows.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from cli.main import app
 from cli.models import Loaded, open_model, pick_device
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, ThreadsOpt, apply_speed_options, set_threads
 from model.errors import AttnError, UsageError
-from model.engine import Generation, Request
+from model.engine import Generation, Request, run_batch
 from model.quant.kernels import cpu_features
 from model.generate import generate
 from model.sampling import SamplingSettings
@@ -60,6 +62,7 @@ Examples:
   attn bench --compare transformers           # the same weights through transformers, ratio printed
 
   attn bench --quantize int8 --compare llama.cpp   # against llama.cpp on Q8_0 (pip install -e ".[bench]")
+  attn bench --batch 1,4,16,64 -r 3           # aggregate prefill and decode tok/s per batch size
 """
 
 GREEDY = SamplingSettings(temperature=0.0)
@@ -126,6 +129,7 @@ def bench_cmd(
     quantize: QuantizeOpt = Quantize.none,
     compile_step: CompileOpt = False,
     compare: Annotated[Optional[Compare], typer.Option("--compare", **choice(Compare), help=COMPARE_HELP, show_default=False)] = None,
+    batches: Annotated[Optional[list[str]], typer.Option("--batch", metavar="B[,B…]", help="Batch sizes to measure (comma-separated or repeated): B rows decoded together, aggregate rates. [default: one sequence, no batch]", show_default=False)] = None,
     quality: Annotated[Optional[bool], typer.Option("--quality/--no-quality", help="Top-1 agreement and perplexity vs float32 over a fixed text, and greedy output identical to float32 on 5 prompts. [default: on unless float32 eager]", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of a table.")] = False,
     quiet: QuietOpt = False,
@@ -133,6 +137,9 @@ def bench_cmd(
     color: ColorOpt = Color.auto,
 ) -> None:
     """Measure prefill and decode speed, time to first token and peak memory."""
+    sizes = batch_sizes(batches) if batches else None
+    if sizes and compare is not None:
+        raise UsageError("--compare runs one sequence at a time: leave out --batch")
     # Both checks come before any loading: a missing package or a wrong device fails at once.
     hf_cls = _transformers_class() if compare is Compare.transformers else None
     if compare is Compare.llama_cpp:
@@ -156,26 +163,30 @@ def bench_cmd(
     g = torch.Generator().manual_seed(0)
     prompts = {p: torch.randint(0, vocab, (p,), generator=g).tolist() for p in prompt_lens}
     compare_info = None
-    with contextlib.ExitStack() as stack:
-        other = None
-        if hf_cls is not None:
-            hf = _load_transformers(hf_cls, m)
-            other = lambda p, n: _hf_run(hf, m, p, n)  # noqa: E731
-            compare_info = {"engine": "transformers", "version": _transformers_version()}
-        elif compare is Compare.llama_cpp:
-            llama = stack.enter_context(llamacpp.LlamaCpp(torch.get_num_threads()))
-            gguf = _start_llamacpp(llama, m, quantize, max_len, quiet)
-            other = lambda p, n: _llama_run(llama, p, n)  # noqa: E731
-        while True:
-            try:
-                results = _measure(m, prompts, n_gen, reps, compare.value if compare else None, other)
-                break
-            except llamacpp.Crashed as crash:
-                # Loads llama.cpp again without repacked buffers and measures both engines anew; a second
-                # crash (or one where nothing was repacked) ends with attn's error instead.
-                llama.fall_back(crash, quiet)
-        if compare is Compare.llama_cpp:
-            compare_info = _llamacpp_info(llama, gguf)
+    if sizes:
+        results = [_batch_row(m, b, p, n_gen, reps, vocab) for p in prompt_lens for b in sizes]
+        kv_mb = max(r["kv_cache_mb"] for r in results)
+    else:
+        with contextlib.ExitStack() as stack:
+            other = None
+            if hf_cls is not None:
+                hf = _load_transformers(hf_cls, m)
+                other = lambda p, n: _hf_run(hf, m, p, n)  # noqa: E731
+                compare_info = {"engine": "transformers", "version": _transformers_version()}
+            elif compare is Compare.llama_cpp:
+                llama = stack.enter_context(llamacpp.LlamaCpp(torch.get_num_threads()))
+                gguf = _start_llamacpp(llama, m, quantize, max_len, quiet)
+                other = lambda p, n: _llama_run(llama, p, n)  # noqa: E731
+            while True:
+                try:
+                    results = _measure(m, prompts, n_gen, reps, compare.value if compare else None, other)
+                    break
+                except llamacpp.Crashed as crash:
+                    # Loads llama.cpp again without repacked buffers and measures both engines anew; a second
+                    # crash (or one where nothing was repacked) ends with attn's error instead.
+                    llama.fall_back(crash, quiet)
+            if compare is Compare.llama_cpp:
+                compare_info = _llamacpp_info(llama, gguf)
 
     want_quality = quality if quality is not None else (quantize is not Quantize.none or m.dtype != torch.float32 or compile_step)
     out = {
@@ -237,6 +248,44 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 # --- one repetition of each engine ---------------------------------------------------------
+
+
+def batch_sizes(values: list[str]) -> list[int]:
+    """--batch 1,4,16 (or repeated): the sizes, each ≥ 1, in the order given."""
+    sizes = []
+    for v in values:
+        for part in v.replace(",", " ").split():
+            if not part.isdigit() or int(part) < 1:
+                raise UsageError(f"--batch must be positive integers, comma-separated (got {v!r})")
+            sizes.append(int(part))
+    if not sizes:
+        raise UsageError("--batch needs at least one size")
+    return sizes
+
+
+def _batch_row(m: Loaded, b: int, p: int, n: int, reps: int, vocab: int) -> dict:
+    """Batch size b: b rows, each its own random prompt of p tokens, n tokens each; aggregate rates over reps."""
+    g = torch.Generator().manual_seed(b)
+    prompts = [torch.randint(0, vocab, (p,), generator=g).tolist() for _ in range(b)]
+    _batch_run(m, prompts, min(8, n))  # warm-up, excluded; sets up the cache for b rows
+    runs = [_batch_run(m, prompts, n) for _ in range(reps)]
+    # The cache may hold more rows than b (a larger size ran before): b rows' share of it.
+    kv_mb = sum(x.numel() * x.element_size() for name, x in m.model.named_buffers() if name.endswith((".k", ".v"))) / 2**20 * b / m.model.cache_rows
+    return {"batch": b, "prompt_tokens": p, "gen_tokens": n, **_summarise(runs), "peak_memory_mb": round(peak_memory_mb(m.device), 1), "kv_cache_mb": round(kv_mb, 1)}
+
+
+def _batch_run(m: Loaded, prompts: list[list[int]], n: int) -> dict:
+    """One greedy batch through the loop `attn batch` drives (EOS ignored). Prefill: from the rows'
+    admission to the last row's first token; decode: from there to the end, (n - 1) tokens per row."""
+    _reset_peak(m.device)
+    gens = [Generation(m.model, m.tokenizer, Request(pr, n, GREEDY, ignore_eos=True), set()) for pr in prompts]
+    for _ in run_batch(m.model, gens, slots=len(gens), max_len=len(prompts[0]) + n):
+        pass
+    _sync(m.device)
+    t_end = time.perf_counter()  # after the device has finished the last step
+    t0, t_first = min(x.t0 for x in gens), max(x.t_first for x in gens)
+    rates = _rates(len(prompts[0]), n, t0, t_first, t_end)
+    return {k: v * len(prompts) if k != "ttft_ms" and v is not None else v for k, v in rates.items()}
 
 
 def _sync(device: torch.device) -> None:
@@ -460,13 +509,20 @@ def _print_table(out: dict, color: bool) -> None:
         mode += " (" + ", ".join(f"{n} × {k}" for k, n in out["kernels"].items()) + ")"
     title = f"{out['model']} · {out['device']} · {mode} · {out['threads']} threads · median (min–max) of {out['repetitions']}"
     table = Table(title=title)
-    for col in ("prompt", "gen", "prefill tok/s", "decode tok/s", "TTFT ms", "peak MiB"):
+    batched = any("batch" in r for r in out["results"])
+    cols = ("batch", "prompt", "gen", "prefill tok/s", "decode tok/s", "× batch 1", "TTFT ms", "KV MiB", "peak MiB") if batched else ("prompt", "gen", "prefill tok/s", "decode tok/s", "TTFT ms", "peak MiB")
+    for col in cols:
         table.add_column(col, justify="right")
     compare = out["compare"]
     if compare:
         for col in (f"{compare} prefill", f"{compare} decode", "× prefill", "× decode"):
             table.add_column(col, justify="right")
     for r in out["results"]:
+        if batched:
+            one = next((x for x in out["results"] if x["batch"] == 1 and x["prompt_tokens"] == r["prompt_tokens"]), None)
+            ratio = f"{r['decode_tps']['median'] / one['decode_tps']['median']:.1f}×" if one and one["decode_tps"]["median"] and r["decode_tps"]["median"] else "—"
+            table.add_row(str(r["batch"]), str(r["prompt_tokens"]), str(r["gen_tokens"]), _cell(r["prefill_tps"]), _cell(r["decode_tps"]), ratio, _cell(r["ttft_ms"], 0), f"{r['kv_cache_mb']:.1f}", f"{r['peak_memory_mb']:.0f}")
+            continue
         cells = [str(r["prompt_tokens"]), str(r["gen_tokens"]), _cell(r["prefill_tps"]), _cell(r["decode_tps"]), _cell(r["ttft_ms"], 0), f"{r['peak_memory_mb']:.0f}"]
         if compare:
             t = r[compare]

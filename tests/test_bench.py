@@ -97,3 +97,20 @@ def test_bench_says_which_kernels_ran_and_the_forced_generic_path(attn, tiny_lla
                    env={"ATTN_KERNELS": "generic"})
     assert generic.code == 0 and "ATTN_KERNELS=generic" in generic.err
     assert json.loads(generic.out)["kernels"] == {"Int4Linear:generic": layers, "Q8Linear:generic": 1}
+
+
+def test_bench_batch_sizes(attn, tiny_llama):
+    """--batch: a row per batch size and prompt length, aggregate rates, the KV cache each size holds
+    (the tiny model's rounds to 0 MiB)."""
+    d = bench_json(attn, tiny_llama, "--batch", "1,3", "--batch", "5")
+    rows = d["results"]
+    assert [(r["batch"], r["prompt_tokens"]) for r in rows] == [(1, 8), (3, 8), (5, 8), (1, 12), (3, 12), (5, 12)]
+    for row in rows:
+        assert row["decode_tps"]["median"] > 0 and row["prefill_tps"]["median"] > 0 and len(row["decode_tps"]["values"]) == 2
+    kv = {r["batch"]: r["kv_cache_mb"] for r in rows if r["prompt_tokens"] == 8}
+    assert kv[5] >= kv[3] >= kv[1] >= 0
+    r = attn(["bench", "-m", str(tiny_llama), "-p", "8", "-n", "3", "-r", "1", "--batch", "1,2"])
+    assert r.code == 0 and "× batch 1" in r.out
+    for bad in (["--batch", "0"], ["--batch", "a"], ["--batch", "2", "--compare", "transformers"]):
+        r = attn(["bench", "-m", str(tiny_llama), *bad])
+        assert r.code == 2 and r.err.startswith("attn: error: --"), r
