@@ -7,10 +7,9 @@ import secrets
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -51,6 +50,7 @@ from cli.common import (
 from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import decode_input, encode_messages, encode_prompt_text, fit_context, stdin_piped
+from cli.requests import Item, parse_jsonl, parse_lines
 from cli.speed import Quantize, QuantizeOpt, apply_speed_options
 from model.engine import Generation, Request, eos_ids, run_batch
 from model.errors import AttnError, UsageError
@@ -71,25 +71,9 @@ Examples:
   printf '{"id": "a", "prompt": "Hello"}\\n{"id": "b", "messages": [{"role": "user", "content": "Hi"}], "seed": 3}\\n' | attn batch -
 """
 
-REQUEST_KEYS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop"}
-
-
 class Order(str, Enum):
     input = "input"
     completion = "completion"
-
-
-@dataclass
-class Item:
-    """One request of the input: where it was, what it asks, or why it cannot run."""
-
-    index: int  # among the requests, in input order
-    line: int  # 1-based line of the input
-    id: Any
-    fields: dict | None = None
-    error: str | None = None
-    gen: Generation | None = None
-    seed: int = 0
 
 
 @app.command("batch", epilog=epilog(EPILOG))
@@ -142,19 +126,21 @@ def batch_cmd(
     apply_speed_options(m, quantize, False, 0, quiet)
     defaults = sampling_settings(m.path, load_generation_config(m.path), temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
     eos = eos_ids(m.cfg, m.tokenizer)
+    runs: list[tuple[Item, Generation]] = []  # the requests that can run, in input order
     truncated = 0
     for item in items:
         if item.error is None:
             try:
-                truncated += prepare(item, m, defaults, max_tokens, seed, stop or [], ignore_eos, chat, system, ctx_size, truncate, logprobs, eos)
+                gen, cut = prepare(item, m, defaults, max_tokens, seed, stop or [], ignore_eos, chat, system, ctx_size, truncate, logprobs, eos)
+                runs.append((item, gen))
+                truncated += cut
             except AttnError as e:  # a request over the context, a chat template that fails on it, …
                 item.error = str(e)
     if truncated:
         note(f"warning: {truncated} prompt(s) truncated on the left to fit the context", quiet)
-    runnable = [i for i in items if i.error is None]
     slots = parallel or (PARALLEL_CUDA if m.device.type == "cuda" else PARALLEL_CPU)
-    slots = max(1, min(slots, len(runnable)))
-    max_len = max((len(i.gen.request.prompt_ids) + i.gen.request.max_new_tokens for i in runnable), default=1)
+    slots = max(1, min(slots, len(runs)))
+    max_len = max((len(g.request.prompt_ids) + g.request.max_new_tokens for _, g in runs), default=1)
 
     records = Records(order, len(items))
     for item in items:
@@ -164,15 +150,15 @@ def batch_cmd(
     tokens = 0
     code = 0
     with InterruptFlag() as interrupted, progress:
-        by_gen = {id(i.gen): i for i in runnable}
-        events = run_batch(m.model, (i.gen for i in runnable), slots, max_len)
+        item_of = {id(g): item for item, g in runs}
+        events = run_batch(m.model, (g for _, g in runs), slots, max_len)
         try:
             for gen, tok in events:
                 if tok is not None:
                     tokens += tok.id is not None
                 else:
-                    item = by_gen[id(gen)]
-                    records.done(item.index, record(item))
+                    item = item_of[id(gen)]
+                    records.done(item.index, record(item, gen))
                     progress.advance(tokens)
                 if interrupted.signal:
                     break
@@ -210,79 +196,11 @@ def _read_input(file: Path | None) -> bytes:
         raise AttnError(f"cannot read {file}: {e.strerror}") from None
 
 
-def parse_lines(text: str) -> list[Item]:
-    """Each non-empty line a prompt; its id and line are its line number."""
-    items = []
-    for n, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if line.strip():
-            items.append(Item(len(items), n, n, fields={"prompt": line}))
-    return items
-
-
-def parse_jsonl(text: str) -> list[Item]:
-    """One request per non-blank line; a line that is not a valid request becomes an error item."""
-    items = []
-    for n, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        item = Item(len(items), n, n)
-        items.append(item)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            item.error = f"not valid JSON: {e.msg} (column {e.colno})"
-            continue
-        if not isinstance(obj, dict):
-            item.error = "a request must be a JSON object"
-            continue
-        item.id = obj.get("id", n)
-        item.error = check_request(obj)
-        item.fields = obj if item.error is None else None
-    return items
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v  # NaN is not a value
-
-
-def check_request(obj: dict) -> str | None:
-    """Why this request cannot run (the first problem found), or None."""
-    unknown = sorted(set(obj) - REQUEST_KEYS)
-    if unknown:
-        return f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})"
-    if ("prompt" in obj) == ("messages" in obj):
-        return "give either 'prompt' or 'messages'"
-    if "prompt" in obj and not (isinstance(obj["prompt"], str) and obj["prompt"]):
-        return "'prompt' must be a non-empty string"
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not (isinstance(msgs, list) and msgs and all(isinstance(x, dict) and isinstance(x.get("role"), str) and isinstance(x.get("content"), str) for x in msgs)):
-            return "'messages' must be a non-empty list of {\"role\": …, \"content\": …} with string values"
-    checks = {
-        "max_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-        "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-        "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-        "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-        "seed": (lambda v: _is_int(v) and 0 <= v < 2**63, "an integer >= 0"),
-        "stop": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)), "a string or a list of strings"),
-    }
-    for key, (ok, what) in checks.items():
-        if key in obj and not ok(obj[key]):
-            return f"'{key}' must be {what} (got {json.dumps(obj[key])})"
-    return None
-
-
 def prepare(
     item: Item, m: Loaded, defaults: SamplingSettings, max_tokens: int, seed: int | None, stops: list[str], ignore_eos: bool,
     chat: bool | None, system: str | None, ctx_size: int | None, truncate: Truncate, logprobs: int | None, eos: set[int],
-) -> bool:
-    """The item's Generation: its fields over the command's defaults. True when the prompt was truncated."""
+) -> tuple[Generation, bool]:
+    """The item's Generation (its fields over the command's defaults), and whether its prompt was truncated."""
     f = item.fields
     n = f.get("max_tokens", max_tokens)
     use_chat = "messages" in f or (chat if chat is not None else bool(m.tokenizer.chat_template))
@@ -296,19 +214,17 @@ def prepare(
         repeat_penalty=defaults.repeat_penalty,
         repeat_last_n=defaults.repeat_last_n,
     )
-    item.seed = f.get("seed", seed if seed is not None else secrets.randbelow(2**31))
+    chosen = f.get("seed", seed if seed is not None else secrets.randbelow(2**31))
     stop = f.get("stop", stops)
-    request = Request(fitted, n, settings, item.seed, [stop] if isinstance(stop, str) else list(stop), ignore_eos, logprobs)
-    item.gen = Generation(m.model, m.tokenizer, request, eos)
-    return len(fitted) < len(ids)
+    request = Request(fitted, n, settings, chosen, [stop] if isinstance(stop, str) else list(stop), ignore_eos, logprobs)
+    return Generation(m.model, m.tokenizer, request, eos), len(fitted) < len(ids)
 
 
 # --- output ------------------------------------------------------------------------------
 
 
-def record(item: Item) -> dict:
+def record(item: Item, g: Generation) -> dict:
     """The output record of a request that ran: its text and how it ended, or the error that ended it."""
-    g = item.gen
     if g.error is not None:
         return {"id": item.id, "line": item.line, "error": f"{g.error}; try --dtype float32"}
     out = {
@@ -317,7 +233,7 @@ def record(item: Item) -> dict:
         "text": g.text,
         "finish_reason": g.finish_reason,
         "usage": {"prompt_tokens": len(g.request.prompt_ids), "completion_tokens": len(g.ids)},
-        "seed": item.seed,
+        "seed": g.request.seed,
     }
     if g.request.logprobs is not None:
         out["logprobs"] = g.logprobs

@@ -1,0 +1,88 @@
+"""Requests read from JSONL (one object a line) or plain lines (one prompt a line), and checked."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+REQUEST_KEYS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop"}
+
+
+@dataclass
+class Item:
+    """One request of the input: where it was, what it asks, or why it cannot run."""
+
+    index: int  # among the requests, in input order
+    line: int  # 1-based line of the input
+    id: Any
+    fields: dict | None = None
+    error: str | None = None
+
+
+def parse_lines(text: str) -> list[Item]:
+    """Each non-empty line a prompt; its id and line are its line number."""
+    items = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if line.strip():
+            items.append(Item(len(items), n, n, fields={"prompt": line}))
+    return items
+
+
+def parse_jsonl(text: str) -> list[Item]:
+    """One request per non-blank line; a line that is not a valid request becomes an error item."""
+    items = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        item = Item(len(items), n, n)
+        items.append(item)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            item.error = f"not valid JSON: {e.msg} (column {e.colno})"
+            continue
+        if not isinstance(obj, dict):
+            item.error = "a request must be a JSON object"
+            continue
+        item.id = obj.get("id", n)
+        item.error = check_request(obj)
+        item.fields = obj if item.error is None else None
+    return items
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v  # NaN is not a value
+
+
+def check_request(obj: dict) -> str | None:
+    """Why this request cannot run (the first problem found), or None."""
+    unknown = sorted(set(obj) - REQUEST_KEYS)
+    if unknown:
+        return f"unknown key {unknown[0]!r} (known: {', '.join(sorted(REQUEST_KEYS))})"
+    if ("prompt" in obj) == ("messages" in obj):
+        return "give either 'prompt' or 'messages'"
+    if "prompt" in obj and not (isinstance(obj["prompt"], str) and obj["prompt"]):
+        return "'prompt' must be a non-empty string"
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not (isinstance(msgs, list) and msgs and all(isinstance(x, dict) and isinstance(x.get("role"), str) and isinstance(x.get("content"), str) for x in msgs)):
+            return "'messages' must be a non-empty list of {\"role\": …, \"content\": …} with string values"
+    checks = {
+        "max_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+        "seed": (lambda v: _is_int(v) and 0 <= v < 2**63, "an integer >= 0"),
+        "stop": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)), "a string or a list of strings"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in obj and not ok(obj[key]):
+            return f"'{key}' must be {what} (got {json.dumps(obj[key])})"
+    return None
