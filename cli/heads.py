@@ -139,7 +139,7 @@ def heads_cmd(
         if text is None:
             note(f"no prompt: measuring on the induction probe ({probe_length} random tokens, repeated; seed {seed})", quiet)
             ids = probe_ids
-    stats = head_stats(m.model, ids if text is not None else None, probe_ids)
+    stats = head_stats(m.model, [ids] if text is not None else None, probe_ids)
     rows = head_rows(m, stats)
     by = (sort.value if sort else None) or ("induction" if probe_ids is not None else "previous")
     rows = sort_rows(rows, by, ascending)

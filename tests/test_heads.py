@@ -108,7 +108,7 @@ def test_hand_built_heads_rank_first(tiny_models):
     T = 16
     model = hand_built(tiny_models, T)
     ids = random_ids(model, T)
-    s = head_stats(model, ids, None)
+    s = head_stats(model, [ids], None)
     L, H = s.entropy.shape
     rank = lambda t: [divmod(int(i), H) for i in t.nan_to_num(nan=-1.0).flatten().argsort(descending=True)]  # noqa: E731  # NaN (a sink head's prev-tok) last
     assert rank(s.previous)[0] == (0, 1) and s.previous[0, 1] > 0.99
@@ -123,7 +123,7 @@ def test_previous_and_previous_token_differ_as_documented(tiny_models):
     """prev: the raw share on token i − 1 over rows i ≥ 2; prev-tok: that share of what is off the first token."""
     T = 12
     model = hand_built(tiny_models, T)
-    s = head_stats(model, random_ids(model, T), None)
+    s = head_stats(model, [random_ids(model, T)], None)
     prev, prev_tok, first = s.previous[0], s.previous_token[0], s.first[0]
     # Head 1 looks at the previous token only.
     assert prev[1] > 0.99 and prev_tok[1] > 0.99

@@ -1,0 +1,85 @@
+"""attn heads over many prompts: every measure pooled over all rows of all prompts (mean, spread,
+count) equals the same pooling of transformers' attention patterns, prompt by prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.heads import head_stats
+from model.loading import load_model
+
+LENGTHS = [(14, 1), (5, 2), (9, 3), (3, 4), (11, 5), (7, 6)]
+
+
+def dataset(model) -> list[list[int]]:
+    out = []
+    for T, seed in LENGTHS:
+        g = torch.Generator().manual_seed(seed)
+        out.append(torch.randint(3, model.cfg.vocab_size, (T,), generator=g).tolist())
+    out[0][9] = out[0][3]  # repeats, so the duplicate-token detector has rows
+    out[4][8] = out[4][2]
+    return out
+
+
+def pooled_reference(hf, prompts: list[list[int]], window: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Each measure's rows from transformers' attentions, prompt by prompt, pooled: (mean, sd) (L, H) and the row count
+    (previous_token: its ratio of sums over all rows, no sd)."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    num, den = [], []
+    for ids in prompts:
+        with torch.no_grad():
+            att = torch.stack(hf(torch.tensor([ids]), output_attentions=True).attentions)[:, 0].double()  # (L, H, T, T)
+        T = len(ids)
+        i = torch.arange(1, T)
+        dist = (i[:, None] - torch.arange(T)[None, :]).clamp_min(0).double()
+        r = att[:, :, 1:]
+        got = {
+            "entropy": -(r * torch.log2(r.clamp_min(1e-30))).sum(-1),
+            "distance": (r * dist).sum(-1),
+            "previous": att[:, :, i[1:], i[1:] - 1],  # row 1 left out: its previous token is the first
+            "self": att[:, :, i, i],
+        }
+        num.append(att[:, :, i[1:], i[1:] - 1].sum(-1))  # previous_token: a ratio of sums over rows 2..
+        den.append(att[:, :, 2:, 1:].sum((-2, -1)))
+        if not window:
+            got["first"] = r[..., 0]
+            dup_rows = [k for k in range(1, T) if ids[k] in ids[:k]]
+            if dup_rows:  # attention on the earlier copies, in the rows that have one
+                got["duplicate_token"] = torch.stack(
+                    [sum(att[:, :, k, j] for j in range(k) if ids[j] == ids[k]) for k in dup_rows], dim=-1
+                )
+        for name, v in got.items():
+            rows.setdefault(name, []).append(v)
+    out = {}
+    for name, vs in rows.items():
+        allrows = torch.cat(vs, dim=-1)  # (L, H, R)
+        out[name] = (allrows.mean(-1), allrows.std(-1, correction=0), allrows.shape[-1])
+    out["previous_token"] = (sum(num) / sum(den), None, sum(len(p) - 2 for p in prompts))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "mistral_window"])
+def test_pooled_measures_equal_transformers(tiny_models, kind):
+    path, hf = tiny_models[kind]
+    model = load_model(path)
+    prompts = dataset(model)
+    s = head_stats(model, prompts, None, parallel=3)  # batches of up to 3, right-padded
+    assert s.prompts == len(prompts) and s.tokens == sum(T for T, _ in LENGTHS)
+    for name, (mean, sd, n) in pooled_reference(hf, prompts, window=kind.endswith("window")).items():
+        torch.testing.assert_close(s.get(name), mean.float(), rtol=1e-4, atol=1e-5, msg=name)
+        if sd is not None:
+            torch.testing.assert_close(s.sd[name], sd.float(), rtol=1e-3, atol=1e-5, msg=name)
+        assert s.n[name].tolist() == [n] * model.cfg.n_layers, name
+
+
+def test_one_prompt_is_a_dataset_of_one(tiny_models):
+    """The batched, padded path gives each prompt what it gives alone."""
+    model = load_model(tiny_models["llama"][0])
+    prompts = dataset(model)
+    together = head_stats(model, prompts, None, parallel=6)
+    alone = [head_stats(model, [p], None) for p in prompts]
+    for name in ("entropy", "distance", "first", "previous", "self"):
+        weights = [len(p) - (2 if name == "previous" else 1) for p in prompts]  # the rows each prompt has for it
+        mean = sum(w * a.get(name).double() for w, a in zip(weights, alone)) / sum(weights)
+        torch.testing.assert_close(together.get(name), mean.float(), rtol=1e-5, atol=1e-6, msg=name)
