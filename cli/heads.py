@@ -43,7 +43,8 @@ from cli.common import (
 )
 from cli.main import app
 from cli.models import Loaded, open_model
-from cli.prompt import encode_prompt, read_prompt
+from cli.prompt import encode_messages, encode_prompt, read_prompt
+from cli.requests import parse_jsonl, parse_lines
 from cli.tokens import tokens_json
 from model.errors import AttnError, UsageError
 from model.heads import DETECTORS, MEASURES, HeadStats, head_stats, induction_sequence
@@ -68,6 +69,9 @@ Columns, over the rows i of each head's attention α (row 0 sees only itself and
   dup-tok   weight on earlier copies of token i; induct: on the tokens that followed them
             (TransformerLens's detectors, averaged over the rows that have any; induct only from the probe)
 Measures are taken on the prompt; detectors on the induction probe when it runs, else on the prompt.
+With --lines/--jsonl each is the mean over every row of every prompt, with its spread (± sd) and row count.
+
+  attn heads -f prompts.txt --lines --sort first     # pooled over every token of every prompt
 """
 
 COLUMNS = ("layer", "head", "kv_head", *MEASURES, *DETECTORS)
@@ -108,6 +112,9 @@ def heads_cmd(
     fmt: Annotated[Optional[HeadsFormat], typer.Option("--format", **choice(HeadsFormat), help="table, json or csv. [default: table on a TTY, else json]", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a layers × heads grid coloured by --measure: FILE.svg or FILE.html (self-contained); stdout then stays empty unless --format is given.", show_default=False)] = None,
     measure: Annotated[Optional[Measure], typer.Option("--measure", **MEASURE, help="The column the -o grid shows: entropy, dist, first, prev, self, prev-tok, dup-tok or induct. [default: the sort column]", show_default=False)] = None,
+    lines: Annotated[bool, typer.Option("--lines", help="The input (-f FILE or stdin) is many prompts, one a line: every measure pooled over all their tokens, with its spread.")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="As --lines, the input being requests as `attn batch` reads them ({\"prompt\": …} or {\"messages\": …} a line).")] = False,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="With --lines/--jsonl: prompts measured in one pass.")] = 16,
     chat: RawChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
@@ -121,49 +128,88 @@ def heads_cmd(
     """Measure what every (layer, head) attends to: entropy, distance, sink/previous/self shares, head detectors."""
     if output is not None and output.suffix.lower() not in (".svg", ".html", ".htm"):
         raise UsageError(f"-o {output}: the picture must be a .svg or .html file")
+    if lines and jsonl:
+        raise UsageError("--lines and --jsonl are alternatives: choose one")
     text = read_prompt(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
     if text == "":
         raise UsageError("empty prompt")
+    many = lines or jsonl
+    if many and text is None:
+        raise UsageError(f"{'--lines' if lines else '--jsonl'} reads prompts from -f FILE or stdin: give one")
     probe = probe or (ProbeKind.induction if text is None else ProbeKind.none)
     if fmt is None and output is None:  # with -o the picture is the product (as inspect's); stdout only if --format asks
         fmt = HeadsFormat.table if sys.stdout.isatty() else HeadsFormat.json
     m = open_model(model, device, dtype, quiet)
-    ids = None
-    if text is not None:
+    ids = prompts = None
+    if many:
+        prompts = dataset_ids(m, text, jsonl, chat, system, quiet)
+    elif text is not None:
         ids = encode_prompt(m, text, chat, system)[0]
         if len(ids) < 3:
             raise UsageError(f"the prompt has {len(ids)} token{'s' if len(ids) > 1 else ''}: head measures need at least three (with two, the previous token is the first)")
+        prompts = [ids]
     probe_ids = None
     if probe is ProbeKind.induction:
         probe_ids = induction_probe(m, probe_length, seed)
         if text is None:
             note(f"no prompt: measuring on the induction probe ({probe_length} random tokens, repeated; seed {seed})", quiet)
             ids = probe_ids
-    stats = head_stats(m.model, [ids] if text is not None else None, probe_ids)
-    rows = head_rows(m, stats)
+    stats = head_stats(m.model, prompts, probe_ids, parallel)
+    rows = head_rows(m, stats, spread=many)
     by = (sort.value if sort else None) or ("induction" if probe_ids is not None else "previous")
     rows = sort_rows(rows, by, ascending)
     if output is not None:
         by_measure = measure.value if measure else by
         if by_measure in ("layer", "head", "kv_head"):
             raise UsageError(f"-o draws a measure: --sort {HEADERS.get(by_measure, by_measure)} is not one; add --measure COLUMN")
-        write_grid(output, m, stats, by_measure)
+        write_grid(output, m, stats, by_measure, spread=many)
         note(f"wrote {output}", quiet)
     if fmt is HeadsFormat.json:
         shown = rows[:top] if top else rows
-        doc = {"model": m.name, "tokens": tokens_json(m.tokenizer, ids), "heads": shown}
+        doc = {"model": m.name}
+        if many:
+            doc["dataset"] = {"prompts": stats.prompts, "tokens": stats.tokens, "rows": {k: v.tolist() for k, v in stats.n.items()}}
+        else:
+            doc["tokens"] = tokens_json(m.tokenizer, ids)
+        doc["heads"] = shown
         doc["probe"] = {"kind": "induction", "length": probe_length, "seed": seed, "ids": probe_ids} if probe_ids else None
         write_out(json.dumps(doc, ensure_ascii=False) + "\n")
     elif fmt is HeadsFormat.csv:
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         for r in rows[:top] if top else rows:
             w.writerow({k: "" if v is None else v for k, v in r.items()})
         write_out(buf.getvalue())
     elif fmt is HeadsFormat.table:
         k = 20 if top is None else top
-        render_table(rows[:k] if k else rows, len(rows), by, ascending, probe_ids is not None, use_color(color, sys.stdout))
+        over = f"over {stats.prompts} prompts ({stats.tokens} tokens)" if many else None
+        render_table(rows[:k] if k else rows, len(rows), by, ascending, probe_ids is not None, use_color(color, sys.stdout), over)
+
+
+def dataset_ids(m: Loaded, text: str, jsonl: bool, chat: bool, system: str | None, quiet: bool) -> list[list[int]]:
+    """The token ids of every prompt of the input (a line each, or JSONL requests); prompts under three tokens left out."""
+    items = parse_jsonl(text) if jsonl else parse_lines(text)
+    out, short = [], 0
+    for item in items:
+        if item.error is not None:
+            raise UsageError(f"line {item.line}: {item.error}")
+        f = item.fields
+        try:
+            ids = encode_messages(m, f["messages"]) if "messages" in f else encode_prompt(m, f["prompt"], chat, system)[0]
+        except AttnError as e:
+            raise type(e)(f"line {item.line}: {e}") from None
+        if len(ids) > m.cfg.max_len:
+            raise AttnError(f"line {item.line}: prompt of {len(ids)} tokens exceeds the model's {m.cfg.max_len} positions")
+        if len(ids) < 3:
+            short += 1
+            continue
+        out.append(ids)
+    if short:
+        note(f"{short} prompt(s) under three tokens left out: head measures need at least three", quiet)
+    if not out:
+        raise UsageError("no prompt of three tokens or more in the input")
+    return out
 
 
 def induction_probe(m: Loaded, length: int, seed: int) -> list[int]:
@@ -179,17 +225,27 @@ def induction_probe(m: Loaded, length: int, seed: int) -> list[int]:
         raise UsageError(f"--probe-length {length}: {e}") from None
 
 
-def head_rows(m: Loaded, stats: HeadStats) -> list[dict]:
-    """One plain dict per (layer, head), every measure a float or None (detector not run, or prev-tok of a head that only sinks)."""
+def head_rows(m: Loaded, stats: HeadStats, spread: bool = False) -> list[dict]:
+    """One plain dict per (layer, head), every measure a float or None (detector not run, or prev-tok of a head
+    that only sinks); with `spread`, each measure's standard deviation over its rows (`NAME_sd`) and their count (`NAME_n`) too."""
     L, H = stats.entropy.shape
-    cols = {name: stats.get(name) for name in (*MEASURES, *DETECTORS)}
+    names = (*MEASURES, *DETECTORS)
+    cols = {name: stats.get(name) for name in names}
+    if spread:
+        cols |= {f"{name}_sd": stats.sd.get(name) for name in names}
+        cols |= {f"{name}_n": None if name not in stats.n else stats.n[name][:, None].expand(L, H) for name in names}
     rows = []
     for layer in range(L):
         for head in range(H):
             r = {"layer": layer, "head": head, "kv_head": m.cfg.kv_head(head)}
             for name, t in cols.items():
+                if name.endswith("_n"):
+                    r[name] = None if t is None else int(t[layer, head])
+                    continue
                 x = None if t is None else float(t[layer, head])
                 r[name] = None if x is None or math.isnan(x) else x  # NaN: too little weight off the first token to say
+            if spread and r.get("previous_token") is None:
+                r["previous_token_sd"] = None
             rows.append(r)
     return rows
 
@@ -217,43 +273,52 @@ def cell(c: str, v) -> str:
         return "—"
     if isinstance(v, int):
         return str(v)
-    return f"{v:.1f}" if c == "distance" else f"{v:.3f}"
+    return f"{v:.1f}" if c in ("distance", "distance_sd") else f"{v:.3f}"
 
 
-def fitting_columns(rows: list[dict], by: str, width: int) -> list[str]:
-    """The columns that fit `width` whole: layer, head and the sort column always, then the others in order.
+def fitting_columns(rows: list[dict], by: str, width: int, columns: tuple[str, ...] = COLUMNS, spread: str | None = None) -> list[str]:
+    """The columns that fit `width` whole: layer, head, the sort column (and its spread) always, then the others in order.
 
     A column is never cut or wrapped (a number or a header in pieces says nothing); a narrow terminal
     leaves whole columns out instead, and the footer names them.
     """
     sep = 2  # the space between two columns; the table's edges take one more on each side
-    need = {c: max(len(HEADERS.get(c, c)), *(len(cell(c, r[c])) for r in rows)) for c in COLUMNS}
-    keep = ["layer", "head"] + ([by] if by not in ("layer", "head") else [])
+    need = {c: max(len(header(c, spread)), *(len(cell(c, r[c])) for r in rows)) for c in columns}
+    keep = ["layer", "head"] + ([by] if by not in ("layer", "head") else []) + ([spread] if spread else [])
     used = 2 + sum(need[c] for c in keep) + sep * (len(keep) - 1)
-    for c in COLUMNS:
+    for c in columns:
         if c not in keep and used + sep + need[c] <= width:
             keep.append(c)
             used += sep + need[c]
-    return [c for c in COLUMNS if c in keep]
+    return [c for c in columns if c in keep]
 
 
-def render_table(rows: list[dict], total: int, by: str, ascending: bool, probed: bool, color: bool) -> None:
+def header(c: str, spread: str | None = None) -> str:
+    return "±" if c == spread else HEADERS.get(c, c)
+
+
+def render_table(rows: list[dict], total: int, by: str, ascending: bool, probed: bool, color: bool, over: str | None = None) -> None:
+    """The table; `over` names the dataset the measures are means over (the sort column's spread then follows it, as ±)."""
     console = Console(file=sys.stdout, color_system="auto" if color else None, force_terminal=color or None, highlight=False)
-    columns = fitting_columns(rows, by, console.width)
+    spread = f"{by}_sd" if over and f"{by}_sd" in rows[0] else None
+    order = COLUMNS if spread is None else tuple(x for c in COLUMNS for x in ((c, spread) if c == by else (c,)))
+    columns = fitting_columns(rows, by, console.width, order, spread)
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", collapse_padding=True)
-    t.title = f"sorted by {by}{' (smallest first)' if ascending else ''}" + ("" if probed else "; detectors on the prompt (induction: --probe induction)")
+    t.title = f"sorted by {by}{' (smallest first)' if ascending else ''}" + (f"; means {over}" if over else "")
+    t.title += "" if probed else f"; detectors on the prompt{'s' if over else ''} (induction: --probe induction)"
     for c in columns:
-        t.add_column(HEADERS.get(c, c), justify="right", no_wrap=True, style="underline" if c == by else None, header_style="bold underline" if c == by else "bold")
+        t.add_column(header(c, spread), justify="right", no_wrap=True, style="underline" if c == by else None, header_style="bold underline" if c == by else "bold")
     for r in rows:
         cells = []
         for c in columns:
             v = r[c]
-            strong = isinstance(v, float) and c not in ("entropy", "distance") and v >= 0.5
+            strong = isinstance(v, float) and c not in ("entropy", "distance", spread) and v >= 0.5
             cells.append(Text(cell(c, v), style="dim" if v is None else "bold" if strong else ""))
         t.add_row(*cells)
     console.print(t)
     more = total - len(rows)
     foot = f"{more} more row(s): --top 0 shows all; " if more else ""
+    foot += "± is the standard deviation over the tokens; " if spread else ""
     left_out = [HEADERS.get(c, c) for c in COLUMNS if c not in columns]
     if left_out:
         foot += f"too narrow for {', '.join(left_out)} (--format csv has every column); "
@@ -275,8 +340,9 @@ def _heat(v: float | None, lo: float, hi: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def grid_svg(values: list[list[float | None]], title: str, lo: float, hi: float, standalone: bool = True) -> str:
-    """A standalone SVG: one cell per (layer, head), layers down, heads across, value written in each cell."""
+def grid_svg(values: list[list[float | None]], title: str, lo: float, hi: float, standalone: bool = True, hover: list[list[str]] | None = None) -> str:
+    """A standalone SVG: one cell per (layer, head), layers down, heads across, value written in each cell
+    (`hover`: each cell's tooltip beyond its value)."""
     L, H = len(values), len(values[0])
     cw, ch, left, top = 46, 20, 64, 48
     w, h = left + H * cw + 20, top + L * ch + 44
@@ -295,8 +361,9 @@ def grid_svg(values: list[list[float | None]], title: str, lo: float, hi: float,
             fill = _heat(v, lo, hi)
             dark = v is not None and hi > lo and (v - lo) / (hi - lo) > 0.55
             label = "—" if v is None else f"{v:.2f}"
+            tip = html.escape(label + (hover[i][j] if hover and v is not None else ""))
             out.append(
-                f'<rect x="{left + j * cw}" y="{y}" width="{cw - 1}" height="{ch - 1}" fill="{fill}"><title>layer {i} head {j}: {label}</title></rect>'
+                f'<rect x="{left + j * cw}" y="{y}" width="{cw - 1}" height="{ch - 1}" fill="{fill}"><title>layer {i} head {j}: {tip}</title></rect>'
                 f'<text x="{left + j * cw + cw / 2}" y="{y + ch * 0.7}" text-anchor="middle" fill="{"white" if dark else "#222"}">{label}</text>'
             )
     out.append(f'<text x="{left}" y="{top + L * ch + 24}" fill="#555">colour: {lo:.2f} (white) → {hi:.2f} (blue); made by attn heads</text>')
@@ -304,7 +371,8 @@ def grid_svg(values: list[list[float | None]], title: str, lo: float, hi: float,
     return "\n".join(out)
 
 
-def write_grid(path: Path, m: Loaded, stats: HeadStats, name: str) -> None:
+def write_grid(path: Path, m: Loaded, stats: HeadStats, name: str, spread: bool = False) -> None:
+    """The -o picture of one measure; with `spread` (a dataset), each mean's standard deviation and row count on hover."""
     t = stats.get(name)
     if t is None:
         raise UsageError(f"--measure {name}: {no_values(name)}")
@@ -312,7 +380,12 @@ def write_grid(path: Path, m: Loaded, stats: HeadStats, name: str) -> None:
     flat = [v for row in values for v in row if v is not None]
     lo, hi = (0.0, 1.0) if name not in ("entropy", "distance") else (min(flat), max(flat))
     title = f"{m.name}: {name} per layer × head"
-    svg = grid_svg(values, title, lo, hi, standalone=path.suffix.lower() == ".svg")
+    hover = None
+    if spread and name in stats.sd:
+        title += f", mean over {stats.prompts} prompts ({stats.tokens} tokens)"
+        sd, n = stats.sd[name].tolist(), stats.n[name].tolist()
+        hover = [[f" ± {s:.3f} (sd over {n[i]} rows)" for s in row] for i, row in enumerate(sd)]
+    svg = grid_svg(values, title, lo, hi, standalone=path.suffix.lower() == ".svg", hover=hover)
     if path.suffix.lower() == ".svg":
         doc = '<?xml version="1.0" encoding="UTF-8"?>\n' + svg + "\n"
     else:

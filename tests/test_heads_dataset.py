@@ -3,6 +3,10 @@ count) equals the same pooling of transformers' attention patterns, prompt by pr
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+
 import pytest
 import torch
 
@@ -83,3 +87,55 @@ def test_one_prompt_is_a_dataset_of_one(tiny_models):
         weights = [len(p) - (2 if name == "previous" else 1) for p in prompts]  # the rows each prompt has for it
         mean = sum(w * a.get(name).double() for w, a in zip(weights, alone)) / sum(weights)
         torch.testing.assert_close(together.get(name), mean.float(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+TEXTS = ["a fluffy blue creature roamed the verdant forest", "the quick brown fox jumps over the lazy dog", "def main():", "hello hello world"]
+
+
+def heads_json(attn, *args, stdin: bytes | None = None) -> dict:
+    r = attn(["heads", *args, "--format", "json"], stdin=stdin)
+    assert r.code == 0, r
+    return json.loads(r.out)
+
+
+def test_cli_pools_equal_the_token_weighted_mean_of_per_prompt_runs(attn, tiny_llama, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(TEXTS[:2] + [""] + TEXTS[2:]) + "\n")
+    d = heads_json(attn, "-m", str(tiny_llama), "-f", str(f), "--lines", "--parallel", "3")
+    alone = [heads_json(attn, "-m", str(tiny_llama), t) for t in TEXTS]
+    lengths = [len(a["tokens"]) for a in alone]
+    assert d["dataset"]["prompts"] == 4 and d["dataset"]["tokens"] == sum(lengths) and "tokens" not in d
+    key = lambda r: (r["layer"], r["head"])  # noqa: E731
+    per_prompt = [{key(r): r for r in a["heads"]} for a in alone]
+    for name in ("entropy", "distance", "first", "previous", "self"):
+        weights = [n - (2 if name == "previous" else 1) for n in lengths]  # the rows each prompt has for it
+        assert d["dataset"]["rows"][name] == [sum(weights)] * 2
+        for row in d["heads"]:
+            want = sum(w * p[key(row)][name] for w, p in zip(weights, per_prompt)) / sum(weights)
+            assert row[name] == pytest.approx(want, rel=1e-5, abs=1e-6), name
+            assert row[f"{name}_sd"] >= 0 and row[f"{name}_n"] == sum(weights)
+    jl = tmp_path / "prompts.jsonl"
+    jl.write_text("".join(json.dumps({"id": i, "prompt": t, "max_tokens": 9}) + "\n" for i, t in enumerate(TEXTS)))
+    same = heads_json(attn, "-m", str(tiny_llama), "-f", str(jl), "--jsonl", "--parallel", "3")
+    assert same["heads"] == d["heads"]
+
+
+def test_cli_formats_and_errors(attn, tiny_llama, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(TEXTS) + "\nhi\n")
+    base = ["heads", "-m", str(tiny_llama), "-f", str(f), "--lines"]
+    r = attn(base + ["--format", "csv", "-o", str(tmp_path / "g.svg")])
+    assert r.code == 0, r
+    header = next(csv.reader(io.StringIO(r.out)))
+    assert {"entropy", "entropy_sd", "entropy_n", "previous_sd"} <= set(header)
+    assert "1 prompt(s) under three tokens left out" in r.err  # "hi"
+    svg = (tmp_path / "g.svg").read_text()
+    assert "mean over 4 prompts" in svg and "(sd over" in svg
+    r = attn(base + ["--format", "table"])
+    assert r.code == 0 and "means over 4 prompts" in r.out and "±" in r.out
+    r = attn(["heads", "-m", str(tiny_llama), "--jsonl"], stdin=b'{"prompt": "hello world"}\nnot json\n')
+    assert r.code == 2 and "line 2: not valid JSON" in r.err
+    r = attn(["heads", "-m", str(tiny_llama), "--lines"], tty=True)
+    assert r.code == 2 and "-f FILE or stdin" in r.err
