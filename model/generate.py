@@ -17,7 +17,8 @@ every row would need its cache shifted to line up with the newcomer's; with per-
 row keeps its own positions 0.. and its own causal (and sliding-window) mask, so what it attends
 to is exactly what it would attend to alone. Rows in a step's range that are not decoding (a
 slot being prefilled, or free) carry a dummy token at the cache's last position, which no real
-row ever reads.
+row ever reads; once no prompt waits, the last rows move down into free slots, so the steps of
+the batch's tail run on as many rows as are left.
 
 A single prompt is a batch of one: `generate`.
 """
@@ -112,17 +113,20 @@ def decode(
     device, scratch = model.device, model.cache_len - 1  # no sequence reaches the last position (see _admit)
     step_one = decode_step(model)  # the compiled one-token step when `--compile` built one
     rows: list[_Row | None] = [None] * slots
-    waiting, order = iter(sequences), itertools.count()
+    waiting, order, drained = iter(sequences), itertools.count(), False
     while True:
         for r in rows:  # ended by the consumer since the last step
             if r is not None and r.seq.done:
                 rows[r.slot] = None
         for slot in range(slots):
-            if rows[slot] is None:
+            if rows[slot] is None and not drained:
                 seq = next(waiting, None)
                 if seq is None:
+                    drained = True
                     break
                 rows[slot] = _admit(model, seq, slot, next(order))
+        if drained:
+            _compact(model, rows)
         live = [r for r in rows if r is not None]
         if not live:
             return
@@ -192,6 +196,20 @@ def _admit(model: Decoder, seq: Sequence, slot: int, order: int) -> _Row:
     # The last token sampled is never fed back: positions go up to prompt + max_new_tokens - 2 at most,
     # so the cache's last position is free for the dummy rows of a step (decode's `scratch`).
     return _Row(seq, slot, order, history=list(seq.prompt_ids))
+
+
+def _compact(model: Decoder, rows: list[_Row | None]) -> None:
+    """Move the highest rows into the free slots below them (their cache rows with them)."""
+    while True:
+        taken = [r.slot for r in rows if r is not None]
+        free = [s for s, r in enumerate(rows) if r is None]
+        if not taken or not free or free[0] > max(taken):
+            return
+        r, hole = rows[max(taken)], free[0]
+        length = r.prefilled if r.last is None else r.pos  # positions in the cache so far
+        for block in model.layers:
+            block.attn.cache.move_row(r.slot, hole, length)
+        rows[hole], rows[r.slot], r.slot = r, None, hole
 
 
 def _recent(r: _Row, device: torch.device) -> torch.Tensor | None:

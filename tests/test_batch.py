@@ -162,3 +162,22 @@ def test_run_batch_texts_stops_and_eos_per_row(tiny_llama):
     assert gens[3].finish_reason == "eos" and gens[3].ids == seq3[: at + 1]
     for i in (0, 2, 4):
         assert gens[i].text == alone[i] and gens[i].finish_reason == "length"
+
+
+def test_the_tail_of_a_batch_steps_only_the_rows_left(tiny_llama):
+    """Once nothing waits, rows move down into freed slots: each step runs on as many rows as are decoding."""
+    model = load_model(tiny_llama)
+    ps = prompts(model)[:5]
+    max_new = [3, 12, 6, 9, 2]
+    seqs = [Sequence(p, n, GREEDY) for p, n in zip(ps, max_new)]
+    sizes = []
+    real_step = model.step
+    model.step = lambda ids, *a: sizes.append(ids.shape[0]) or real_step(ids, *a)
+    got: dict[int, list[int]] = {i: [] for i in range(5)}
+    for s, step in decode(model, seqs, slots=4, max_len=40):
+        got[seqs.index(s)].append(step.id)
+    model.step = real_step
+    assert got == {i: [t.id for t in generate(model, p, n, GREEDY)] for i, (p, n) in enumerate(zip(ps, max_new))}
+    # 4 rows, then 3 once the fifth prompt has ended and the last row moved into its slot, then 2, and the
+    # longest alone (slot 0: the plain one-row step) for its last three tokens.
+    assert sizes == sorted(sizes, reverse=True) and {4, 3, 2} <= set(sizes) and sizes[-3:] == [1, 1, 1], sizes
