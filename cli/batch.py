@@ -51,7 +51,7 @@ from cli.main import app
 from cli.models import Loaded, open_model
 from cli.prompt import decode_input, encode_messages, encode_prompt_text, fit_context, stdin_piped
 from cli.requests import Item, parse_jsonl, parse_lines
-from cli.speed import Quantize, QuantizeOpt, apply_speed_options
+from cli.speed import Quantize, QuantizeOpt
 from model.engine import Generation, Request, eos_ids, run_batch
 from model.errors import AttnError, UsageError
 from model.loading import load_generation_config
@@ -122,8 +122,7 @@ def batch_cmd(
     text = decode_input(data, "stdin" if file is None or str(file) == "-" else str(file), invalid_utf8, quiet)
     items = parse_lines(text) if lines else parse_jsonl(text)
 
-    m = open_model(model, device, dtype, quiet)
-    apply_speed_options(m, quantize, False, 0, quiet)
+    m = open_model(model, device, dtype, quiet, quantize.value)
     defaults = sampling_settings(m.path, load_generation_config(m.path), temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
     eos = eos_ids(m.cfg, m.tokenizer)
     runs: list[tuple[Item, Generation]] = []  # the requests that can run, in input order

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.test_generate_cli import slow_model, spawn  # noqa: F401  (slow_model is a fixture)
 
 PROMPTS = ["hello world", "a fluffy blue creature roamed the verdant forest", "def main():", "Café naïve", "Summarize: attention lets", "hi"]
@@ -195,3 +197,14 @@ def test_sigterm_exits_143_with_nothing_half_written(slow_model, tmp_path):  # n
     out, err = p.communicate(timeout=60)
     assert p.returncode == 143, err
     assert out == b"" and b"Traceback" not in err
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_rows_decode_as_alone(attn, tiny_llama, quant):
+    """The quantized kernels take several rows at once: each row's greedy text is the one it has alone."""
+    reqs = [{"id": i, "prompt": p, "max_tokens": 10} for i, p in enumerate(PROMPTS[:4])]
+    r = attn(["batch", "-m", str(tiny_llama), "--raw", "--temp", "0", "--ignore-eos", "--quantize", quant], stdin=jsonl(*reqs))
+    assert r.code == 0, r
+    for g, q in zip(records(r.out), reqs):
+        ref = alone(attn, tiny_llama, q["prompt"], "--raw", "--temp", "0", "--ignore-eos", "-n", "10", "--quantize", quant)
+        assert g["text"] == ref["text"], q
