@@ -63,30 +63,33 @@ def pooled_reference(hf, prompts: list[list[int]], window: bool) -> dict[str, tu
     return out
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "mistral_window"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "mistral_window", "gemma2", "pythia"])
 def test_pooled_measures_equal_transformers(tiny_models, kind):
     path, hf = tiny_models[kind]
     model = load_model(path)
     prompts = dataset(model)
     s = head_stats(model, prompts, None, parallel=3)  # batches of up to 3, right-padded
     assert s.prompts == len(prompts) and s.tokens == sum(T for T, _ in LENGTHS)
-    for name, (mean, sd, n) in pooled_reference(hf, prompts, window=kind.endswith("window")).items():
+    for name, (mean, sd, n) in pooled_reference(hf, prompts, window=kind in ("mistral_window", "gemma2")).items():
         torch.testing.assert_close(s.get(name), mean.float(), rtol=1e-4, atol=1e-5, msg=name)
         if sd is not None:
             torch.testing.assert_close(s.sd[name], sd.float(), rtol=1e-3, atol=1e-5, msg=name)
         assert s.n[name].tolist() == [n] * model.cfg.n_layers, name
 
 
-def test_one_prompt_is_a_dataset_of_one(tiny_models):
-    """The batched, padded path gives each prompt what it gives alone."""
-    model = load_model(tiny_models["llama"][0])
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gemma3", "phi3", "qwen3", "olmo2", "pythia"])
+def test_one_prompt_is_a_dataset_of_one(tiny_models, kind):
+    """The batched, padded path gives each prompt what it gives alone: the pooled means are the
+    row-count-weighted means of the per-prompt runs (soft caps, sliding windows, parallel residuals too)."""
+    model = load_model(tiny_models[kind][0])
     prompts = dataset(model)
     together = head_stats(model, prompts, None, parallel=6)
     alone = [head_stats(model, [p], None) for p in prompts]
     for name in ("entropy", "distance", "first", "previous", "self"):
-        weights = [len(p) - (2 if name == "previous" else 1) for p in prompts]  # the rows each prompt has for it
-        mean = sum(w * a.get(name).double() for w, a in zip(weights, alone)) / sum(weights)
-        torch.testing.assert_close(together.get(name), mean.float(), rtol=1e-5, atol=1e-6, msg=name)
+        n = [a.n[name].double() for a in alone]  # (L,) the rows each prompt has for it, per layer (a window hides some)
+        mean = sum(w[:, None] * a.get(name).double().nan_to_num() for w, a in zip(n, alone)) / sum(n)[:, None]  # (L, H)
+        torch.testing.assert_close(together.get(name), mean.float(), rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+        assert together.n[name].tolist() == sum(n).tolist(), name
 
 
 # --- the command ------------------------------------------------------------------------------------
