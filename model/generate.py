@@ -35,7 +35,7 @@ from model.compile import decode_step
 from model.decoder import Decoder
 from model.sampling import SamplingSettings, sample_rows
 
-PREFILL_CHUNK = 256  # prompt tokens prefilled per step while other rows decode (README, Batching, has the measurement)
+PREFILL_CHUNK = 256  # prompt tokens prefilled per step while other rows decode: ≈ 0.7 s of prefill on 2 CPU cores (not tuned)
 
 
 class NonFiniteLogits(ArithmeticError):
