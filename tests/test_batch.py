@@ -181,3 +181,34 @@ def test_the_tail_of_a_batch_steps_only_the_rows_left(tiny_llama):
     # 4 rows, then 3 once the fifth prompt has ended and the last row moved into its slot, then 2, and the
     # longest alone (slot 0: the plain one-row step) for its last three tokens.
     assert sizes == sorted(sizes, reverse=True) and {4, 3, 2} <= set(sizes) and sizes[-3:] == [1, 1, 1], sizes
+
+
+def test_a_row_with_nan_logits_fails_alone_and_its_slot_is_refilled(tiny_llama):
+    """NaN/inf logits in one row end that request with an error (its record in `attn batch`); the
+    other rows, and the request that takes the freed slot, decode as they would alone."""
+    from cli.batch import record
+    from cli.requests import Item
+
+    model, tok = load_model(tiny_llama), Tokenizer(tiny_llama)
+    texts = ["hello world", "a fluffy blue creature", "def main():", "Spaces:"]
+    gens = [Generation(model, tok, Request(tok.encode(t), 8, GREEDY), set()) for t in texts]
+    calls = []
+    real_step = model.step
+
+    def step(ids, pos, keys=None):
+        out = real_step(ids, pos, keys)
+        calls.append(ids.shape[0])
+        if len(calls) == 3:  # the third batched step: row 1 (the second request) overflows
+            out[1] = float("nan")
+        return out
+
+    model.step = step
+    for _ in run_batch(model, gens, slots=2, max_len=64):
+        pass
+    model.step = real_step
+    assert gens[1].finish_reason == "error" and gens[1].error.step == 3 and len(gens[1].ids) == 3
+    rec = record(Item(1, 2, "b"), gens[1])
+    assert set(rec) == {"id", "line", "error"} and "NaN/inf logits at generation step 3" in rec["error"]
+    for i in (0, 2, 3):
+        alone = Generation(model, tok, Request(tok.encode(texts[i]), 8, GREEDY), set())
+        assert "".join(t.text for t in alone) == gens[i].text and gens[i].finish_reason == "length", i
