@@ -208,3 +208,28 @@ def test_quantized_rows_decode_as_alone(attn, tiny_llama, quant):
     for g, q in zip(records(r.out), reqs):
         ref = alone(attn, tiny_llama, q["prompt"], "--raw", "--temp", "0", "--ignore-eos", "-n", "10", "--quantize", quant)
         assert g["text"] == ref["text"], q
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    """Requests done and tok/s drawn on stderr when it is a terminal; nothing at all otherwise."""
+    import io
+    import sys
+
+    from cli.batch import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    with Progress(3, 1, enabled=sys.stderr.isatty(), color=False) as bar:
+        bar.advance(40)
+        bar.bar.refresh()
+        drawn = err.getvalue()
+    assert "requests" in drawn and "2/3" in drawn and "tok/s" in drawn
+    plain = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", plain)
+    with Progress(3, 0, enabled=sys.stderr.isatty(), color=False) as bar:
+        bar.advance(40)
+    assert plain.getvalue() == ""
