@@ -60,6 +60,7 @@ class Decoder(nn.Module):
         self.cache_len = 0
         self.cache_rows = 0  # sequences the cache holds at once (a batch's slots)
         self.decode_step = None  # a compiled one-token step (model/compile.py), when one was built
+        self.shard = None  # tensor parallel: the part of the model this process holds (model/parallel.py)
 
     def setup_cache(self, max_len: int, batch: int = 1) -> None:
         """Preallocate the KV cache and the RoPE tables for `batch` sequences of up to `max_len` tokens."""

@@ -14,7 +14,7 @@ rms(y) is one number per token. `update` is before that norm, `update_normed` af
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -108,6 +108,17 @@ def run_layer(model: Decoder, ids: list[int], layer: int) -> tuple[torch.Tensor,
 @torch.inference_mode()
 def explain(model: Decoder, ids: list[int], query: int, layer: int, head: int) -> Explanation:
     """Stage-by-stage numbers for token `query` of `ids` through (layer, head)."""
+    shard = model.shard
+    if shard is None:
+        return _explain(model, ids, query, layer, head)
+    # Tensor parallel: every rank runs the passes, the rank holding the head works out its stages.
+    owner = shard.owner(head)
+    ex = shard.broadcast_object(_explain(model, ids, query, layer, head % len(shard.heads) if shard.rank == owner else 0), owner)
+    first = owner * len(shard.heads)  # the owner's local head 0
+    return replace(ex, head=head, kv_head=head // model.cfg.group, shared_with=[first + h for h in ex.shared_with])
+
+
+def _explain(model: Decoder, ids: list[int], query: int, layer: int, head: int) -> Explanation:
     cfg = model.cfg
     attn = model.layers[layer].attn
     resid, q_all, k_all, v_all = run_layer(model, ids, layer)
@@ -224,4 +235,5 @@ def query_rows(model: Decoder, ids: list[int], query: int) -> torch.Tensor:
     if model.cache_len < len(ids):
         model.setup_cache(len(ids))
     model(torch.tensor([ids], device=model.device), 0, probe=Rows())
-    return torch.stack(rows)
+    rows = torch.stack(rows)
+    return model.shard.gather_heads(rows, 1) if model.shard is not None else rows

@@ -258,6 +258,11 @@ def head_moments(model: Decoder, prompts: list[list[int]], detectors: bool = Tru
         model(ids.to(model.device), 0, probe=probe)
         for name, mo in probe.moments.items():
             moments[name].merge(mo)
+    if model.shard is not None:  # tensor parallel: each rank measured its heads; every head's sums on every rank
+        sums = [(mo, f) for mo in moments.values() for f in ("w", "s", "ss")]
+        every = model.shard.gather_heads(torch.stack([getattr(mo, f) for mo, f in sums]), 2)  # (3M, L, H) in one collective
+        for (mo, f), t in zip(sums, every.unbind(0)):
+            setattr(mo, f, t)
     return moments
 
 

@@ -11,7 +11,7 @@ probed layer, so later layers and the output head never run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,6 +36,9 @@ class LayerCapture:
     # (h, P) float64: what that row puts on every other position, summed. Not 1 − sink: when the sink
     # takes ≈ all of a row, 1 − sink in float32 is rounding noise (and dividing by it gave weights > 1).
     rest: torch.Tensor
+
+
+PER_HEAD = ("values", "weights", "sink", "rest")  # LayerCapture's fields with one row per head
 
 
 @dataclass
@@ -68,8 +71,8 @@ class AttentionProbe:
         T = q.shape[2]
         if not start <= self.query < start + T:
             raise ValueError(f"the probed chunk {start}..{start + T - 1} does not hold the query {self.query}")
-        hs = torch.tensor(self.heads, device=q.device)
-        gs = torch.tensor(self.kv_heads, device=q.device)
+        hs = torch.tensor(self.heads, dtype=torch.long, device=q.device)
+        gs = torch.tensor(self.kv_heads, dtype=torch.long, device=q.device)
         # Pair every chosen query head with its own KV head, so the explicit path sees h == G (no grouping).
         q, k, v = q[:1, hs], k[:1, gs], v[:1, gs]  # (1, h, T, D), (1, h, S, D), (1, h, S, D)
         w_o = attn.o.dense_weight().reshape(attn.n_heads, attn.head_dim, -1)[hs.to(q.device)]  # (h, D, C): W_O^h
@@ -145,7 +148,10 @@ def capture(
     if not 0 <= query < N:
         raise ValueError(f"query {query} outside 0..{N - 1}")
     cfg = model.cfg
-    probe = AttentionProbe(layers, query, direction, view, heads, cfg.group)
+    shard = model.shard
+    # Tensor parallel: each rank probes the asked heads it holds (one of its own, discarded, if none: every rank runs the pass).
+    own = shard.local_heads(heads) if shard is not None else heads
+    probe = AttentionProbe(layers, query, direction, view, own or [0], cfg.group)
     end = query + 1 if direction == "from" else N
     start = min(cached, query)
     if model.cache_len < end:
@@ -158,4 +164,8 @@ def capture(
     positions = list(range(end)) if direction == "from" else list(range(query, N))
     out = Capture(query, direction, view, probe.heads, probe.kv_heads, positions)
     out.layers = {i: probe.captured[i] for i in sorted(probe.captured)}
+    if shard is not None:  # every rank's rows, in the asked order, on every rank
+        rows = shard.gather_rows({(i, f): getattr(lc, f)[: len(own)] for i, lc in out.layers.items() for f in PER_HEAD}, heads)
+        out.layers = {i: replace(lc, **{f: rows[i, f] for f in PER_HEAD}) for i, lc in out.layers.items()}
+        out.heads, out.kv_heads = list(heads), [h // cfg.group for h in heads]
     return out
