@@ -42,6 +42,7 @@ from cli.common import (
 )
 from cli.main import app
 from cli.models import Loaded, open_model
+from cli.parallel import TpOpt, release, start
 from cli.prompt import encode_prompt, prompt_or_demo
 from cli.speed import Quantize, QuantizeOpt
 from cli.tokens import is_index, pick_indices, pick_token, show, token_raw, tokens_json
@@ -83,6 +84,7 @@ def explain_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     quantize: QuantizeOpt = Quantize.none,
+    tp: TpOpt = None,
     no_stdin: NoStdinOpt = False,
     invalid_utf8: InvalidUtf8Opt = "error",
     quiet: QuietOpt = False,
@@ -90,6 +92,7 @@ def explain_cmd(
     color: ColorOpt = Color.auto,
 ) -> None:
     """Walk through one attention head's computation for one token, with the model's own numbers."""
+    start(tp, model, device, quiet, {"--quantize": quantize is not Quantize.none})
     if occurrence == 0:
         raise UsageError("--occurrence counts from 1 (or from -1 at the end); 0 is not a position")
     if occurrence is not None and (token is None or is_index(token)):
@@ -112,6 +115,7 @@ def explain_cmd(
         layer, head = sharpest_head(m, ids, q, layer, head)
         note(f'explaining layer {layer} head {head}: where "{show(labels[q])}" ({q}) attends most sharply (choose with --layer/--head)', quiet)
     ex = explain(m.model, ids, q, layer, head)
+    release()
     if fmt is ExplainFormat.json:
         write_out(json.dumps(explanation_json(m, ids, labels, ex), ensure_ascii=False) + "\n")
         return

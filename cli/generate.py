@@ -49,6 +49,7 @@ from cli.common import (
 )
 from cli.main import app
 from cli.models import Loaded, open_model
+from cli.parallel import TpOpt, rank0, release, start
 from cli.prompt import encode_prompt_text, fit_context, read_prompt
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, apply_speed_options
 from model.errors import AttnError, UsageError
@@ -93,6 +94,7 @@ def generate_cmd(
     dtype: DtypeOpt = Dtype.auto,
     quantize: QuantizeOpt = Quantize.none,
     compile_step: CompileOpt = False,
+    tp: TpOpt = None,
     ctx_size: CtxSizeOpt = None,
     truncate: TruncateOpt = Truncate.error,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object at the end instead of streamed text.")] = False,
@@ -112,6 +114,7 @@ def generate_cmd(
     Sampling defaults come from the model's generation_config.json when it has one, else
     temperature 0.8 and top-p 0.95. Flags beat ATTN_* env vars, which beat generation_config.json.
     """
+    start(tp, model, device, quiet, {"--quantize": quantize is not Quantize.none, "--compile": compile_step})
     text = read_prompt(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
     if text is None:
         sys.stderr.write(ctx.get_usage() + "\n")
@@ -130,7 +133,7 @@ def generate_cmd(
     ids = fit_context(m, ids, max_tokens, ctx_size, truncate, quiet, use_chat)
     apply_speed_options(m, compile_step, len(ids) + max_tokens, quiet)
     if seed is None:
-        seed = secrets.randbelow(2**31)
+        seed = rank0(secrets.randbelow, 2**31)
         if verbose:
             note(f"seed {seed}")
 
@@ -141,6 +144,7 @@ def generate_cmd(
         # Raw text continues the prompt; a chat answer is a reply, put on a line of its own.
         write_out(text + ("\n" if use_chat else ""))
     code = run(gen, mode, stream=not no_stream)
+    release()
     if mode == "text":
         write_out((gen.text if no_stream else "") + "\n")
     summary = summarize(m, gen, seed)

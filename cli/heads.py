@@ -43,6 +43,7 @@ from cli.common import (
 )
 from cli.main import app
 from cli.models import Loaded, open_model
+from cli.parallel import TpOpt, release, start
 from cli.prompt import encode_messages, encode_prompt, read_prompt
 from cli.requests import parse_jsonl, parse_lines
 from cli.tokens import tokens_json
@@ -119,6 +120,7 @@ def heads_cmd(
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
+    tp: TpOpt = None,
     no_stdin: NoStdinOpt = False,
     invalid_utf8: InvalidUtf8Opt = "error",
     quiet: QuietOpt = False,
@@ -126,6 +128,7 @@ def heads_cmd(
     color: ColorOpt = Color.auto,
 ) -> None:
     """Measure what every (layer, head) attends to: entropy, distance, sink/previous/self shares, head detectors."""
+    start(tp, model, device, quiet)
     if output is not None and output.suffix.lower() not in (".svg", ".html", ".htm"):
         raise UsageError(f"-o {output}: the picture must be a .svg or .html file")
     if lines and jsonl:
@@ -155,6 +158,7 @@ def heads_cmd(
             note(f"no prompt: measuring on the induction probe ({probe_length} random tokens, repeated; seed {seed})", quiet)
             ids = probe_ids
     stats = head_stats(m.model, prompts, probe_ids, parallel)
+    release()
     rows = head_rows(m, stats, spread=many)
     by = (sort.value if sort else None) or ("induction" if probe_ids is not None else "previous")
     rows = sort_rows(rows, by, ascending)

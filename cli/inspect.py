@@ -47,6 +47,7 @@ from cli.common import (
 from cli.continuation import run_generation
 from cli.main import app
 from cli.models import Loaded, open_model
+from cli.parallel import TpOpt, rank0, release, start
 from cli.prompt import encode_labelled, prompt_or_demo
 from cli.render import SINK_ONLY, HeadRow, View, table, to_csv, to_json
 from cli.speed import Quantize, QuantizeOpt
@@ -116,6 +117,7 @@ def inspect_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     quantize: QuantizeOpt = Quantize.none,
+    tp: TpOpt = None,
     no_stdin: NoStdinOpt = False,
     invalid_utf8: InvalidUtf8Opt = "error",
     quiet: QuietOpt = False,
@@ -123,6 +125,7 @@ def inspect_cmd(
     color: ColorOpt = Color.auto,
 ) -> None:
     """Show the attention of one token, per layer and head: where it looks, how strongly, and why."""
+    start(tp, model, device, quiet, {"--quantize": quantize is not Quantize.none})
     if output is not None and output.suffix.lower() not in (".html", ".htm", ".svg"):
         raise UsageError(f"--output must end in .html or .svg (got {output.name!r})")
     if occurrence == 0:
@@ -139,7 +142,7 @@ def inspect_cmd(
     if generate_n:
         settings = sampling_settings(m.path, load_generation_config(m.path), temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         if seed is None:
-            seed = secrets.randbelow(2**31)
+            seed = rank0(secrets.randbelow, 2**31)
             if verbose:
                 note(f"seed {seed}")
         new = run_generation(m, ids, generate_n, settings, seed, ignore_eos, chat)
@@ -164,6 +167,7 @@ def inspect_cmd(
             note(said, quiet)
 
     cap = capture(m.model, ids, query, layers, heads, direction.value, values.value, cached=cached)
+    release()
     view = build_view(m, ids, labels, cap, skip_first, find, find_pos, prompt_len, generated)
     view.raw = raw
     view.top = top

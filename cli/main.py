@@ -67,9 +67,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     """attn: run transformer language models and see what their attention does."""
+    from cli.parallel import enter
+
+    enter(ctx.invoked_subcommand)  # tensor parallel (torchrun): one voice, from rank 0
 
 
 def _register() -> None:
@@ -137,6 +141,9 @@ def main() -> None:
             _error(e.format_message())
         code = e.exit_code
     except AttnError as e:
+        parallel = sys.modules.get("cli.parallel")
+        if parallel is not None:
+            parallel.hold_signals()  # a tensor-parallel rank: the launcher stopping every rank must not cut this line
         if _debug():
             traceback.print_exc()
         _error(str(e))
@@ -209,6 +216,9 @@ def _exit(code: int) -> None:
             os.dup2(devnull, sys.stdout.fileno())
         except Exception:
             pass
+    parallel = sys.modules.get("cli.parallel")
+    if parallel is not None:
+        parallel.leave(code)  # a tensor-parallel rank ends here at once
     sys.exit(code)
 
 

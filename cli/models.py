@@ -13,11 +13,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from cli import parallel
 from cli.common import DEFAULT_MODEL, Dtype, note, size_text
 from model.config import ModelConfig
 from model.decoder import Decoder
 from model.errors import AttnError, UsageError
 from model.loading import DTYPES, load_model
+from model.parallel import Shard, load_shard
 from model.quant import covered_by, forced_generic
 from model.quant import quantize as quantize_model
 from model.quant.blocks import load_blocks
@@ -87,7 +89,12 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
         found = blocks_file(path)
         blocks = load_blocks(found) if found is not None else None
     try:
-        model = load_model(path, dt, dev, skip=covered_by(cfg, blocks) if blocks else None)
+        if parallel.JOINED is not None:  # tensor parallel: this rank's slice of every layer
+            parallel.check_split(cfg, parallel.JOINED.world, path.name)
+            shard = Shard.plan(cfg, parallel.JOINED.rank, parallel.JOINED.world)
+            model = load_shard(path, shard, dt, dev)
+        else:
+            model = load_model(path, dt, dev, skip=covered_by(cfg, blocks) if blocks else None)
     except torch.cuda.OutOfMemoryError:
         raise AttnError(oom_message(path, dev, dt)) from None
     kernels = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cli.common import DEMO_SENTENCE, Truncate, note
 from cli.models import Loaded
+from cli.parallel import rank0
 from cli.tokens import token_labels
 from model.errors import AttnError, UsageError
 
@@ -32,7 +33,12 @@ def read_prompt(
 
     Text read from stdin or a file loses one final newline, as a shell's `$(…)` drops them: `echo
     "the cat sat" | attn inspect` inspects "sat", not the newline `echo` adds. Arguments are taken as typed.
+    Tensor parallel: rank 0 reads, every rank gets what it read (or its error).
     """
+    return rank0(_read_prompt, arg, opt, file, no_stdin, invalid, quiet)
+
+
+def _read_prompt(arg: str | None, opt: str | None, file: Path | None, no_stdin: bool, invalid: str, quiet: bool) -> str | None:
     if invalid not in ("error", "replace"):
         raise UsageError(f"--invalid-utf8 must be 'error' or 'replace' (got {invalid!r})")
     if arg is not None and opt is not None:

@@ -194,8 +194,8 @@ def run_cli(args: list[str], stdin: bytes | None = None, tty: bool = False, env:
     saved_env = {k: os.environ.get(k) for k in (env or {})}
     sys.argv = ["attn", *args]
     sys.stdin = FakeStdin(stdin, tty)
-    sys.stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
-    sys.stderr = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+    wrappers = io.TextIOWrapper(out, encoding="utf-8", write_through=True), io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+    sys.stdout, sys.stderr = wrappers  # (a tensor-parallel rank other than 0 swaps them for /dev/null: cli/parallel.py)
     os.environ.update(env or {})
     try:
         main()
@@ -203,7 +203,7 @@ def run_cli(args: list[str], stdin: bytes | None = None, tty: bool = False, env:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0
     finally:
-        for wrapper in (sys.stdout, sys.stderr):
+        for wrapper in wrappers:
             wrapper.flush()
             wrapper.detach()  # keep the BytesIO open when the wrapper goes away
         sys.argv, sys.stdin, sys.stdout, sys.stderr = saved
