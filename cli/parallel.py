@@ -95,8 +95,10 @@ def _refuse(refused: dict[str, bool] | None) -> None:
 
 def check_split(cfg, world: int, name: str) -> None:
     """A model splits over `world` ranks only by whole KV heads: otherwise one line naming the valid N."""
-    from model.parallel import valid_sizes
+    from model.parallel import unsplittable, valid_sizes
 
+    if world > 1 and unsplittable(cfg):
+        raise UsageError(f"--tp {world}: {name}: {unsplittable(cfg)}; use --tp 1")
     if cfg.n_kv_heads % world:
         valid = valid_sizes(cfg)
         raise UsageError(

@@ -68,6 +68,13 @@ def valid_sizes(cfg: ModelConfig) -> list[int]:
     return [n for n in range(1, cfg.n_kv_heads + 1) if cfg.n_kv_heads % n == 0]
 
 
+def unsplittable(cfg: ModelConfig) -> str | None:
+    """Why a model cannot be split by heads at all (None: it can)."""
+    if cfg.qk_norm == "flat":  # one RMS over every head's q: each rank would need all of them
+        return f"{cfg.model_type} norms q and k over all heads together (OLMo 2), which a split by heads cannot compute"
+    return None
+
+
 def _even(n: int, world: int, rank: int) -> range:
     """Rank's contiguous part of 0..n-1, the parts' sizes differing by at most one."""
     size, extra = divmod(n, world)
@@ -93,6 +100,8 @@ class Shard:
     def plan(cls, cfg: ModelConfig, rank: int, world: int, group: Any = None) -> "Shard":
         if cfg.n_kv_heads % world:
             raise ValueError(f"{cfg.n_kv_heads} KV heads do not split over {world} ranks (valid: {valid_sizes(cfg)})")
+        if world > 1 and unsplittable(cfg):
+            raise ValueError(unsplittable(cfg))
         h, g = cfg.n_heads // world, cfg.n_kv_heads // world
         width = -(-cfg.vocab_size // world)
         vocab = range(min(rank * width, cfg.vocab_size), min((rank + 1) * width, cfg.vocab_size))
@@ -316,30 +325,39 @@ def read_shard(
     state = {name: torch.zeros(shapes[name], dtype=dtype, device=device) for name in plan}
     by_file: dict[Path, list] = {}
     for name, pieces in plan.items():
-        for raw_key, f, part, transpose in pieces:
-            by_file.setdefault(f, []).append((name, raw_key, part, transpose))
+        for raw_key, f, part, transpose, fix in pieces:
+            by_file.setdefault(f, []).append((name, raw_key, part, transpose, fix))
     for f, items in by_file.items():
         with safe_open(f, framework="pt", device="cpu", backend="pread") as fh:
-            for name, raw_key, part, transpose in items:
+            for name, raw_key, part, transpose, fix in items:
                 dst = state[name]
                 rule = rules.get(re.sub(r"layers\.\d+\.", "layers.{}.", name))
-                if rule is None:  # whole on every rank
+                if rule is None or fix is not None:  # whole on every rank; or reordered by its family first (GPT-NeoX's q|k|v)
                     src = fh.get_tensor(raw_key)
+                    src = fix(src, cfg) if fix is not None else src
+                    if rule is not None:
+                        _place(src, dst, rule, part, transpose, offsets, sizes)
+                        continue
                     src = src.t() if transpose else src
                     if part:
                         dst = dst[..., offsets[part] : offsets[part] + src.shape[-1]]
                     dst.copy_(src)
                     continue
-                dim, ranges = rule
-                sl = fh.get_slice(raw_key)
-                ck_dim = (1 - dim) if transpose else dim  # the same dimension in the file's layout
-                start = offsets[part] if part else 0  # where this piece sits in our whole tensor along `dim`
-                length = sizes[part] if part else sl.get_shape()[ck_dim]
-                at = 0  # where the next kept range goes in the local tensor
-                for a, b in ranges:
-                    if start <= a and b <= start + length:
-                        lo, hi = a - start, b - start
-                        src = sl[lo:hi] if ck_dim == 0 else sl[:, lo:hi]
-                        dst.narrow(dim, at, hi - lo).copy_(src.t() if transpose else src)
-                    at += b - a
+                _place(fh.get_slice(raw_key), dst, rule, part, transpose, offsets, sizes)
     return state
+
+
+def _place(src, dst: torch.Tensor, rule: tuple, part: str, transpose: bool, offsets: dict, sizes: dict) -> None:
+    """Copy the kept ranges of one checkpoint piece (a safetensors slice, which reads only them, or a
+    tensor) into the local tensor."""
+    dim, ranges = rule
+    ck_dim = (1 - dim) if transpose else dim  # the same dimension in the file's layout
+    start = offsets[part] if part else 0  # where this piece sits in our whole tensor along `dim`
+    length = sizes[part] if part else (src.shape if isinstance(src, torch.Tensor) else src.get_shape())[ck_dim]
+    at = 0  # where the next kept range goes in the local tensor
+    for a, b in ranges:
+        if start <= a and b <= start + length:
+            lo, hi = a - start, b - start
+            piece = src[lo:hi] if ck_dim == 0 else src[:, lo:hi]
+            dst.narrow(dim, at, hi - lo).copy_(piece.t() if transpose else piece)
+        at += b - a

@@ -109,8 +109,8 @@ def save_3kv(out: Path, tokenizer_json: Path) -> None:
 
 @pytest.fixture(scope="module")
 def models(tiny_models, tmp_path_factory, tokenizer_json) -> dict[str, Path]:
-    """GQA (4 query / 2 KV heads, tied), MHA (untied, q/k/v/o bias), GPT-2 (fused c_attn, learned positions), 3 KV heads."""
-    out = {kind: tiny_models[kind][0] for kind in ("llama", "llama_mha", "gpt2")}
+    """GQA (4 query / 2 KV heads, tied), MHA (untied, q/k/v/o bias), the other families, and 6 query / 3 KV heads."""
+    out = {kind: path for kind, (path, _) in tiny_models.items()}
     out["llama_3kv"] = tmp_path_factory.mktemp("llama_3kv")
     save_3kv(out["llama_3kv"], tokenizer_json)
     return out
@@ -250,9 +250,7 @@ def check_logits(pool: Pool, path: Path, hf_model) -> None:
             hf = hf_model(torch.tensor([ids])).logits[0]
         assert (ranks[0]["prefill"] - hf[:-1]).abs().max() <= 1e-4
     # Each rank's KV cache holds its own KV heads; the split weights add up to the whole model's, once.
-    cfg = json.loads((path / "config.json").read_text())
-    G = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or cfg["n_head"]
-    assert all(r["cache"][1] == G // pool.world for r in ranks)
+    assert all(r["cache"][1] == ref.cfg.n_kv_heads // pool.world for r in ranks)
     whole = {k: p.numel() for k, p in ref.named_parameters()}
     held = [sum(r["params"].values()) for r in ranks]
     replicated = sum(n for k, n in whole.items() if "norm" in k or "pos_emb" in k or k.endswith(("o.bias", "down.bias")))
@@ -264,9 +262,16 @@ def check_logits(pool: Pool, path: Path, hf_model) -> None:
 
 
 class TestTwoRanks:
-    @pytest.mark.parametrize("kind", ["llama", "llama_mha", "gpt2"])
+    # GPT-2: a fused c_attn stored (in, out); Phi-3: fused qkv_proj and gate_up_proj; Pythia: per-head q|k|v
+    # reordered at load, parallel residual; Gemma 2: soft-capped scores and logits; Qwen3: q/k norms per head.
+    @pytest.mark.parametrize("kind", ["llama", "llama_mha", "gpt2", "qwen3", "gemma2", "gemma3", "phi3", "pythia"])
     def test_logits_match_single_process_and_transformers(self, pool2, models, tiny_models, kind):
         check_logits(pool2, models[kind], tiny_models[kind][1])
+
+    def test_a_model_norming_q_and_k_over_all_heads_is_refused(self, pool2, models):
+        """OLMo 2's q/k norm takes one RMS over every head: a split by heads cannot compute it."""
+        code, out, err = pool2.run(task_cli, ["generate", "-m", str(models["olmo2"]), "hi"], None)[0]
+        assert code == 2 and out == "" and "over all heads together" in err and err.count("\n") == 1, err
 
     @pytest.mark.parametrize("kind", ["llama", "llama_mha"])
     def test_32_greedy_tokens_identical_and_sampling_the_same_on_every_rank(self, pool2, models, kind):
