@@ -49,7 +49,7 @@ from cli.common import (
 )
 from cli.main import app
 from cli.models import Loaded, open_model
-from cli.parallel import TpOpt, rank0, release, start
+from cli.parallel import TpOpt, every_rank, rank0, release, start
 from cli.prompt import encode_prompt_text, fit_context, read_prompt
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, apply_speed_options
 from model.errors import AttnError, UsageError
@@ -144,6 +144,7 @@ def generate_cmd(
         # Raw text continues the prompt; a chat answer is a reply, put on a line of its own.
         write_out(text + ("\n" if use_chat else ""))
     code = run(gen, mode, stream=not no_stream)
+    peaks = every_rank(peak_memory_mb(m.device)) if stats and code == 0 else [peak_memory_mb(m.device)]
     release()
     if mode == "text":
         write_out((gen.text if no_stream else "") + "\n")
@@ -157,7 +158,7 @@ def generate_cmd(
         note(
             f"load {t['load_ms']:.0f} ms · prompt {summary['usage']['prompt_tokens']} tokens · TTFT {t['ttft_ms']:.0f} ms · "
             f"prefill {t['prompt_tps']:.1f} tok/s · decode {t['decode_tps']:.1f} tok/s ({summary['usage']['completion_tokens']} tokens) · "
-            f"peak memory {peak_memory_mb(m.device):.0f} MiB"
+            + (f"peak memory {peaks[0]:.0f} MiB" if len(peaks) == 1 else f"peak memory per rank {' / '.join(f'{p:.0f}' for p in peaks)} MiB")
         )
     if code:
         raise typer.Exit(code)

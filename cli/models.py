@@ -91,7 +91,7 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
     try:
         if parallel.JOINED is not None:  # tensor parallel: this rank's slice of every layer
             parallel.check_split(cfg, parallel.JOINED.world, path.name)
-            shard = Shard.plan(cfg, parallel.JOINED.rank, parallel.JOINED.world)
+            shard = Shard.plan(cfg, parallel.JOINED.rank, parallel.JOINED.world, vocab_parallel=parallel.vocab_parallel())
             model = load_shard(path, shard, dt, dev)
         else:
             model = load_model(path, dt, dev, skip=covered_by(cfg, blocks) if blocks else None)

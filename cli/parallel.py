@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -50,6 +50,7 @@ class Joined:
     world: int
     local_rank: int
     owns_group: bool  # this process made the group (not a test's pool that keeps one for many commands)
+    peers: list[tuple] = field(default_factory=list)  # every rank's (machine, pid, start time): `_end_peers`
 
 
 JOINED: Joined | None = None  # set in every process of a tensor-parallel run
@@ -126,6 +127,22 @@ def rank0(fn: Callable[..., Any], *args: Any) -> Any:
     return value
 
 
+def every_rank(value: Any) -> list[Any]:
+    """`value` of every rank, in rank order (one process: `[value]`). A collective: every rank calls it."""
+    if JOINED is None:
+        return [value]
+    import torch.distributed as dist
+
+    from model.parallel import _lost
+
+    out: list[Any] = [None] * JOINED.world
+    try:
+        dist.all_gather_object(out, value)
+    except RuntimeError as e:
+        raise _lost(e) from None
+    return out
+
+
 def release() -> None:
     """The model work is done: ranks other than 0 exit here; what follows (rendering, files) is rank 0's."""
     if JOINED is not None and JOINED.rank != 0:
@@ -155,6 +172,42 @@ def _join(world: int) -> None:
             raise AttnError(f"tensor-parallel: rank {rank} could not join the group ({str(e).strip().splitlines()[0]})") from None
     JOINED = Joined(rank, world, local_rank, owns_group)
     _die_with_parent()
+    if owns_group:
+        JOINED.peers = every_rank(_me())
+
+
+def _me() -> tuple:
+    """This process, told apart from any other: its machine (boot, PID namespace), its pid and its start time."""
+    try:
+        machine = (open("/proc/sys/kernel/random/boot_id").read().strip(), os.readlink("/proc/self/ns/pid"))
+        started = open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19]
+    except OSError:  # not Linux: no ending of peers
+        return (None, os.getpid(), None)
+    return (machine, os.getpid(), started)
+
+
+def _end_peers() -> None:
+    """Rank 0 failed and ends the run: SIGKILL the ranks on this machine. One that hangs (stopped, stuck in a
+    computation) would otherwise keep the run alive until the launcher gives up on it, 30 s after rank 0 is gone.
+    A peer that has already ended is left alone: its pid is only trusted with the start time it had."""
+    machine, _, _ = _me()
+    for other, pid, started in JOINED.peers[1:]:
+        if machine is None or other != machine:
+            continue
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19] == started:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, IndexError):
+            pass
+
+
+def vocab_parallel() -> bool:
+    """ATTN_TP_VOCAB: `parallel` (default) splits the embedding and head over the ranks, `replicated` gives every
+    rank all of them (README, Tensor parallel: what the choice measured)."""
+    raw = os.environ.get("ATTN_TP_VOCAB", "parallel")
+    if raw not in ("parallel", "replicated"):
+        raise UsageError(f"ATTN_TP_VOCAB must be 'parallel' or 'replicated' (got {raw!r})")
+    return raw == "parallel"
 
 
 def _timeout() -> float:
@@ -185,6 +238,8 @@ def leave(code: int) -> None:
             stream.flush()
         except Exception:
             pass
+    if JOINED.rank == 0 and code not in (0, 130, 143):  # an interrupted run ends by its signal, which every rank got
+        _end_peers()
     os._exit(code)
 
 

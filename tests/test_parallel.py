@@ -126,8 +126,20 @@ def task_logits(path: str, ids: list[int]) -> dict:
     from model.config import ModelConfig
     from model.parallel import Shard, load_shard
 
+    from model import parallel
+
     cfg = ModelConfig.from_dir(Path(path))
-    model = load_shard(Path(path), Shard.plan(cfg, dist.get_rank(), dist.get_world_size()))
+    read, plain = [0], parallel._Ranges._read
+
+    def counted(self, n, at, into=None):
+        read[0] += n
+        return plain(self, n, at, into)
+
+    parallel._Ranges._read = counted
+    try:
+        model = load_shard(Path(path), Shard.plan(cfg, dist.get_rank(), dist.get_world_size()))
+    finally:
+        parallel._Ranges._read = plain
     model.setup_cache(len(ids) + 1)
     with torch.inference_mode():
         prefill = model(torch.tensor([ids[:-1]]), 0)[0]
@@ -136,6 +148,7 @@ def task_logits(path: str, ids: list[int]) -> dict:
         "prefill": prefill, "step": step,
         "cache": tuple(model.layers[0].attn.cache.k.shape),
         "params": {k: p.numel() for k, p in model.named_parameters()},
+        "read": read[0],
     }
 
 
@@ -215,6 +228,30 @@ def check_cli(pool: Pool, args: list[str], stdin: bytes | None = None) -> tuple[
     return ref, ranks[0]
 
 
+def test_ranged_reads_equal_safetensors(tmp_path):
+    """model/parallel.py reads a rank's rows and columns by byte ranges: the same tensors as safetensors reads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from model.parallel import _Ranges
+
+    torch.manual_seed(0)
+    tensors = {
+        "f32": torch.randn(7, 5), "bf16": torch.randn(6, 9).to(torch.bfloat16), "f16": torch.randn(4, 3).half(),
+        "bias": torch.randn(11), "i64": torch.arange(12).reshape(3, 4), "scalar": torch.tensor(2.5), "flag": torch.tensor([True, False]),
+    }
+    save_file(tensors, tmp_path / "m.safetensors")
+    with _Ranges(tmp_path / "m.safetensors") as ours, safe_open(tmp_path / "m.safetensors", "pt") as theirs:
+        for k, t in tensors.items():
+            assert torch.equal(ours.get_slice(k)[:], theirs.get_tensor(k)), k
+            assert ours.get_slice(k).get_shape() == tuple(t.shape)
+            if t.dim() >= 1:
+                assert torch.equal(ours.get_slice(k)[1:3], t[1:3]), k
+            if t.dim() == 2:
+                assert torch.equal(ours.get_slice(k)[:, 1:3], t[:, 1:3]), k
+                assert torch.equal(ours.get_slice(k)[1:, 2:3], t[1:, 2:3]), k
+
+
 # --- two ranks -------------------------------------------------------------------------------------
 
 
@@ -259,6 +296,11 @@ def check_logits(pool: Pool, path: Path, hf_model) -> None:
     padding = (-V % N) * C * (1 if ref.tok_emb is None else 2)  # the vocabulary padded to N equal slices
     assert sum(h - replicated for h in held) == split + padding  # each split weight held once
     assert all(h - replicated <= 1.05 * split / N + padding for h in held)  # ≈ 1/N of them on each rank, and all of the rest
+    # Each rank reads its slices and nothing more (float32 files; the headers are a few KiB). GPT-NeoX's q|k|v is
+    # the exception: it is read whole (its per-head order is undone first), then sliced.
+    qkv = sum(n for k, n in whole.items() if k.endswith("attn.qkv.weight"))
+    for r, h in zip(ranks, held):
+        assert r["read"] <= 4 * (h + (qkv if ref.cfg.model_type == "gpt_neox" else 0)) + 2**16, (r["read"], h)
 
 
 class TestTwoRanks:
@@ -396,18 +438,24 @@ def _env() -> dict:
 
 
 def test_tp_2_and_torchrun_print_exactly_the_single_process_text(models):
-    """`attn generate --tp 2` and `torchrun … -m cli.main generate`: stdout is the one-process text, stderr empty."""
+    """`attn generate --tp 2`, `torchrun … --no-python attn generate` and `torchrun … -m cli.main generate`: stdout
+    is the one-process text; stderr empty (torchrun's own, when it has any, is torchrun's)."""
     args = ["generate", "-m", str(models["llama_mha"]), "--raw", "--temp", "0", "-n", "16", "--ignore-eos", "hello world"]
     ref = single(args)
     assert ref.code == 0
     attn = [sys.executable, "-m", "cli.main"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cli.main"]
-    for cmd in (attn + args + ["--tp", "2"], torchrun + args):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    script = Path(sys.executable).with_name("attn")  # the console script of this environment
+    cmds = [attn + args + ["--tp", "2"], torchrun + ["-m", "cli.main"] + args]
+    if script.exists():
+        cmds.append(torchrun + ["--no-python", str(script)] + args)
+    for cmd in cmds:
         p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, stdin=subprocess.DEVNULL, timeout=240)
         assert p.returncode == 0, p.stderr.decode()
-        assert p.stdout.decode() == ref.out
+        assert p.stdout.decode() == ref.out, cmd
         if cmd[:3] == attn:
             assert p.stderr == b""
+    assert script.exists(), f"{script} is missing: torchrun --no-python attn was not tried (pip install -e .)"
 
 
 def _children(pid: int) -> dict[int, int]:
@@ -435,36 +483,75 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _start_long_run(model: Path, *extra: str) -> tuple[subprocess.Popen, dict[int, int], bytes]:
-    p = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "generate", "-m", str(model), "--raw", "--temp", "1", "--ignore-eos", "--ctx-size", "16000", "-n", "15000", "--tp", "2", *extra, "hello"],
-        env=_env(), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    first = p.stdout.readline() if "--jsonl" in extra else p.stdout.read1(1)  # generation has started
-    assert first, p.stderr.read().decode()
-    ranks = _children(p.pid)
-    assert sorted(ranks) == [0, 1]
-    return p, ranks, first
+class LongRun:
+    """`attn generate --tp 2` that would run for minutes, started and watched until generation is under way."""
+
+    def __init__(self, model: Path, *extra: str, env: dict | None = None) -> None:
+        self.jsonl = "--jsonl" in extra
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "generate", "-m", str(model), "--raw", "--temp", "1", "--ignore-eos", "--ctx-size", "16000", "-n", "15000", "--tp", "2", *extra, "hello"],
+            env={**_env(), **(env or {})}, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+
+    def started(self) -> dict[int, int]:
+        """Wait for the first generated text; then rank → pid."""
+        self.first = self.p.stdout.readline() if self.jsonl else self.p.stdout.read1(1)
+        assert self.first, self.p.stderr.read().decode()
+        ranks = _children(self.p.pid)
+        assert sorted(ranks) == [0, 1]
+        return ranks
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.communicate()
+
+
+@pytest.fixture
+def long_run():
+    """Start a `LongRun` (one at a time: a run left generating would slow the next one's start); ended after the test."""
+    runs = []
+    yield lambda *args, **kw: runs.append(LongRun(*args, **kw)) or runs[-1]
+    for run in runs:
+        run.close()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_killed_rank_ends_every_process_with_one_line_and_exit_1(models):
-    p, ranks, _ = _start_long_run(models["llama_mha"])
+def test_a_killed_rank_ends_every_process_with_one_line_and_exit_1(long_run, models):
+    run = long_run(models["llama_mha"])
+    ranks = run.started()
     t = time.time()
     os.kill(ranks[1], signal.SIGKILL)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 1 and time.time() - t < 30
+    out, err = run.p.communicate(timeout=60)
+    assert run.p.returncode == 1 and time.time() - t < 30
     err = err.decode()
     assert err.count("\n") == 1 and err.startswith("attn: error: tensor-parallel") and "Traceback" not in err, err
     assert not any(_alive(pid) for pid in ranks.values())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_ctrl_c_on_the_launcher_exits_130_and_leaves_no_process(models):
-    p, ranks, _ = _start_long_run(models["llama_mha"], "--jsonl")
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err.decode()
+def test_a_hung_rank_ends_every_process_after_the_timeout_with_one_line_and_exit_1(long_run, models):
+    """A rank that stops answering (SIGSTOP: alive, holding its sockets open): rank 0 gives up after ATTN_TP_TIMEOUT
+    (10 s here) and ends the stopped rank too, not the launcher 30 s later."""
+    run = long_run(models["llama_mha"], env={"ATTN_TP_TIMEOUT": "10"})
+    ranks = run.started()
+    t = time.time()
+    os.kill(ranks[1], signal.SIGSTOP)
+    out, err = run.p.communicate(timeout=60)
+    took = time.time() - t
+    assert run.p.returncode == 1 and took < 30, (run.p.returncode, took)
+    err = err.decode()
+    assert err.count("\n") == 1 and err.startswith("attn: error: tensor-parallel: another rank exited or stopped answering"), err
+    assert not any(_alive(pid) for pid in ranks.values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_on_the_launcher_exits_130_and_leaves_no_process(long_run, models):
+    run = long_run(models["llama_mha"], "--jsonl")
+    ranks = run.started()
+    run.p.send_signal(signal.SIGINT)
+    out, err = run.p.communicate(timeout=60)
+    assert run.p.returncode == 130, err.decode()
     assert err == b""
     done = json.loads(out.decode().splitlines()[-1])  # rank 0 still ended the stream with its done event
     assert done["type"] == "done" and done["finish_reason"] == "interrupted"
