@@ -365,6 +365,10 @@ class TestTwoRanks:
         ):
             ref, (_, out, _) = check_cli(pool2, args)
             assert_close_json(json.loads(out), json.loads(ref.out), 1e-6, " ".join(args[:1] + args[3:]))
+        # A dataset from stdin (rank 0 reads it), measured in right-padded batches, pooled per head.
+        lines = f"{PROMPT}\nthe cat sat on the mat and the cat sat\nhello hello hello world\n".encode()
+        ref, (_, out, _) = check_cli(pool2, ["heads", *m, "--lines", "--format", "json", "--parallel", "2"], stdin=lines)
+        assert_close_json(json.loads(out), json.loads(ref.out), 1e-6, "heads --lines")
 
     def test_inspect_table_and_explain_as_one_process(self, pool2, models):
         m = ["-m", str(models["llama"])]
