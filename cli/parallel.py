@@ -11,8 +11,9 @@ broadcast: `rank0`), only rank 0 writes stdout and stderr, and once the model wo
 other ranks exit (`release`), leaving the rendering and any files to rank 0.
 
 Failures: a rank that exits breaks the next collective on the others (`RankLost`: one line, exit
-1); one that hangs is given up after ATTN_TP_TIMEOUT seconds (default 120). The launcher stops
-every rank when one fails, and speaks only when rank 0 could not (it was stopped or killed).
+1); one that hangs is given up after ATTN_TP_TIMEOUT seconds (default 120), and rank 0, failing, ends
+the ranks on its machine (`_end_peers`). The launcher stops every rank when one fails, and speaks
+only when rank 0 could not (it was stopped or killed).
 Ranks other than 0 ignore Ctrl-C and SIGTERM — rank 0 ends the run, and they end with it — and
 die with their parent (Linux), so none is left behind.
 """
@@ -316,8 +317,9 @@ def _launch(tp: int, model: str | None, device: str, quiet: bool) -> int:
                 min_nodes=1, max_nodes=1, nproc_per_node=tp, run_id=uuid.uuid4().hex,
                 rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
                 logs_specs=DefaultLogsSpecs(log_dir=logs),
-                # How long a rank may take to end after the launcher stops the run, before SIGKILL. The ranks
-                # other than 0 ignore SIGTERM and end when rank 0 has (RankLost): only a hung one waits this out.
+                # After Ctrl-C or SIGTERM here, how long a rank may take to end before SIGKILL (when a rank fails,
+                # torch waits 30 s instead). The ranks other than 0 ignore SIGTERM and end when rank 0 has
+                # (RankLost), or rank 0 ends them (`_end_peers`): only one that hangs through Ctrl-C waits this out.
                 shutdown_timeout=10,
             )
             try:
