@@ -26,7 +26,8 @@ QuantizeOpt = Annotated[
         "--quantize",
         **choice(Quantize),
         help=(
-            "Weight-only quantization of every linear layer (CPU): int8 (one scale per output channel), or int4 "
+            "Weight-only quantization of every linear layer (CPU): int8 (8-bit groups of 32 with a scale and an offset, "
+            "round-to-nearest), or int4 "
             "(groups of 32 with a scale and an offset: a GGUF model's own Q4_0/Q4_1 codes, else round-to-nearest; "
             "the head stays 8-bit; the kernel reads scales and activations in bfloat16), or none."
         ),
@@ -34,7 +35,7 @@ QuantizeOpt = Annotated[
 ]
 CompileOpt = Annotated[
     bool,
-    typer.Option("--compile/--no-compile", help="Compile the one-token step: inductor on CPU (≈ 45 s the first time, seconds once cached in $ATTN_HOME/inductor), inductor + one CUDA graph on GPU. Falls back to eager if it fails."),
+    typer.Option("--compile/--no-compile", help="Compile the one-token step: inductor on CPU, one block compiled for all layers (≈ 10–20 s the first time, ≈ 6 s once cached in $ATTN_HOME/inductor), inductor + one CUDA graph on GPU. Falls back to eager if it fails."),
 ]
 ThreadsOpt = Annotated[
     Optional[int], typer.Option("--threads", min=1, help="CPU threads for PyTorch. [default: PyTorch's choice]", show_default=False)
@@ -49,11 +50,11 @@ def apply_speed_options(m: Loaded, compile_step: bool, max_len: int, quiet: bool
     from model.compile import CompileFailed, compile_decode_step
     from weights.files import attn_home
 
-    # inductor's cache makes a second compile of the same model take seconds instead of ≈ 45 s;
+    # inductor's cache makes a second compile of the same model take ≈ 6 s instead of 10–20 s;
     # beside the models it outlives the /tmp default.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(attn_home() / "inductor"))
 
-    note("compiling the one-token step (≈ 45 s on CPU the first time, seconds once cached)", quiet)
+    note("compiling the one-token step (≈ 10–20 s on CPU the first time, ≈ 6 s once cached)", quiet)
     try:
         return compile_decode_step(m.model, max_len)
     except CompileFailed as e:

@@ -3,10 +3,11 @@
 Only the step generation repeats hundreds of times is compiled: `Decoder.step`, the one-token
 `Decoder.forward(..., last_only=True)`.
 
-- CPU: torch.compile (inductor). The position is a dynamic integer, so the cache length S is a
-  symbolic size and one compiled graph serves every step (no recompiling per token). Inductor
-  fuses the element-wise work between the matrix products (norms, RoPE, SiLU·up, residual adds)
-  into a few C++ loops and leaves the products to the same BLAS calls as eager.
+- CPU: torch.compile (inductor), one block at a time (all layers share its graph). The position is
+  a dynamic integer, so the cache length S is a symbolic size and one compiled graph serves every
+  step (no recompiling per token). Inductor fuses the element-wise work between the matrix
+  products (norms, RoPE, SiLU·up, residual adds) into a few C++ loops and leaves the products to
+  the same BLAS and int4pack calls as eager.
 - CUDA: one token's work is ≈ 600 small kernels, and launching them costs more than running
   them. The step runs in its static-shape form (the position is a device tensor, the whole cache
   is read with a mask: `Decoder.step`), is compiled by inductor with static shapes, and is
@@ -17,6 +18,7 @@ Only the step generation repeats hundreds of times is compiled: `Decoder.step`, 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -66,7 +68,7 @@ class BuiltStep:
                         c.k[:, :, :3] = k
                         c.v[:, :, :3] = v
         except Exception as e:  # inductor and CUDA graphs raise many types; any of them means "stay eager"
-            self.model.decode_step = None
+            self.model.decode_step = self.model.block_steps = None
             raise CompileFailed(_first_line(e)) from e
         self.built_for = self._cache_id()
 
@@ -88,25 +90,29 @@ class BuiltStep:
 
 
 class InductorStep(BuiltStep):
-    """CPU: `Decoder.step` through inductor with a dynamic position (one graph for every step)."""
+    """CPU: each block's `forward` through inductor with a dynamic position, called by `Decoder.step`.
+
+    Regional compilation: the blocks run the same code, so inductor builds one graph for one block
+    and every layer reuses it (parameters and cache are the graph's inputs; a layer's own constants,
+    e.g. Gemma's alternating windows, are guarded and get a graph of their own). Measured on the
+    default model with --quantize int4 (Zen4, 2 threads): 17 s to build with an empty cache against
+    112 s for the whole step as one graph, 6 s with inductor's cache warm (28 s), and the same decode
+    speed (≈ 12 ms a token). The embedding, the final norm and the head run eagerly between them.
+    """
 
     def build(self) -> None:
-        # Dynamo checks ≈ 1,800 guards on every call, ≈ 0.5 ms a token, nearly all on the modules'
-        # attributes and weights, which nothing changes after loading. They are skipped; what does
-        # change, the cache tensors (a longer generation), rebuilds the step (BuiltStep), and the
-        # reset drops the graphs built for the old ones (they would pass the skipped guards).
-        # inductor's C++ wrapper calls the kernels from C++ instead of generated Python.
-        # Measured: README, Performance.
+        # Dynamo's default guards stay: a layer that differs (a type, a window) must not run another's
+        # graph. Measured: ≈ 200 guards a block cost nothing visible next to its 250 µs.
+        # inductor's C++ wrapper calls the kernels from C++ instead of generated Python (12 vs 16 ms a token).
         torch._dynamo.reset()
         options = {"cpp_wrapper": True}
-        skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch ≥ 2.8
-        if skip_module_guards is not None:
-            options["guard_filter_fn"] = skip_module_guards
-        self.fn = torch.compile(self.model.step, dynamic=True, options=options)
-        self.fn(self.ids, 2)  # with dynamic=True the position is symbolic from the first call: one graph for all
+        self.model.block_steps = [torch.compile(block.forward, dynamic=True, options=options) for block in self.model.layers]
+        with warnings.catch_warnings():  # inductor's notes on mixed bfloat16/float16 (int4 scales) are not the user's
+            warnings.simplefilter("ignore")
+            self.model.step(self.ids, 2)  # with dynamic=True the position is symbolic from the first call: one graph for all
 
     def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        return self.fn(ids, start)
+        return self.model.step(ids, start)
 
 
 class GraphStep(BuiltStep):

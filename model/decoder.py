@@ -61,6 +61,7 @@ class Decoder(nn.Module):
         self.cache_rows = 0  # sequences the cache holds at once (a batch's slots)
         self.decode_step = None  # a compiled one-token step (model/compile.py), when one was built
         self.shard = None  # tensor parallel: the part of the model this process holds (model/parallel.py)
+        self.block_steps: list | None = None  # the blocks' compiled `forward`s that `step` calls (model/compile.py)
 
     def setup_cache(self, max_len: int, batch: int = 1) -> None:
         """Preallocate the KV cache and the RoPE tables for `batch` sequences of up to `max_len` tokens."""
@@ -136,7 +137,10 @@ class Decoder(nn.Module):
             rope = self.rope_at(start, T)
         stop = max(probe.layers) if probe is not None else None
         for i, block in enumerate(self.layers):
-            x = block(x, span, rope, probe) if hooks else block.forward(x, span, rope, None)
+            if hooks:
+                x = block(x, span, rope, probe)
+            else:
+                x = (self.block_steps[i] if self.block_steps else block.forward)(x, span, rope, None)
             if i == stop:
                 return None
         if last_only:

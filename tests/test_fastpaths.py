@@ -112,8 +112,7 @@ def test_compiled_step_gives_the_same_tokens(tiny_models):
         pytest.skip(f"torch.compile unavailable here: {e}")
     assert seconds > 0 and model.decode_step is not None
     assert greedy(model, prompt, 16) == want
-    # A longer generation replaces the cache: the step is built again for it (the graphs for
-    # the old cache skip the module guards that would notice), and the tokens stay the same.
+    # A longer generation replaces the cache: the step is built again for it, and the tokens stay the same.
     assert greedy(model, prompt, 40) == greedy(eager, prompt, 40)
     # A one-token prompt: the first step is at position 1, which the graph built at 2 also serves.
     assert greedy(model, prompt[:1], 16) == greedy(eager, prompt[:1], 16)
@@ -214,6 +213,33 @@ def test_compiled_step_covers_every_block_variant():
     except CompileFailed as e:
         pytest.skip(f"torch.compile unavailable here: {e}")
     assert greedy(model, prompt, 12) == want
+
+
+def test_compiled_blocks_keep_each_layers_own_constants(tiny_models):
+    """The step compiles one block and every layer reuses its graph; a layer whose constants differ
+    (Gemma 3: sliding-window layers with their own RoPE table between global ones) must not run
+    another layer's graph. Logits at every position past the window equal eager's."""
+    from model.compile import CompileFailed, compile_decode_step
+
+    path = tiny_models["gemma3"][0]
+    eager, model = load_model(path), load_model(path)
+    assert len(set(eager.cfg.layer_windows)) > 1 and len({b.attn.rope_index for b in eager.layers}) > 1
+    prompt = prompt_for(eager)
+    n = 16
+    try:
+        compile_decode_step(model, len(prompt) + n)
+    except CompileFailed as e:
+        pytest.skip(f"torch.compile unavailable here: {e}")
+    assert model.block_steps is not None and len(model.block_steps) == len(model.layers)
+    eager.setup_cache(len(prompt) + n)
+    with torch.inference_mode():
+        token = int(eager(torch.tensor([prompt]), 0)[0, -1].argmax())
+        model(torch.tensor([prompt]), 0)
+        for pos in range(len(prompt), len(prompt) + n):
+            x = torch.tensor([[token]])
+            want, got = eager.step(x, pos), model.decode_step(x, pos)
+            assert (got - want).abs().max().item() <= 1e-4, pos
+            token = int(want[0, -1].argmax())
 
 
 def test_compiled_step_that_cannot_be_rebuilt_goes_on_eager(tiny_models, monkeypatch):
