@@ -37,7 +37,7 @@ def compile_decode_step(model: Decoder, max_len: int) -> float:
     generation sets up a new cache, which costs one recompilation (CPU) or a new capture (CUDA).
     Raises CompileFailed (model left eager).
     """
-    model.setup_cache(max(max_len, 3))
+    model.setup_cache(max(max_len, 4))
     t0 = time.perf_counter()
     model.decode_step = GraphStep(model) if model.device.type == "cuda" else InductorStep(model)
     return time.perf_counter() - t0
@@ -55,18 +55,18 @@ class BuiltStep:
         return self.model.layers[0].attn.cache.k.data_ptr()
 
     def _build(self) -> None:
-        # Building runs the step at position 0 or 2, which writes its keys and values: a rebuild
+        # Building runs the step at positions 0 to 3, which writes its keys and values: a rebuild
         # comes after the prompt is in the cache, so what was there is put back.
         caches = [block.attn.cache for block in self.model.layers]
-        saved = [(c.k[:, :, :3].clone(), c.v[:, :, :3].clone()) for c in caches]
+        saved = [(c.k[:, :, :4].clone(), c.v[:, :, :4].clone()) for c in caches]
         try:
             with torch.inference_mode():
                 try:
                     self.build()
                 finally:
                     for c, (k, v) in zip(caches, saved):
-                        c.k[:, :, :3] = k
-                        c.v[:, :, :3] = v
+                        c.k[:, :, :4] = k
+                        c.v[:, :, :4] = v
         except Exception as e:  # inductor and CUDA graphs raise many types; any of them means "stay eager"
             self.model.decode_step = self.model.block_steps = None
             raise CompileFailed(_first_line(e)) from e
@@ -109,7 +109,10 @@ class InductorStep(BuiltStep):
         self.model.block_steps = [torch.compile(block.forward, dynamic=True, options=options) for block in self.model.layers]
         with warnings.catch_warnings():  # inductor's notes on mixed bfloat16/float16 (int4 scales) are not the user's
             warnings.simplefilter("ignore")
-            self.model.step(self.ids, 2)  # with dynamic=True the position is symbolic from the first call: one graph for all
+            # The position travels in a Span (a NamedTuple): dynamo specializes it on the first call and makes it
+            # symbolic on the second value it sees, so two calls build the graph every later position reuses.
+            self.model.step(self.ids, 2)
+            self.model.step(self.ids, 3)
 
     def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         return self.model.step(ids, start)
