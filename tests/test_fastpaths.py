@@ -246,6 +246,32 @@ def test_compiled_blocks_keep_each_layers_own_constants(tiny_models):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 3
 
 
+def test_compiled_blocks_serve_a_batch(tiny_models):
+    """A batch steps its rows at their own positions (a position tensor) through the same compiled blocks:
+    every row's greedy tokens equal the eager batch's, with refills."""
+    from model.compile import CompileFailed, compile_decode_step
+    from model.generate import Sequence, decode
+    from model.sampling import SamplingSettings
+
+    path = tiny_models["qwen2_window"][0]
+    eager, model = load_model(path), load_model(path)
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(3, eager.cfg.vocab_size, (n,), generator=g).tolist() for n in [3, 11, 1, 9, 6]]
+    try:
+        compile_decode_step(model, 32)
+    except CompileFailed as e:
+        pytest.skip(f"torch.compile unavailable here: {e}")
+
+    def run(m) -> list[list[int]]:
+        seqs = [Sequence(p, n, SamplingSettings(temperature=0)) for p, n in zip(ps, [7, 4, 9, 2, 6])]
+        out: dict[int, list[int]] = {id(s): [] for s in seqs}
+        for seq, step in decode(m, seqs, slots=3, max_len=32):
+            out[id(seq)].append(step.id)
+        return [out[id(s)] for s in seqs]
+
+    assert run(model) == run(eager)
+
+
 def test_compiled_step_that_cannot_be_rebuilt_goes_on_eager(tiny_models, monkeypatch):
     """A longer generation needs the step built again; if that fails, generation finishes eager."""
     from model import compile as compile_mod
