@@ -295,6 +295,8 @@ def test_sigint_at_any_moment_exits_130_quietly(slow_model, delay):
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
+    if p.returncode == 1 and b"init_import_site" in err:  # a loaded machine: Python itself was still starting
+        pytest.skip("SIGINT landed inside the interpreter's own start-up, before any of attn's code ran")
     assert p.returncode == 130, err
     assert b"Traceback" not in err and b"Aborted" not in err
     if out:  # once generation had begun, the JSON object is still written
