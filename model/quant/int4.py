@@ -10,6 +10,8 @@ quantized round-to-nearest in Q4_1's form (blocks.q4_1_rtn).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,59 +45,60 @@ class Packed4(nn.Module):
         return unpack_row_ids(self.packed, rows)
 
 
-class Int4Linear(nn.Module):
-    """y = x @ Wᵀ (+ b) with W held as 4-bit blocks: a drop-in for `Linear` (forward, dense_weight, columns)."""
+class BlockLinear(nn.Module):
+    """What a layer with W (out, in) held as blocks of `KINDS` shares — `Linear`'s protocol: forward (the
+    subclass's `product` of the padded input), dense_weight, columns, bias — and making one from a float
+    `Linear` (round-to-nearest by `rtn`). Subclasses: Int4Linear here, Q8Linear in q8.py."""
+
+    KINDS: tuple[str, ...] = ()
+    rtn: Callable[[torch.Tensor], Blocks]
 
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        if blocks.kind not in ("q4_0", "q4_1"):
-            raise ValueError(f"Int4Linear takes 4-bit blocks, not {blocks.kind}")
+        if blocks.kind not in self.KINDS:
+            raise ValueError(f"{type(self).__name__} takes {' or '.join(self.KINDS)} blocks, not {blocks.kind}")
         N, K = blocks.shape
         self.n_out, self.n_in = N, K
         self.dtype = dtype  # the model's float dtype: what dense_weight returns, what forward gives back
         self.kind = blocks.kind
         self.kernel = int4_kernel(device)
-        self.register_buffer("scale16", blocks.scale.to(device))  # (N, K/32) float16, the file's d
-        self.register_buffer("offset16", None if blocks.offset is None else blocks.offset.to(device))  # (N, K/32) m
-        s = blocks.scale.float()
-        z = blocks.offset.float() + 8 * s if blocks.offset is not None else torch.zeros_like(s)
-        self.q = Packed4(blocks.codes, s, z, device)
+        self.register_buffer("scale16", blocks.scale.to(device))  # (N, K/32) float16: the file's d
+        self.register_buffer("offset16", None if blocks.offset is None else blocks.offset.to(device))  # (N, K/32): m
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, lin: nn.Module) -> "Int4Linear":
+    def from_linear(cls, lin: nn.Module) -> "BlockLinear":
         """Round-to-nearest from a float `Linear` (W stored (in, out)); K padded with zeros to whole groups."""
         w = lin.dense_weight().detach().t().float()  # (out, in)
         w = F.pad(w, (0, -w.shape[1] % GROUP))
-        layer = cls(q4_1_rtn(w), lin.bias, lin.weight.dtype, lin.weight.device)
+        layer = cls(cls.rtn(w), lin.bias, lin.weight.dtype, lin.weight.device)
         layer.n_in = lin.weight.shape[0]
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = pad_input(x.reshape(-1, shape[-1]), self.scale16.shape[1] * GROUP)  # (M, K')
-        if self.kernel == "int4pack":
-            y = self.q(x2)
-        else:
-            y = x2.to(self.dtype) @ self._dense_rows().t().to(self.dtype)
-        y = y[:, : self.n_out].to(x.dtype).view(*shape[:-1], self.n_out)
+        y = self.product(x2)[:, : self.n_out].to(x.dtype).view(*shape[:-1], self.n_out)
         return y + self.bias if self.bias is not None else y
 
-    def codes(self) -> torch.Tensor:
-        """The 4-bit codes (N, K) as uint8 0..15."""
-        return self.q.codes()[: self.n_out]
+    def product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K') @ Wᵀ → (M, N' ≥ N), in any float dtype."""
+        raise NotImplementedError
 
     def _dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows of W (out, in') as float32 from the codes and the float16 d (and m): exactly the file's weight."""
-        q = (self.q.codes()[: self.n_out] if rows is None else self.q.codes(rows)).float()
+        """Rows of W (out, in') as float32, exactly as the blocks define them (all rows, or `rows`)."""
+        raise NotImplementedError
+
+    def _dequantize(self, codes: torch.Tensor, rows: torch.Tensor | None, zero: int) -> torch.Tensor:
+        """d·(q − zero) (no offset) or d·q + m, per group, for codes (n, K') of `rows` (None: all)."""
         pick = slice(None) if rows is None else rows
         d = self.scale16[pick].float().repeat_interleave(GROUP, dim=1)
         if self.offset16 is None:
-            return d * (q - 8)
-        return d * q + self.offset16[pick].float().repeat_interleave(GROUP, dim=1)
+            return d * (codes.float() - zero)
+        return d * codes.float() + self.offset16[pick].float().repeat_interleave(GROUP, dim=1)
 
     def dense_weight(self) -> torch.Tensor:
-        """W (in, out) in the model's dtype, from the kept codes and float16 scales (exactly the file's weight)."""
+        """W (in, out) in the model's dtype, from the kept codes and float16 scales (exactly the blocks' weight)."""
         return self._dense_rows()[:, : self.n_in].t().to(self.dtype)
 
     @property
@@ -104,8 +107,34 @@ class Int4Linear(nn.Module):
         return self.dense_weight()
 
     def columns(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of W (out, in) dequantized: a tied embedding read from a 4-bit head."""
+        """Rows `ids` of W (out, in) dequantized: a tied embedding read from a quantized head."""
         return self._dense_rows(ids.reshape(-1))[:, : self.n_in].view(*ids.shape, -1).to(self.dtype)
+
+
+class Int4Linear(BlockLinear):
+    """y = x @ Wᵀ (+ b) with W held as 4-bit blocks: a drop-in for `Linear` (forward, dense_weight, columns)."""
+
+    KINDS = ("q4_0", "q4_1")
+    rtn = staticmethod(q4_1_rtn)
+
+    def __init__(self, blocks: Blocks, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(blocks, bias, dtype, device)
+        s = blocks.scale.float()
+        z = blocks.offset.float() + 8 * s if blocks.offset is not None else torch.zeros_like(s)
+        self.q = Packed4(blocks.codes, s, z, device)
+
+    def product(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int4pack":
+            return self.q(x2)
+        return x2.to(self.dtype) @ self._dense_rows().t().to(self.dtype)
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes (N, K) as uint8 0..15."""
+        return self.q.codes()[: self.n_out]
+
+    def _dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.q.codes()[: self.n_out] if rows is None else self.q.codes(rows)
+        return self._dequantize(q, rows, 8)
 
 
 def pad_input(x: torch.Tensor, K: int) -> torch.Tensor:
