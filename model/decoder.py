@@ -61,7 +61,7 @@ class Decoder(nn.Module):
         self.cache_rows = 0  # sequences the cache holds at once (a batch's slots)
         self.decode_step = None  # a compiled one-token step (model/compile.py), when one was built
         self.shard = None  # tensor parallel: the part of the model this process holds (model/parallel.py)
-        self.block_steps: list | None = None  # the blocks' compiled `forward`s that `step` calls (model/compile.py)
+        self.block_steps: list | None = None  # compiled runs of blocks that `step` calls in order (model/compile.py)
 
     def setup_cache(self, max_len: int, batch: int = 1) -> None:
         """Preallocate the KV cache and the RoPE tables for `batch` sequences of up to `max_len` tokens."""
@@ -136,13 +136,14 @@ class Decoder(nn.Module):
         else:
             rope = self.rope_at(start, T)
         stop = max(probe.layers) if probe is not None else None
-        for i, block in enumerate(self.layers):
-            if hooks:
-                x = block(x, span, rope, probe)
-            else:
-                x = (self.block_steps[i] if self.block_steps else block.forward)(x, span, rope, None)
-            if i == stop:
-                return None
+        if not hooks and self.block_steps:  # compiled runs of consecutive blocks (model/compile.py)
+            for run in self.block_steps:
+                x = run(x, span, rope)
+        else:
+            for i, block in enumerate(self.layers):
+                x = block(x, span, rope, probe) if hooks else block.forward(x, span, rope, None)
+                if i == stop:
+                    return None
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head.forward(self.norm.forward(x))

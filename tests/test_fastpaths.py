@@ -215,11 +215,14 @@ def test_compiled_step_covers_every_block_variant():
     assert greedy(model, prompt, 12) == want
 
 
-def test_compiled_blocks_keep_each_layers_own_constants(tiny_models):
-    """The step compiles one block and every layer reuses its graph; a layer whose constants differ
-    (Gemma 3: sliding-window layers with their own RoPE table between global ones) must not run
-    another layer's graph. Logits at every position past the window equal eager's."""
+def test_compiled_blocks_keep_each_layers_own_constants(tiny_models, monkeypatch):
+    """The step compiles runs of blocks (here one block a run) through one graph; a run whose constants
+    differ (Gemma 3: sliding-window layers with their own RoPE table between global ones) must not run
+    another's graph. Logits at every position past the window equal eager's."""
+    from model import compile as compile_mod
     from model.compile import CompileFailed, compile_decode_step
+
+    monkeypatch.setattr(compile_mod, "RUN", 1)
 
     path = tiny_models["gemma3"][0]
     eager, model = load_model(path), load_model(path)
@@ -230,7 +233,7 @@ def test_compiled_blocks_keep_each_layers_own_constants(tiny_models):
         compile_decode_step(model, len(prompt) + n)
     except CompileFailed as e:
         pytest.skip(f"torch.compile unavailable here: {e}")
-    assert model.block_steps is not None and len(model.block_steps) == len(model.layers)
+    assert model.block_steps is not None  # runs of blocks through one compiled graph
     eager.setup_cache(len(prompt) + n)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.inference_mode():
