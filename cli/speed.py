@@ -35,7 +35,7 @@ QuantizeOpt = Annotated[
 ]
 CompileOpt = Annotated[
     bool,
-    typer.Option("--compile/--no-compile", help="Compile the one-token step: inductor on CPU, one block compiled for all layers (≈ 10–20 s the first time, ≈ 6 s once cached in $ATTN_HOME/inductor), inductor + one CUDA graph on GPU. Falls back to eager if it fails."),
+    typer.Option("--compile/--no-compile", help="Compile the one-token step: inductor on CPU, one graph for every six blocks (≈ 15–21 s the first time, ≈ 6 s once cached in $ATTN_HOME/inductor), inductor + one CUDA graph on GPU. Falls back to eager if it fails."),
 ]
 ThreadsOpt = Annotated[
     Optional[int], typer.Option("--threads", min=1, help="CPU threads for PyTorch. [default: PyTorch's choice]", show_default=False)
@@ -50,11 +50,11 @@ def apply_speed_options(m: Loaded, compile_step: bool, max_len: int, quiet: bool
     from model.compile import CompileFailed, compile_decode_step
     from weights.files import attn_home
 
-    # inductor's cache makes a second compile of the same model take ≈ 6 s instead of 10–20 s;
+    # inductor's cache makes a second compile of the same model take ≈ 6 s instead of 15–21 s;
     # beside the models it outlives the /tmp default.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(attn_home() / "inductor"))
 
-    note("compiling the one-token step (≈ 10–20 s on CPU the first time, ≈ 6 s once cached)", quiet)
+    note("compiling the one-token step (≈ 15–21 s on CPU the first time, ≈ 6 s once cached)", quiet)
     try:
         return compile_decode_step(m.model, max_len)
     except CompileFailed as e:
