@@ -18,9 +18,9 @@ Only the step generation repeats hundreds of times is compiled: `Decoder.step`, 
 from __future__ import annotations
 
 import time
-from functools import partial
 import warnings
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -101,8 +101,9 @@ class InductorStep(BuiltStep):
     and caches are the graph's inputs; where a run's layers differ in a constant, e.g. Gemma's windows,
     dynamo's guards give it a graph of its own). Measured on the default model with --quantize int4
     (Zen4, 2 threads, quiet machine), build with an empty inductor cache / decode:
-    1 block a graph 12.3 s / 12-13 ms a token, 6 blocks 19.9 s / 9.1-9.6 ms, 10 blocks 20.5 s / 9.6-10.6 ms,
-    all 30 (the whole step, as before) 112 s / ≈ 1.4× the 1-block time; with the cache warm ≈ 6 s each.
+    1 block a graph 12.3 s / 12-13 ms a token, 6 blocks 19.9 s / 9.1-9.6 ms, 10 blocks 20.5 s / 9.6-10.6 ms;
+    all 30 (the whole step, as before) 112 s, and 1 block took 1.4× its time a token (A/B in one process);
+    with the cache warm ≈ 6 s each.
     Each graph call costs ≈ 100 µs of dynamo and wrappers, which fewer, larger graphs pay less often.
     """
 
