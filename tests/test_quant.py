@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from model.decoder import Linear
@@ -37,16 +37,20 @@ def bf16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return 2**-7 * (x.abs() @ w.abs()) + 1e-5
 
 
-def kernel_weight(layer) -> torch.Tensor:
-    """W (in, out) as the int4pack kernel computes it: (q − 8)·s + z with its bfloat16 s and z, once for
-    Int4Linear, for the high and the low halves of the codes for Q8Linear."""
+def kernel_products(layer) -> list[torch.Tensor]:
+    """W (in, out) of each int4pack product the layer makes: (q − 8)·s + z with its bfloat16 s and z, once
+    for Int4Linear, for the high and the low halves of the codes for Q8Linear."""
 
     def one(p) -> torch.Tensor:
         s, z = (p.sz[..., i].float().t().repeat_interleave(GROUP, dim=1) for i in (0, 1))  # (N', K')
-        return (p.codes().float() - 8) * s + z
+        return ((p.codes().float() - 8) * s + z)[: layer.n_out, : layer.n_in].t()
 
-    w = one(layer.q) if isinstance(layer, Int4Linear) else one(layer.hi) + one(layer.lo)
-    return w[: layer.n_out, : layer.n_in].t()
+    return [one(layer.q)] if isinstance(layer, Int4Linear) else [one(layer.hi), one(layer.lo)]
+
+
+def kernel_weight(layer) -> torch.Tensor:
+    """W (in, out) as the int4pack kernel computes it: the sum of the layer's products' weights."""
+    return sum(kernel_products(layer))
 
 
 def use_kernels(monkeypatch, which: str) -> None:
@@ -58,6 +62,7 @@ def use_kernels(monkeypatch, which: str) -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(n_in=st.integers(1, 200), n_out=st.integers(1, 150), rows=st.sampled_from([1, 3]), bias=st.booleans(), seed=st.integers(0, 99))
+@example(n_in=4, n_out=79, rows=1, bias=False, seed=67)  # Q8Linear's two products nearly cancel in column 50
 def test_int4_int8_q8_layers_match_a_float_reference(n_in, n_out, rows, bias, seed):
     lin = float_linear(n_in, n_out, bias, seed)
     w = lin.weight.detach().clone()  # (in, out)
@@ -75,7 +80,10 @@ def test_int4_int8_q8_layers_match_a_float_reference(n_in, n_out, rows, bias, se
         kernel_w = kernel_weight(q)
         ref = x @ kernel_w + (lin.bias.detach() if bias else 0)
         assert y.shape == (rows, n_out)
-        assert ((y - ref).abs() <= bf16_bound(x, kernel_w) + 1e-4).all(), cls.__name__
+        # Each product is rounded to bfloat16 on its own: Q8Linear's two halves can nearly cancel (hypothesis
+        # found n_in=4, n_out=79, seed=67), so the bound is the sum of each product's.
+        bound = sum(bf16_bound(x, w_part) for w_part in kernel_products(q))
+        assert ((y - ref).abs() <= bound + 1e-4).all(), cls.__name__
         assert torch.equal(q.columns(torch.tensor([0, n_out - 1])), dense.t()[[0, n_out - 1]])
 
 
