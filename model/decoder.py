@@ -415,7 +415,16 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(n_out)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight
+        W = self.weight
+        K, N = W.shape
+        if x.is_cpu and x.numel() == K and N % 2 == 0 and not torch.compiler.is_compiling():
+            # One row on the CPU (an eager decode step): MKL's GEMV streams W on one thread; as a batch of
+            # two products over W's two column halves (a view, no copy) it runs on two. Measured over the
+            # default model's 121 matrices in order, Zen4 2 threads: 43-45 → 32-33 ms a token; decode
+            # 18.6 → 21.0 tok/s. (inductor copies the strided halves: compiled steps keep `x @ W`.)
+            y = torch.matmul(x.reshape(1, K), W.view(K, 2, N // 2).transpose(0, 1)).view(*x.shape[:-1], N)
+        else:
+            y = x @ W
         return y + self.bias if self.bias is not None else y
 
     def dense_weight(self) -> torch.Tensor:
