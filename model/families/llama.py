@@ -11,9 +11,8 @@ from typing import Any
 from model.config import ModelConfig
 from model.families.common import Family, GgufArch, activation, get, head_dim, layer_windows, positive_int, read_rope, rotary_dim, special_ids
 
-WEIGHTS = {
-    "model.embed_tokens.weight": "tok_emb.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+# q, k, v (fused into one projection) and o, as transformers' Llama-style attention names them.
+ATTENTION_WEIGHTS = {
     "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.qkv.weight:q",
     "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.qkv.weight:k",
     "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.qkv.weight:v",
@@ -22,6 +21,12 @@ WEIGHTS = {
     "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.qkv.bias:v",
     "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.o.weight",
     "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attn.o.bias",
+}
+
+WEIGHTS = {
+    "model.embed_tokens.weight": "tok_emb.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+    **ATTENTION_WEIGHTS,
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
     "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_up.weight:gate",
     "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.gate_up.weight:up",

@@ -7,18 +7,11 @@ from typing import Any
 
 from model.config import ModelConfig
 from model.families.common import Family
-from model.families.llama import base_config
+from model.families.llama import ATTENTION_WEIGHTS, base_config
 
 WEIGHTS = {
     "model.embed_tokens.weight": "tok_emb.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.qkv.weight:q",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.qkv.weight:k",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.qkv.weight:v",
-    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.qkv.bias:q",
-    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.qkv.bias:k",
-    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.qkv.bias:v",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.o.weight",
-    "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attn.o.bias",
+    **ATTENTION_WEIGHTS,
     "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attn.q_norm.weight",
     "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attn.k_norm.weight",
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.attn_post_norm.weight",
