@@ -20,7 +20,7 @@ from model.decoder import Decoder
 from model.errors import AttnError, UsageError
 from model.loading import DTYPES, load_model
 from model.parallel import Shard, load_shard
-from model.quant import covered_by, forced_generic
+from model.quant import PackedLinear, covered_by, forced_generic, pack, packs
 from model.quant import quantize as quantize_model
 from model.quant.blocks import load_blocks
 from model.tokenizer import Tokenizer
@@ -65,7 +65,7 @@ class Loaded:
     load_ms: float
     params: int
     quantize: str = "none"  # --quantize: the numbers are then the quantized model's
-    kernels: dict[str, int] = field(default_factory=dict)  # quantized layers per "Class:kernel": the path that runs
+    kernels: dict[str, int] = field(default_factory=dict)  # linear layers per "Class:kernel": the path that runs
 
 
 def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False, quantize: str = "none") -> Loaded:
@@ -94,7 +94,8 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
             shard = Shard.plan(cfg, parallel.JOINED.rank, parallel.JOINED.world, vocab_parallel=parallel.vocab_parallel())
             model = load_shard(path, shard, dt, dev)
         else:
-            model = load_model(path, dt, dev, skip=covered_by(cfg, blocks) if blocks else None)
+            will_pack = quantize == "none" and not forced_generic() and packs(dev, dt)
+            model = load_model(path, dt, dev, skip=covered_by(cfg, blocks) if blocks else None, out_in=will_pack)
     except torch.cuda.OutOfMemoryError:
         raise AttnError(oom_message(path, dev, dt)) from None
     kernels = {}
@@ -105,6 +106,8 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
             note(f"int4: {sum(n for k, n in kernels.items() if k.startswith('Int4'))} layers from {source}; the head 8-bit", quiet)
         if forced_generic():
             note("ATTN_KERNELS=generic: quantized layers dequantize on every call (slow; for testing)", quiet)
+    elif parallel.JOINED is None and (n := pack(model)):
+        kernels = {f"PackedLinear:{PackedLinear.kernel}": n}  # oneDNN's packed weights (model/quant/packed.py)
     # The name outputs carry: the registry name or hub id as given; for a directory, its own name.
     name = path.name if spec and Path(spec).expanduser().exists() else spec or DEFAULT_MODEL
     return Loaded(model, tokenizer, cfg, path, name, dev, dt, (time.perf_counter() - t0) * 1e3, params, quantize, kernels)

@@ -11,6 +11,7 @@ import typer
 
 from cli.common import choice, note
 from cli.models import Loaded
+from model.quant import PackedLinear
 from model.errors import AttnError
 
 
@@ -56,10 +57,12 @@ def apply_speed_options(m: Loaded, compile_step: bool, max_len: int, quiet: bool
 
     note("compiling the one-token step (≈ 15–21 s on CPU the first time, ≈ 6 s once cached)", quiet)
     try:
-        return compile_decode_step(m.model, max_len)
+        seconds = compile_decode_step(m.model, max_len)
     except CompileFailed as e:
         note(f"warning: --compile failed, running eager ({e})", quiet)
         return None
+    m.kernels.pop(f"PackedLinear:{PackedLinear.kernel}", None)  # the compiled step multiplies plain weights
+    return seconds
 
 
 def set_threads(threads: int | None) -> None:

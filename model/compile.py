@@ -25,6 +25,7 @@ from functools import partial
 import torch
 
 from model.decoder import Block, Decoder, Span
+from model.quant import pack, unpack
 
 
 class CompileFailed(RuntimeError):
@@ -40,7 +41,16 @@ def compile_decode_step(model: Decoder, max_len: int) -> float:
     """
     model.setup_cache(max(max_len, 3))
     t0 = time.perf_counter()
-    model.decode_step = GraphStep(model) if model.device.type == "cuda" else InductorStep(model)
+    if model.device.type == "cuda":
+        model.decode_step = GraphStep(model)
+    else:
+        unpacked = unpack(model)  # oneDNN's packed weights (the eager default) are opaque to inductor: plain layers again
+        try:
+            model.decode_step = InductorStep(model)
+        except CompileFailed:
+            if unpacked:
+                pack(model)
+            raise
     return time.perf_counter() - t0
 
 

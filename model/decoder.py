@@ -401,12 +401,13 @@ def explicit_attention(
 
 
 class Linear(nn.Module):
-    """y = x @ W (+ b) with W stored (in, out).
+    """y = x @ W (+ b) with W stored (in, out): the plain layer (CUDA, the compiled step, float16,
+    ATTN_KERNELS=generic). On the CPU in float32/bfloat16 an eager model swaps it for oneDNN's packed
+    layer (model/quant/packed.py) as it opens.
 
     Measured on a 2-core AVX-512 CPU for every shape of a 135M Llama, one row and 64 rows:
     `x @ W` with W (in, out) is as fast as or faster than `F.linear` on W (out, in) (up to 4×
-    on the 49152-wide head, where MKL's F.linear GEMV runs on one thread), and oneDNN's linear
-    is slower still for one row. README, Performance, has the numbers.
+    on the 49152-wide head, where MKL's F.linear GEMV runs on one thread). README, Performance, has the numbers.
     """
 
     def __init__(self, n_in: int, n_out: int, bias: bool) -> None:

@@ -28,12 +28,18 @@ EMBEDDINGS = {"tok_emb.weight", "pos_emb.weight"}
 
 
 def load_model(
-    path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", skip: Callable[[str], bool] | None = None
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    skip: Callable[[str], bool] | None = None,
+    out_in: bool = False,
 ) -> Decoder:
     """Build the decoder for a model directory and fill it with its weights, checked against the config.
 
     Weights `skip` names are checked but not read: they stay on the meta device, for the caller to
-    replace (quantized layers built from a GGUF's own blocks, model/quant)."""
+    replace (quantized layers built from a GGUF's own blocks, model/quant). With `out_in`, linear
+    weights keep the checkpoint's (out, in) storage, seen through an (in, out) view: what oneDNN's
+    packing reads (model/quant/packed.py) without a transposing copy."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     with torch.device("meta"):
@@ -43,7 +49,7 @@ def load_model(
     plan = plan_loading(cfg, files, expected)
     if skip is not None:
         plan = {name: pieces for name, pieces in plan.items() if not skip(name)}
-    state = read_weights(plan, expected, cfg, dtype, device)
+    state = read_weights(plan, expected, cfg, dtype, device, out_in)
     model.load_state_dict(state, assign=True, strict=skip is None)
     return model.eval()
 
@@ -255,9 +261,18 @@ def _ckpt_name(table: dict[str, str], name: str, part: str) -> str:
     return name
 
 
-def read_weights(plan: dict[str, list], expected: dict[str, tuple], cfg: ModelConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """Fill each of our tensors from its pieces, converting to `dtype` once, one source tensor at a time."""
-    state = {name: torch.empty(expected[name], dtype=dtype, device=device) for name in plan}
+def read_weights(
+    plan: dict[str, list], expected: dict[str, tuple], cfg: ModelConfig, dtype: torch.dtype, device, out_in: bool = False
+) -> dict[str, torch.Tensor]:
+    """Fill each of our tensors from its pieces, converting to `dtype` once, one source tensor at a time;
+    with `out_in`, transposed weights as (in, out) views of (out, in) storage (load_model)."""
+
+    def empty(name: str) -> torch.Tensor:
+        if out_in and all(transpose for _, _, _, transpose, _ in plan[name]):
+            return torch.empty(expected[name][::-1], dtype=dtype, device=device).t()
+        return torch.empty(expected[name], dtype=dtype, device=device)
+
+    state = {name: empty(name) for name in plan}
     by_file: dict[Path, list] = {}
     for name, pieces in plan.items():
         for raw_key, f, part, transpose, fix in pieces:

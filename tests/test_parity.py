@@ -7,13 +7,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.decoder import attention, explicit_attention
+from model.decoder import Linear, attention, explicit_attention
 from model.generate import generate
 from model.loading import load_model
+from model.quant import pack
 from model.sampling import SamplingSettings
 from tests.conftest import KINDS, save_model
 
 GREEDY = SamplingSettings(temperature=0)
+
+
+# Every parity test runs twice: plain products (CUDA, --compile, ATTN_KERNELS=generic) and the eager CPU
+# default, oneDNN's packed weights (model/quant/packed.py), loaded as the CLI loads them.
+LAYOUTS = pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+
+
+def load(path: Path, packed: bool):
+    model = load_model(path, out_in=packed)
+    if packed:
+        assert pack(model) > 0 and not any(isinstance(m, Linear) for m in model.modules())
+    return model
 
 
 def ids_for(model, T: int = 24, seed: int = 1) -> torch.Tensor:
@@ -21,10 +34,11 @@ def ids_for(model, T: int = 24, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, model.cfg.vocab_size, (1, T), generator=g)
 
 
+@LAYOUTS
 @pytest.mark.parametrize("kind", KINDS)
-def test_full_logits_match_transformers(tiny_models, kind):
+def test_full_logits_match_transformers(tiny_models, kind, packed):
     path, hf = tiny_models[kind]
-    model = load_model(path)
+    model = load(path, packed)
     model.setup_cache(64)
     ids = ids_for(model)
     with torch.no_grad():
@@ -33,10 +47,11 @@ def test_full_logits_match_transformers(tiny_models, kind):
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
+@LAYOUTS
 @pytest.mark.parametrize("kind", KINDS)
-def test_cached_decoding_equals_full_logits(tiny_models, kind):
+def test_cached_decoding_equals_full_logits(tiny_models, kind, packed):
     path, _ = tiny_models[kind]
-    model = load_model(path)
+    model = load(path, packed)
     ids = ids_for(model, T=30)
     model.setup_cache(64)
     with torch.no_grad():
@@ -50,10 +65,11 @@ def test_cached_decoding_equals_full_logits(tiny_models, kind):
             assert (torch.cat(got, dim=1) - full).abs().max().item() <= 1e-4
 
 
+@LAYOUTS
 @pytest.mark.parametrize("kind", KINDS)
-def test_greedy_tokens_match_transformers_generate(tiny_models, kind):
+def test_greedy_tokens_match_transformers_generate(tiny_models, kind, packed):
     path, hf = tiny_models[kind]
-    model = load_model(path)
+    model = load(path, packed)
     prompt = ids_for(model, T=8, seed=2)
     ours = [s.id for s in generate(model, prompt[0].tolist(), 32, GREEDY)]
     with torch.no_grad():

@@ -5,6 +5,8 @@ model's dtype, for the probe and explain), `columns(ids)` (a tied embedding's ro
 decoder, the microscope and the compiled step need not know which one they hold.
 
 - int8: 8-bit groups of 32 with a scale and an offset, round-to-nearest from the float weights (q8.py).
+- packed (packed.py): not quantized — float32/bfloat16 weights in oneDNN's packed layout, the eager CPU
+  default (`pack`), put back as plain layers before inductor compiles the step (`unpack`).
 - int4: 4-bit groups of 32 with a scale and an offset (int4.py). From a GGUF with Q4_0/Q4_1 blocks the
   file's own codes are kept; from float weights, round-to-nearest. The LM head (the tied embedding)
   stays 8-bit: the file's Q8_0 blocks, or 8-bit groups from float (q8.py).
@@ -23,25 +25,47 @@ from model.loading import weight_sources
 from model.quant.blocks import Blocks
 from model.quant.int4 import Int4Linear
 from model.quant.kernels import cpu_features, forced_generic
+from model.quant.packed import PackedLinear, packs, release_freed
 from model.quant.q8 import Q8Linear
 
 MODES = ("int8", "int4")
 
-__all__ = ["MODES", "Blocks", "Int4Linear", "Q8Linear", "cpu_features", "forced_generic", "quantize", "quantize_int8", "swap_linears"]
+__all__ = ["MODES", "Blocks", "Int4Linear", "PackedLinear", "Q8Linear", "cpu_features", "forced_generic", "pack", "packs", "quantize", "quantize_int8", "swap_linears", "unpack"]
 
 
-def swap_linears(model: nn.Module, make: Callable[[str, Linear], nn.Module]) -> int:
-    """Replace every `Linear` anywhere in `model` by `make(qualified_name, linear)`, freeing each float
-    weight as it goes; how many were replaced. Found by walking the modules, so a family's new
+def swap_linears(model: nn.Module, make: Callable[[str, nn.Module], nn.Module], kind: type = Linear) -> int:
+    """Replace every `kind` layer (a `Linear`) anywhere in `model` by `make(qualified_name, layer)`, freeing
+    each old weight as it goes; how many were replaced. Found by walking the modules, so a family's new
     projection cannot be missed."""
     n = 0
     for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, Linear):
+            if isinstance(child, kind):
                 setattr(parent, name, make(f"{prefix}.{name}" if prefix else name, child))
                 del child
                 n += 1
     return n
+
+
+def pack(model: Decoder) -> int:
+    """Put every float `Linear` of a CPU model into oneDNN's packed layout (packed.py); how many.
+    ATTN_KERNELS=generic keeps the plain products."""
+    if forced_generic() or not packs(model.device, model.dtype):
+        return 0
+    tied = model.cfg.tie_embeddings
+
+    def make(name: str, lin: Linear) -> PackedLinear:
+        layer = PackedLinear.from_linear(lin, tied=tied and name == "lm_head")
+        lin.weight = None
+        release_freed()  # the float weight, unless it was (out, in) storage already (load_model's out_in) or is kept
+        return layer
+
+    return swap_linears(model, make)
+
+
+def unpack(model: Decoder) -> int:
+    """The plain `Linear`s back in place of packed ones (inductor cannot trace oneDNN's packed tensors)."""
+    return swap_linears(model, lambda name, layer: layer.to_linear(), PackedLinear)
 
 
 def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None) -> Counter:
