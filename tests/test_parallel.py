@@ -303,6 +303,11 @@ def check_logits(pool: Pool, path: Path, hf_model) -> None:
         assert r["read"] <= 4 * (h + (qkv if ref.cfg.model_type == "gpt_neox" else 0)) + 2**16, (r["read"], h)
 
 
+# The one-process reference multiplies through oneDNN's packed weights (model/quant/packed.py), the
+# ranks through plain slices of them: two GEMMs' float32 rounding (scores measured 1.4e-6 apart).
+ONE_PROCESS_TOL = 1e-5
+
+
 class TestTwoRanks:
     # GPT-2: a fused c_attn stored (in, out); Phi-3: fused qkv_proj and gate_up_proj; Pythia: per-head q|k|v
     # reordered at load, parallel residual; Gemma 2: soft-capped scores and logits; Qwen3: q/k norms per head.
@@ -364,11 +369,11 @@ class TestTwoRanks:
             ["heads", *m, PROMPT, "--format", "json", "--probe", "induction", "--probe-length", "8"],
         ):
             ref, (_, out, _) = check_cli(pool2, args)
-            assert_close_json(json.loads(out), json.loads(ref.out), 1e-6, " ".join(args[:1] + args[3:]))
+            assert_close_json(json.loads(out), json.loads(ref.out), ONE_PROCESS_TOL, " ".join(args[:1] + args[3:]))
         # A dataset from stdin (rank 0 reads it), measured in right-padded batches, pooled per head.
         lines = f"{PROMPT}\nthe cat sat on the mat and the cat sat\nhello hello hello world\n".encode()
         ref, (_, out, _) = check_cli(pool2, ["heads", *m, "--lines", "--format", "json", "--parallel", "2"], stdin=lines)
-        assert_close_json(json.loads(out), json.loads(ref.out), 1e-6, "heads --lines")
+        assert_close_json(json.loads(out), json.loads(ref.out), ONE_PROCESS_TOL, "heads --lines")
 
     def test_inspect_table_and_explain_as_one_process(self, pool2, models):
         m = ["-m", str(models["llama"])]
@@ -403,7 +408,7 @@ class TestThreeRanks:
         assert pool3.run(task_generate, str(path), ids, 32, 0.0, 0) == [want] * 3
         for args in (["inspect", "-m", str(path), PROMPT, "--format", "json"], ["heads", "-m", str(path), PROMPT, "--format", "json"]):
             ref, (_, out, _) = check_cli(pool3, args)
-            assert_close_json(json.loads(out), json.loads(ref.out), 1e-6, args[0])
+            assert_close_json(json.loads(out), json.loads(ref.out), ONE_PROCESS_TOL, args[0])
 
 
 # --- the launcher: real processes ----------------------------------------------------------------
