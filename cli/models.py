@@ -46,9 +46,9 @@ def pick_device(spec: str) -> torch.device:
 
 def pick_dtype(choice: Dtype, device: torch.device) -> torch.dtype:
     if choice is Dtype.auto:
-        # bfloat16 on CUDA. float32 on CPU: decode (what generation spends its time on) measured faster in
-        # float32 than bfloat16 on a 2-core AVX-512/AMX CPU (SmolLM2-135M: 31 vs 27 tok/s; bf16 GEMV reads
-        # half the bytes at half the speed), and float32 is the exact reference (README, Performance).
+        # bfloat16 on CUDA. float32 on CPU: the exact reference the microscope's numbers are checked against.
+        # (Speed alone no longer decides it: with oneDNN's packed weights bfloat16 decoded faster on a 2-core
+        # Zen4, 28.8 vs 21.0 tok/s, where MKL's bfloat16 GEMV had been the slower one; README, Performance.)
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[choice.value]
 
