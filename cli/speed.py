@@ -36,7 +36,7 @@ QuantizeOpt = Annotated[
 ]
 CompileOpt = Annotated[
     bool,
-    typer.Option("--compile/--no-compile", help="Compile the one-token step: inductor on CPU, one graph for every six blocks (≈ 15–21 s the first time, ≈ 6 s once cached in $ATTN_HOME/inductor), inductor + one CUDA graph on GPU. Falls back to eager if it fails."),
+    typer.Option("--compile/--no-compile", help="Compile the one-token step: inductor on CPU, one graph for every six blocks (≈ 15–21 s the first time, ≈ 6 s once cached in $ATTN_HOME/inductor), inductor + one CUDA graph on GPU. Falls back to eager if it fails. Pays off with --quantize and on CUDA; on the CPU in float32 the default (oneDNN's packed weights, eager) is as fast (README, Performance)."),
 ]
 ThreadsOpt = Annotated[
     Optional[int], typer.Option("--threads", min=1, help="CPU threads for PyTorch. [default: PyTorch's choice]", show_default=False)
