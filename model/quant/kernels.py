@@ -3,8 +3,8 @@
 - int4: ATen's `_weight_int4pack_mm_for_cpu` (4-bit codes in its packed layout, a bfloat16 scale and
   zero per group of 32, bfloat16 activations; with float32 or float16 activations it takes a path
   measured 20–40× slower). Vectorised for AVX2 and AVX-512; PyTorch ≥ 2.5.
-- 8-bit groups (q8.py, `--quantize int8` and the int4 mode's head): the same kernel twice, over the
-  high and the low 4 bits of each code.
+- 8-bit groups (q8.py, `--quantize int8` and the int4 mode's head): the same kernel once, over the
+  high and the low 4 bits of each code side by side along the input (twice the input length).
 - generic: dequantize to the activations' dtype, then a dense product. Correct everywhere, slow;
   used where no packed kernel exists, and forced with ATTN_KERNELS=generic (tests cover it).
 
