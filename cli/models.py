@@ -84,6 +84,8 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
         raise AttnError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the embedding only {cfg.vocab_size} rows")
     with torch.device("meta"):
         params = sum(p.numel() for p in Decoder(cfg).parameters())  # the float model's count, whatever is loaded
+    # CPU float32/bfloat16 eager: oneDNN's packed weights (model/quant/packed.py), loaded in the layout packing reads.
+    will_pack = quantize == "none" and parallel.JOINED is None and packs(dev, dt)
     blocks = None
     if quantize == "int4":
         found = blocks_file(path)
@@ -94,7 +96,6 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
             shard = Shard.plan(cfg, parallel.JOINED.rank, parallel.JOINED.world, vocab_parallel=parallel.vocab_parallel())
             model = load_shard(path, shard, dt, dev)
         else:
-            will_pack = quantize == "none" and not forced_generic() and packs(dev, dt)
             model = load_model(path, dt, dev, skip=covered_by(cfg, blocks) if blocks else None, out_in=will_pack)
     except torch.cuda.OutOfMemoryError:
         raise AttnError(oom_message(path, dev, dt)) from None
@@ -106,8 +107,8 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
             note(f"int4: {sum(n for k, n in kernels.items() if k.startswith('Int4'))} layers from {source}; the head 8-bit", quiet)
         if forced_generic():
             note("ATTN_KERNELS=generic: quantized layers dequantize on every call (slow; for testing)", quiet)
-    elif parallel.JOINED is None and (n := pack(model)):
-        kernels = {f"PackedLinear:{PackedLinear.kernel}": n}  # oneDNN's packed weights (model/quant/packed.py)
+    elif will_pack:
+        kernels = {f"PackedLinear:{PackedLinear.kernel}": pack(model)}
     # The name outputs carry: the registry name or hub id as given; for a directory, its own name.
     name = path.name if spec and Path(spec).expanduser().exists() else spec or DEFAULT_MODEL
     return Loaded(model, tokenizer, cfg, path, name, dev, dt, (time.perf_counter() - t0) * 1e3, params, quantize, kernels)

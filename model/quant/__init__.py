@@ -48,16 +48,16 @@ def swap_linears(model: nn.Module, make: Callable[[str, nn.Module], nn.Module], 
 
 
 def pack(model: Decoder) -> int:
-    """Put every float `Linear` of a CPU model into oneDNN's packed layout (packed.py); how many.
-    ATTN_KERNELS=generic keeps the plain products."""
-    if forced_generic() or not packs(model.device, model.dtype):
+    """Put every float `Linear` of a CPU model into oneDNN's packed layout (packed.py) where `packs` says
+    so; how many."""
+    if not packs(model.device, model.dtype):
         return 0
     tied = model.cfg.tie_embeddings
 
     def make(name: str, lin: Linear) -> PackedLinear:
         layer = PackedLinear.from_linear(lin, tied=tied and name == "lm_head")
         lin.weight = None
-        release_freed()  # the float weight, unless it was (out, in) storage already (load_model's out_in) or is kept
+        release_freed()  # the float weight's pages back to the OS as it goes (glibc keeps the holes otherwise)
         return layer
 
     return swap_linears(model, make)

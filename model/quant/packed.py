@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from model.decoder import Linear
+from model.quant.kernels import forced_generic
 
 KERNEL = "onednn"
 DTYPES = (torch.float32, torch.bfloat16)
 
 
 def packs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether float linear layers on `device` in `dtype` run packed: the CPU, float32 or bfloat16, oneDNN built in."""
-    return device.type == "cpu" and dtype in DTYPES and torch.backends.mkldnn.is_available()
+    """Whether float linear layers on `device` in `dtype` run packed: the CPU, float32 or bfloat16, oneDNN
+    built in, and not ATTN_KERNELS=generic (which keeps the plain products)."""
+    return device.type == "cpu" and dtype in DTYPES and torch.backends.mkldnn.is_available() and not forced_generic()
 
 
 class PackedLinear(nn.Module):
