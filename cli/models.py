@@ -85,7 +85,7 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
     with torch.device("meta"):
         params = sum(p.numel() for p in Decoder(cfg).parameters())  # the float model's count, whatever is loaded
     # CPU float32/bfloat16 eager: oneDNN's packed weights (model/quant/packed.py), loaded in the layout packing reads.
-    will_pack = quantize == "none" and parallel.JOINED is None and packs(dev, dt)
+    will_pack = quantize == "none" and packs(dev, dt)
     blocks = None
     if quantize == "int4":
         found = blocks_file(path)

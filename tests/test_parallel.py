@@ -119,8 +119,9 @@ def models(tiny_models, tmp_path_factory, tokenizer_json) -> dict[str, Path]:
 # --- tasks, run on every rank --------------------------------------------------------------------
 
 
-def task_logits(path: str, ids: list[int]) -> dict:
-    """Full logits of a prefill and of one cached step after it, with what this rank holds."""
+def task_logits(path: str, ids: list[int], packed: bool = False) -> dict:
+    """Full logits of a prefill and of one cached step after it, with what this rank holds (its layers
+    in oneDNN's packed layout with `packed`, as the CLI runs them on the CPU)."""
     import torch.distributed as dist
 
     from model.config import ModelConfig
@@ -140,6 +141,10 @@ def task_logits(path: str, ids: list[int]) -> dict:
         model = load_shard(Path(path), Shard.plan(cfg, dist.get_rank(), dist.get_world_size()))
     finally:
         parallel._Ranges._read = plain
+    if packed:
+        from model.quant import pack
+
+        assert pack(model) > 0
     model.setup_cache(len(ids) + 1)
     with torch.inference_mode():
         prefill = model(torch.tensor([ids[:-1]]), 0)[0]
@@ -280,6 +285,9 @@ def check_logits(pool: Pool, path: Path, hf_model) -> None:
     ranks = pool.run(task_logits, str(path), ids)
     for got in ranks:  # every rank holds the whole logits (all-gathered), the same bytes on each
         assert torch.equal(got["prefill"], ranks[0]["prefill"])
+        assert (got["prefill"] - want[:-1]).abs().max() <= 1e-5
+        assert (got["step"] - want[-1]).abs().max() <= 1e-5
+    for got in pool.run(task_logits, str(path), ids, True):  # every rank's layers packed (a tied head keeps its rows)
         assert (got["prefill"] - want[:-1]).abs().max() <= 1e-5
         assert (got["step"] - want[-1]).abs().max() <= 1e-5
     if hf_model is not None:

@@ -55,7 +55,7 @@ def pack(model: Decoder) -> int:
     tied = model.cfg.tie_embeddings
 
     def make(name: str, lin: Linear) -> PackedLinear:
-        layer = PackedLinear.from_linear(lin, tied=tied and name == "lm_head")
+        layer = PackedLinear.from_linear(lin, tied=tied and name.startswith("lm_head"))  # (--tp: lm_head.linear)
         lin.weight = None
         release_freed()  # the float weight's pages back to the OS as it goes (glibc keeps the holes otherwise)
         return layer
