@@ -311,8 +311,8 @@ def check_logits(pool: Pool, path: Path, hf_model) -> None:
         assert r["read"] <= 4 * (h + (qkv if ref.cfg.model_type == "gpt_neox" else 0)) + 2**16, (r["read"], h)
 
 
-# The one-process reference multiplies through oneDNN's packed weights (model/quant/packed.py), the
-# ranks through plain slices of them: two GEMMs' float32 rounding (scores measured 1.4e-6 apart).
+# The one-process reference multiplies whole matrices through oneDNN's packed weights (model/quant/packed.py),
+# the ranks their slices, summed by all-reduces: float32 rounding in another order (scores measured 1.4e-6 apart).
 ONE_PROCESS_TOL = 1e-5
 
 
