@@ -20,7 +20,7 @@ from model.decoder import Decoder
 from model.errors import AttnError, UsageError
 from model.loading import DTYPES, load_model
 from model.parallel import Shard, load_shard
-from model.quant import PackedLinear, covered_by, forced_generic, pack, packs
+from model.quant import covered_by, forced_generic, layer_kernels, pack, packs
 from model.quant import quantize as quantize_model
 from model.quant.blocks import load_blocks
 from model.tokenizer import Tokenizer
@@ -108,7 +108,8 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
         if forced_generic():
             note("ATTN_KERNELS=generic: quantized layers dequantize on every call (slow; for testing)", quiet)
     elif will_pack:
-        kernels = {f"PackedLinear:{PackedLinear.kernel}": pack(model)}
+        pack(model)
+        kernels = dict(layer_kernels(model))
     # The name outputs carry: the registry name or hub id as given; for a directory, its own name.
     name = path.name if spec and Path(spec).expanduser().exists() else spec or DEFAULT_MODEL
     return Loaded(model, tokenizer, cfg, path, name, dev, dt, (time.perf_counter() - t0) * 1e3, params, quantize, kernels)

@@ -11,7 +11,7 @@ import typer
 
 from cli.common import choice, note
 from cli.models import Loaded
-from model.quant import PackedLinear
+from model.quant import layer_kernels
 from model.errors import AttnError
 
 
@@ -61,7 +61,7 @@ def apply_speed_options(m: Loaded, compile_step: bool, max_len: int, quiet: bool
     except CompileFailed as e:
         note(f"warning: --compile failed, running eager ({e})", quiet)
         return None
-    m.kernels.pop(f"PackedLinear:{PackedLinear.kernel}", None)  # the compiled step multiplies plain weights
+    m.kernels = dict(layer_kernels(m.model))  # the compiled step multiplies plain weights where packed ones were
     return seconds
 
 

@@ -30,7 +30,7 @@ from model.quant.q8 import Q8Linear
 
 MODES = ("int8", "int4")
 
-__all__ = ["MODES", "Blocks", "Int4Linear", "PackedLinear", "Q8Linear", "cpu_features", "forced_generic", "pack", "packs", "quantize", "quantize_int8", "swap_linears", "unpack"]
+__all__ = ["MODES", "Blocks", "Int4Linear", "PackedLinear", "Q8Linear", "cpu_features", "forced_generic", "layer_kernels", "pack", "packs", "quantize", "quantize_int8", "swap_linears", "unpack"]
 
 
 def swap_linears(model: nn.Module, make: Callable[[str, nn.Module], nn.Module], kind: type = Linear) -> int:
@@ -75,7 +75,6 @@ def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None)
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}")
     cfg = model.cfg
-    used: Counter = Counter()
     from_blocks = covered_by(cfg, blocks or {})
 
     def make(name: str, lin: Linear) -> nn.Module:
@@ -90,11 +89,16 @@ def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None)
                 layer = Q8Linear.from_linear(lin)
             else:
                 layer = Int4Linear.from_linear(lin)
-        used[f"{type(layer).__name__}:{layer.kernel}"] += 1
         return layer
 
     swap_linears(model, make)
-    return used
+    return layer_kernels(model)
+
+
+def layer_kernels(model: nn.Module) -> Counter:
+    """How many linear layers run each "Class:kernel" (packed or quantized; plain ones are not counted),
+    read off the model as it is now: for `attn bench` to say which path ran."""
+    return Counter(f"{type(m).__name__}:{m.kernel}" for m in model.modules() if isinstance(m, (PackedLinear, Int4Linear, Q8Linear)))
 
 
 def covered_by(cfg, blocks: dict[str, Blocks]) -> Callable[[str], bool]:
