@@ -36,7 +36,7 @@ QuantizeOpt = Annotated[
 ]
 CompileOpt = Annotated[
     bool,
-    typer.Option("--compile/--no-compile", help="Compile the one-token step: inductor on CPU, one graph for every six blocks (≈ 15–21 s the first time, ≈ 6 s once cached in $ATTN_HOME/inductor), inductor + one CUDA graph on GPU. Falls back to eager if it fails. Pays off with --quantize and on CUDA; on the CPU in float32 the default (oneDNN's packed weights, eager) is as fast (README, Performance)."),
+    typer.Option("--compile/--no-compile", help="Compile the one-token step: on CPU each distinct block ahead of time by AOTInductor (≈ 15 s the first time for a model and mode; kept in $ATTN_HOME/aoti, later runs load it in milliseconds), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. Pays off with --quantize and on CUDA; on the CPU in float32 the default (oneDNN's packed weights, eager) is about as fast (README, Performance)."),
 ]
 ThreadsOpt = Annotated[
     Optional[int], typer.Option("--threads", min=1, help="CPU threads for PyTorch. [default: PyTorch's choice]", show_default=False)
@@ -51,13 +51,12 @@ def apply_speed_options(m: Loaded, compile_step: bool, max_len: int, quiet: bool
     from model.compile import CompileFailed, compile_decode_step
     from weights.files import attn_home
 
-    # inductor's cache makes a second compile of the same model take ≈ 6 s instead of 15–21 s;
-    # beside the models it outlives the /tmp default.
+    # inductor's own cache (kernels, the torch.compile fallback) beside the models outlives the /tmp default.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(attn_home() / "inductor"))
 
-    note("compiling the one-token step (≈ 15–21 s on CPU the first time, ≈ 6 s once cached)", quiet)
+    note("compiling the one-token step (CPU: ≈ 15 s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
     try:
-        seconds = compile_decode_step(m.model, max_len)
+        seconds = compile_decode_step(m.model, max_len, cache_dir=attn_home() / "aoti")
     except CompileFailed as e:
         note(f"warning: --compile failed, running eager ({e})", quiet)
         return None

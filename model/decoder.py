@@ -321,25 +321,23 @@ def attention(
     """
     T, S = q.shape[2], k.shape[2]
     if softcap is not None:
-        if isinstance(start, int) and T == 1:  # one new query sees every cached key, or the last W: no mask to build
-            if window is not None and S > window:
-                k, v = k[:, :, S - window :], v[:, :, S - window :]
+        if isinstance(start, int) and T == 1 and window is None:  # one new query sees every cached key: no mask to build
             return explicit_attention(q, k, v, None, None, scale, softcap)[0]
-        # A tensor start is one query per row at its own position: (B, 1, 1), the mask then (B, 1, 1, S).
+        # A tensor start is one query per row at its own position: (B, 1, 1), the mask then (B, 1, 1, S). A window
+        # is a mask too, not a slice (see below).
         q_pos = start.view(-1, 1, 1) if isinstance(start, torch.Tensor) else torch.arange(start, start + T, device=q.device)
         return explicit_attention(q, k, v, q_pos, window, scale, softcap)[0]
     gqa = q.shape[1] != k.shape[1]
     if isinstance(start, torch.Tensor):  # one query per row at its own device-held position (B,), over S cached keys
         mask = causal_mask(start.view(-1, 1, 1), S, window)  # (B, 1, 1, S): per row, shared by the heads
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    if T == 1:  # one new query sees every cached key, or the last W of them
-        if window is not None and S > window:
-            k, v = k[:, :, S - window :], v[:, :, S - window :]
+    if T == 1 and window is None:  # one new query sees every cached key
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    if window is None or start + T <= window:  # no row's window excludes anything: causal only
-        if start == 0:  # square causal: the kernel's own top-left-aligned mask is the right one
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    # A chunk after cached tokens (is_causal would align top-left and hide the cache) or past a window.
+    if T > 1 and start == 0 and (window is None or T <= window):  # square causal: the kernel's own top-left-aligned mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    # A chunk after cached tokens (is_causal would align top-left and hide the cache), a chunk past a window,
+    # or one query with a window: a mask, not a slice of the last W keys behind a branch on S > W, so that one
+    # step exported with a symbolic position (model/compile.py) serves both sides of the window.
     mask = causal_mask(torch.arange(start, start + T, device=q.device), S, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 

@@ -201,17 +201,19 @@ def every_block_variant() -> Decoder:
     return model
 
 
-def test_compiled_step_covers_every_block_variant():
+@pytest.mark.parametrize("ahead", [False, True], ids=["torch.compile", "aoti"])
+def test_compiled_step_covers_every_block_variant(ahead, tmp_path):
     from model.compile import CompileFailed, compile_decode_step
 
     model = every_block_variant()
     prompt = prompt_for(model)
-    want = greedy(model, prompt, 12)
+    want = greedy(model, prompt, 12)  # past the window of 5: one exported step serves both sides of it
     assert want == recompute_greedy(model, prompt, 12)
     try:
-        compile_decode_step(model, len(prompt) + 12)
+        compile_decode_step(model, len(prompt) + 12, cache_dir=tmp_path if ahead else None)
     except CompileFailed as e:
         pytest.skip(f"torch.compile unavailable here: {e}")
+    assert type(model.decode_step).__name__ == ("AotStep" if ahead else "InductorStep")
     assert greedy(model, prompt, 12) == want
 
 
@@ -310,3 +312,93 @@ def test_quantization_finds_every_linear_layer_by_walking_the_model(tiny_models)
     quantize_int8(model)
     assert not any(isinstance(m, Linear) for m in model.modules())
     assert sum(isinstance(m, Q8Linear) for m in model.modules()) == 4 * model.cfg.n_layers + 2  # qkv, o, gate_up, down; head; extra
+
+
+@pytest.fixture(scope="module")
+def aot_dir(tmp_path_factory):
+    """One package folder for the module's ahead-of-time tests: a package built by one is loaded by the next."""
+    return tmp_path_factory.mktemp("aoti")
+
+
+def test_ahead_of_time_step_is_built_once_and_gives_the_same_tokens(tiny_models, aot_dir):
+    """--compile on the CPU: one package serves every block alike, is kept in the folder, and a later model
+    loads it instead of compiling; the tokens are eager's, also after a longer generation (new cache) and
+    for a batch (rows at their own positions run the blocks eagerly)."""
+    from model.compile import AotStep, CompileFailed, compile_decode_step
+    from model.generate import Sequence, decode
+    from model.sampling import SamplingSettings
+
+    path = tiny_models["llama"][0]
+    eager = load_model(path)
+    prompt = prompt_for(eager)
+    model = load_model(path)
+    try:
+        compile_decode_step(model, len(prompt) + 16, cache_dir=aot_dir)
+    except CompileFailed as e:
+        pytest.skip(f"torch.compile unavailable here: {e}")
+    step = model.decode_step
+    assert isinstance(step, AotStep) and len(step.built) == 1 and len(model.block_steps) == len(model.layers)
+    assert list(aot_dir.glob("*.pt2")) == step.built
+    assert greedy(model, prompt, 16) == greedy(eager, prompt, 16)
+    assert greedy(model, prompt, 40) == greedy(eager, prompt, 40)  # a new cache: the step is loaded again
+    assert model.decode_step is step and step.built == []  # ... from the folder, not compiled
+
+    again = load_model(path)
+    seconds = compile_decode_step(again, len(prompt) + 16, cache_dir=aot_dir)
+    assert again.decode_step.built == [] and seconds < 5
+    assert greedy(again, prompt, 16) == greedy(eager, prompt, 16)
+
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(3, eager.cfg.vocab_size, (n,), generator=g).tolist() for n in [3, 11, 1, 9]]
+
+    def batch(m) -> list[list[int]]:
+        seqs = [Sequence(p, n, SamplingSettings(temperature=0)) for p, n in zip(ps, [7, 4, 9, 2])]
+        out: dict[int, list[int]] = {id(s): [] for s in seqs}
+        for seq, s in decode(m, seqs, slots=3, max_len=32):
+            out[id(seq)].append(s.id)
+        return [out[id(s)] for s in seqs]
+
+    assert batch(again) == batch(eager)
+
+
+def test_ahead_of_time_blocks_keep_each_layers_own_constants(tiny_models, aot_dir):
+    """Gemma 3's sliding-window layers (their own window and RoPE table) get a package of their own;
+    logits at every position, past the window too, equal eager's."""
+    from model.compile import CompileFailed, compile_decode_step
+
+    path = tiny_models["gemma3"][0]
+    eager, model = load_model(path), load_model(path)
+    prompt = prompt_for(eager)
+    n = 16
+    try:
+        compile_decode_step(model, len(prompt) + n, cache_dir=aot_dir)
+    except CompileFailed as e:
+        pytest.skip(f"torch.compile unavailable here: {e}")
+    kinds = {(b.attn.window, b.attn.rope_index) for b in eager.layers}
+    assert len(model.decode_step.built) == len(kinds) == 2
+    eager.setup_cache(len(prompt) + n)
+    with torch.inference_mode():
+        token = int(eager(torch.tensor([prompt]), 0)[0, -1].argmax())
+        model(torch.tensor([prompt]), 0)
+        for pos in range(len(prompt), len(prompt) + n):
+            x = torch.tensor([[token]])
+            want, got = eager.step(x, pos), model.decode_step(x, pos)
+            assert (got - want).abs().max().item() <= 1e-4, pos
+            token = int(want[0, -1].argmax())
+
+
+def test_a_broken_package_is_built_again(tiny_models, aot_dir):
+    """A package cut short (a full disk, a killed run) is compiled again, not trusted, and not fatal."""
+    from model.compile import CompileFailed, compile_decode_step
+
+    path = tiny_models["llama"][0]
+    eager, model = load_model(path), load_model(path)
+    prompt = prompt_for(eager)
+    for package in aot_dir.glob("*.pt2"):
+        package.write_bytes(package.read_bytes()[:1000])
+    try:
+        compile_decode_step(model, len(prompt) + 8, cache_dir=aot_dir)
+    except CompileFailed as e:
+        pytest.skip(f"torch.compile unavailable here: {e}")
+    assert len(model.decode_step.built) == 1
+    assert greedy(model, prompt, 8) == greedy(eager, prompt, 8)

@@ -225,8 +225,10 @@ def test_real_model_attention_under_quantization_stays_within_the_stated_toleran
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
-def test_compiled_quantized_step_gives_the_eager_tokens(tiny_llama, mode):
-    """The compiled step takes the fused 8-bit reduction and inductor's int4 lowering; greedy tokens stay the eager ones."""
+@pytest.mark.parametrize("ahead", [False, True], ids=["torch.compile", "aoti"])
+def test_compiled_quantized_step_gives_the_eager_tokens(tiny_llama, mode, ahead, tmp_path):
+    """The compiled step (torch.compile, and the ahead-of-time package --compile builds) calls the same int4pack
+    products on the same packed codes; greedy tokens stay the eager ones."""
     from model.compile import CompileFailed, compile_decode_step
     from model.generate import generate
     from model.sampling import SamplingSettings
@@ -239,7 +241,8 @@ def test_compiled_quantized_step_gives_the_eager_tokens(tiny_llama, mode):
     model = load_model(tiny_llama)
     quantize(model, mode)
     try:
-        compile_decode_step(model, len(prompt) + 16)
+        compile_decode_step(model, len(prompt) + 16, cache_dir=tmp_path if ahead else None)
     except CompileFailed as e:
         pytest.skip(f"torch.compile unavailable here: {e}")
+    assert type(model.decode_step).__name__ == ("AotStep" if ahead else "InductorStep")
     assert [s.id for s in generate(model, prompt, 16, greedy)] == want
