@@ -25,6 +25,7 @@ import hashlib
 import inspect
 import json
 import os
+import platform
 import tempfile
 import time
 import warnings
@@ -301,8 +302,18 @@ def _package_key(block: Block, names: list[str], tensors: list[torch.Tensor], ro
     settings = [(n, type(m).__qualname__, _settings(m)) for n, m in block.named_modules()]
     shapes = [(n, [-1 if n.endswith(("cache.k", "cache.v")) and i == 2 else d for i, d in enumerate(t.shape)], str(t.dtype)) for n, t in zip(names, tensors)]
     shapes += [("rope", list(t.shape), str(t.dtype)) for t in rope]
-    text = json.dumps([torch.__version__, cpu_features(), code, settings, shapes], default=str)
+    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), code, settings, shapes], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _cpu_flags() -> str:
+    """The CPU's instruction-set flags: packages are built with -march=native, so two CPUs PyTorch ranks alike
+    (AVX512) may still not run each other's (a home folder shared between machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
 
 
 def _settings(m: nn.Module) -> dict:
