@@ -57,7 +57,7 @@ def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = N
     if model.device.type == "cuda":
         model.decode_step = GraphStep(model)
     else:
-        unpacked = unpack(model)  # oneDNN's packed weights (the eager default) are opaque to inductor: plain layers again
+        unpacked = unpack(model, for_compile=True)  # oneDNN's packed weights are opaque to inductor: the blocks' plain layers again
         try:
             try:
                 if cache_dir is None or model.shard is not None:
@@ -296,11 +296,13 @@ def _block_tensors(block: Block) -> tuple[list[str], list[torch.Tensor]]:
 
 def _package_key(block: Block, names: list[str], tensors: list[torch.Tensor], rope: list[torch.Tensor]) -> str:
     """What a package's code depends on: torch, the CPU, attn's source for the block's parts, each part's
-    settings (a window, an eps, a kernel), and the shapes and dtypes of its inputs (the cache's length aside)."""
+    settings (a window, an eps, a kernel), and the shapes, strides and dtypes of its inputs (the cache's length
+    aside): a weight in (out, in) storage is multiplied by other code than one in (in, out)."""
     files = sorted({inspect.getsourcefile(type(m)) for _, m in block.named_modules()} | {inspect.getsourcefile(Block)})
     code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files if f)).hexdigest()
     settings = [(n, type(m).__qualname__, _settings(m)) for n, m in block.named_modules()]
-    shapes = [(n, [-1 if n.endswith(("cache.k", "cache.v")) and i == 2 else d for i, d in enumerate(t.shape)], str(t.dtype)) for n, t in zip(names, tensors)]
+    shapes = [(n, list(t.shape), t.stride(), str(t.dtype)) for n, t in zip(names, tensors) if not n.endswith(("cache.k", "cache.v"))]
+    shapes += [(n, list(t.shape[:2]), str(t.dtype)) for n, t in zip(names, tensors) if n.endswith(("cache.k", "cache.v"))]  # any length
     shapes += [("rope", list(t.shape), str(t.dtype)) for t in rope]
     text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), code, settings, shapes], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -70,21 +70,29 @@ def test_pack_and_unpack_swap_every_linear_and_keep_the_weights(tiny_models, kin
     assert all(model.get_submodule(n).weight.is_contiguous() for n in weights)  # the layout plain products want
 
 
-def test_a_compiled_step_takes_plain_layers_and_gives_the_eager_tokens(tiny_llama):
+@pytest.mark.parametrize("ahead", [False, True], ids=["torch.compile", "aoti"])
+def test_a_compiled_step_takes_plain_layers_and_gives_the_eager_tokens(tiny_llama, ahead, tmp_path):
+    """Compiling swaps the blocks' packed layers for plain ones in (out, in) storage, which the compiled
+    one-row product reads as a reduction along each row; the head, run eagerly, stays packed."""
     from model.compile import CompileFailed, compile_decode_step
     from model.generate import generate
     from model.sampling import SamplingSettings
 
     greedy = SamplingSettings(temperature=0)
     prompt = list(range(5, 13))
+    plain = load_model(tiny_llama)
     model = load_model(tiny_llama, out_in=True)
     pack(model)
     want = [s.id for s in generate(model, prompt, 16, greedy)]
     try:
-        compile_decode_step(model, len(prompt) + 16)
+        compile_decode_step(model, len(prompt) + 16, cache_dir=tmp_path if ahead else None)
     except CompileFailed as e:
         pytest.skip(f"torch.compile unavailable here: {e}")
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert type(model.decode_step).__name__ == ("AotStep" if ahead else "InductorStep")
+    assert not any(isinstance(m, PackedLinear) for m in model.layers.modules()) and isinstance(model.lm_head, PackedLinear)
+    for name, layer in model.layers.named_modules():
+        if isinstance(layer, Linear):
+            assert layer.weight.t().is_contiguous() and torch.equal(layer.weight, plain.layers.get_submodule(name).weight)
     assert [s.id for s in generate(model, prompt, 16, greedy)] == want
 
 
