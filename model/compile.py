@@ -197,12 +197,13 @@ class AotStep(BuiltStep):
 
     def __init__(self, model: Decoder, cache_dir: Path) -> None:
         self.cache_dir = Path(cache_dir)
-        self.built: list[Path] = []  # packages compiled by the last build (not loaded from the folder)
+        self.packages: list[Path] = []  # the packages the last build uses, one per kind of block
+        self.built: list[Path] = []  # those of them it compiled (not loaded from the folder)
         super().__init__(model)
 
     def build(self) -> None:
         model = self.model
-        self.built = []
+        self.packages, self.built = [], []
         rope = _flat_rope(model.rope_at(2, 1) if model.cfg.positions == "rope" else None)
         runners: dict[str, Callable] = {}
         steps = []
@@ -210,7 +211,8 @@ class AotStep(BuiltStep):
             names, tensors = _block_tensors(block)
             key = _package_key(block, names, tensors, rope)
             if key not in runners:
-                runners[key] = self._load_or_build(self.cache_dir / f"{key}.pt2", block, names, tensors, rope)
+                self.packages.append(self.cache_dir / f"{key}.pt2")
+                runners[key] = self._load_or_build(self.packages[-1], block, names, tensors, rope)
             steps.append(partial(_aot_call, runners[key], block, tensors))
         self.marker = torch.empty(model.cache_len)
         model.block_steps = [partial(step, self.marker) for step in steps]

@@ -145,6 +145,13 @@ def tiny_models(tmp_path_factory, tokenizer_json) -> dict[str, tuple[Path, objec
 
 
 @pytest.fixture(scope="session")
+def aot_dir(tmp_path_factory) -> Path:
+    """One folder of ahead-of-time packages (--compile on the CPU) for the session: a package one test
+    builds, the next with the same model and mode loads (compiling one costs ≈ 10 s)."""
+    return tmp_path_factory.mktemp("aoti")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"][0]
 

@@ -71,7 +71,7 @@ def test_pack_and_unpack_swap_every_linear_and_keep_the_weights(tiny_models, kin
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["torch.compile", "aoti"])
-def test_a_compiled_step_takes_plain_layers_and_gives_the_eager_tokens(tiny_llama, ahead, tmp_path):
+def test_a_compiled_step_takes_plain_layers_and_gives_the_eager_tokens(tiny_llama, ahead, aot_dir):
     """Compiling swaps the blocks' packed layers for plain ones in (out, in) storage, which the compiled
     one-row product reads as a reduction along each row; the head, run eagerly, stays packed."""
     from model.compile import CompileFailed, compile_decode_step
@@ -85,7 +85,7 @@ def test_a_compiled_step_takes_plain_layers_and_gives_the_eager_tokens(tiny_llam
     pack(model)
     want = [s.id for s in generate(model, prompt, 16, greedy)]
     try:
-        compile_decode_step(model, len(prompt) + 16, cache_dir=tmp_path if ahead else None)
+        compile_decode_step(model, len(prompt) + 16, cache_dir=aot_dir if ahead else None)
     except CompileFailed as e:
         pytest.skip(f"torch.compile unavailable here: {e}")
     assert type(model.decode_step).__name__ == ("AotStep" if ahead else "InductorStep")
