@@ -9,9 +9,9 @@ Only the step generation repeats hundreds of times is compiled: `Decoder.step`, 
   products (norms, RoPE, SiLU·up, residual adds) into a few C++ loops and leaves the products to
   the same BLAS and int4pack calls as eager.
 - CPU, with a cache folder (the CLI's `$ATTN_HOME/aoti`): each distinct block is compiled ahead of time by
-  AOTInductor into a package kept there, keyed by torch version, CPU features, the block's code and the
-  shapes and dtypes of its tensors (so by model and mode); a later run loads it in milliseconds and compiles
-  nothing. The block's weights and cache are the package's inputs, so one package serves every block alike.
+  AOTInductor into a package kept there, keyed by torch version, the CPU's features, the block's code and
+  settings, and its tensors' shapes, strides and dtypes (so by model and mode); a later run loads it in
+  milliseconds and compiles nothing. The block's weights and cache are the package's inputs, so one package serves every block alike.
 - CUDA: one token's work is ≈ 600 small kernels, and launching them costs more than running
   them. The step runs in its static-shape form (the position is a device tensor, the whole cache
   is read with a mask: `Decoder.step`), is compiled by inductor with static shapes, and is
@@ -59,17 +59,23 @@ def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = N
     else:
         unpacked = unpack(model, for_compile=True)  # oneDNN's packed weights are opaque to inductor: the blocks' plain layers again
         try:
-            try:
-                if cache_dir is None or model.shard is not None:
-                    raise CompileFailed("no package folder")
-                model.decode_step = AotStep(model, cache_dir)
-            except CompileFailed:
-                model.decode_step = InductorStep(model)
+            model.decode_step = _cpu_step(model, cache_dir)
         except CompileFailed:
             if unpacked:
                 pack(model)
             raise
     return time.perf_counter() - t0
+
+
+def _cpu_step(model: Decoder, cache_dir: Path | None) -> BuiltStep:
+    """The ahead-of-time step where there is a folder for its packages (not under --tp), else or where it
+    cannot be built, the torch.compile one."""
+    if cache_dir is not None and model.shard is None:
+        try:
+            return AotStep(model, cache_dir)
+        except CompileFailed:
+            pass
+    return InductorStep(model)
 
 
 class BuiltStep:
