@@ -57,7 +57,7 @@ def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = N
     if model.device.type == "cuda":
         model.decode_step = GraphStep(model)
     else:
-        unpacked = unpack(model, for_compile=True)  # oneDNN's packed weights are opaque to inductor: the blocks' plain layers again
+        unpacked = unpack(model)  # oneDNN's packed weights are opaque to inductor: the blocks' plain layers again
         try:
             model.decode_step = _cpu_step(model, cache_dir)
         except CompileFailed:

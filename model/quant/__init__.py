@@ -63,13 +63,11 @@ def pack(model: Decoder) -> int:
     return swap_linears(model, make)
 
 
-def unpack(model: Decoder, for_compile: bool = False) -> int:
-    """The plain `Linear`s back in place of packed ones (inductor cannot trace oneDNN's packed tensors).
-    `for_compile`: only the blocks' layers, with W in (out, in) storage (`Linear.forward`'s compiled one-row
-    reduction reads it); the head, which runs eagerly after the compiled blocks, stays packed."""
-    if not for_compile:
-        return swap_linears(model, lambda name, layer: layer.to_linear(), PackedLinear)
-    return swap_linears(model.layers, lambda name, layer: layer.to_linear(out_in=True), PackedLinear)
+def unpack(model: Decoder) -> int:
+    """Plain `Linear`s back in place of the blocks' packed ones, for compiling (inductor cannot trace
+    oneDNN's packed tensors), with W in (out, in) storage (`Linear.forward`'s compiled one-row reduction
+    reads it); the head, which runs eagerly after the compiled blocks, stays packed."""
+    return swap_linears(model.layers, lambda name, layer: layer.to_linear(), PackedLinear)
 
 
 def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None) -> Counter:

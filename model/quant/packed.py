@@ -59,13 +59,12 @@ class PackedLinear(nn.Module):
             raise RuntimeError("columns() of a packed layer that is not a tied head")
         return self.rows[ids]
 
-    def to_linear(self, out_in: bool = False) -> Linear:
-        """The plain layer again, for inductor (which cannot trace the packed tensor): W (in, out) contiguous,
-        or with `out_in` an (in, out) view of (out, in) storage (the layout compiled one-row products read)."""
+    def to_linear(self) -> Linear:
+        """The plain layer again, for inductor (which cannot trace the packed tensor): W as an (in, out) view
+        of (out, in) storage, the layout compiled one-row products read."""
         with torch.device("meta"):
             lin = Linear(self.n_in, self.n_out, self.bias is not None)
-        w = self.dense_weight()
-        lin.weight = nn.Parameter(w if out_in else w.contiguous(), requires_grad=False)
+        lin.weight = nn.Parameter(self.dense_weight(), requires_grad=False)
         if self.bias is not None:
             lin.bias = self.bias
         return lin
