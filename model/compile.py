@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.decoder import Block, Decoder, Span
+from model.decoder import Block, Decoder, Linear, Span
 from model.quant import cpu_features, pack, unpack
+from model.quant.packed import PackedLinear
 
 
 class CompileFailed(RuntimeError):
@@ -105,7 +106,7 @@ class BuiltStep:
                         c.k[:, :, :3] = k
                         c.v[:, :, :3] = v
         except Exception as e:  # inductor and CUDA graphs raise many types; any of them means "stay eager"
-            self.model.decode_step = self.model.block_steps = None
+            self.model.decode_step = self.model.block_steps = self.model.tail_step = None
             raise CompileFailed(_first_line(e)) from e
         self.built_for = self._cache_id()
 
@@ -213,20 +214,29 @@ class AotStep(BuiltStep):
         model = self.model
         self.packages, self.built = [], []
         rope = _flat_rope(model.rope_at(2, 1) if model.cfg.positions == "rope" else None)
+        head = _foldable_head(model)
+        tail = _Tail(model, head) if head is not None else None
         runners: dict[str, Callable] = {}
         steps = []
-        for block in model.layers:
+        self.logits: list[torch.Tensor] = []  # the last block's package leaves the step's logits here
+        for i, block in enumerate(model.layers):
             names, tensors = _block_tensors(block)
-            key = _package_key(block, names, tensors, rope)
+            if tail is not None:  # the last block's package multiplies by the head, the others by a stand-in of 2 rows
+                names, tensors = names + tail.names, tensors + tail.tensors(last=i == len(model.layers) - 1)
+            key = _package_key(block, names, tensors, rope, tail)
             if key not in runners:
                 self.packages.append(self.cache_dir / f"{key}.pt2")
-                runners[key] = self._load_or_build(self.packages[-1], block, names, tensors, rope)
-            steps.append(partial(_aot_call, runners[key], block, tensors))
+                runners[key] = self._load_or_build(self.packages[-1], block, names, tensors, rope, tail)
+            last = tail is not None and i == len(model.layers) - 1
+            steps.append(partial(_aot_call, runners[key], block, tensors, self.logits if last else None))
         self.marker = torch.empty(model.cache_len)
         model.block_steps = [partial(step, self.marker) for step in steps]
+        model.tail_step = partial(_tail_call, model, self.logits) if tail is not None else None
         model.step(self.ids, 2)
 
-    def _load_or_build(self, path: Path, block: Block, names: list[str], tensors: list[torch.Tensor], rope: list[torch.Tensor]) -> Callable:
+    def _load_or_build(
+        self, path: Path, block: Block, names: list[str], tensors: list[torch.Tensor], rope: list[torch.Tensor], tail: _Tail | None
+    ) -> Callable:
         if path.exists():
             try:
                 return _load_package(path)
@@ -239,11 +249,13 @@ class AotStep(BuiltStep):
             # Fresh copies as the example inputs: the block's own tensors are inference tensors, and two
             # inputs must not share storage (the rope rows are views of one table).
             x = torch.zeros(1, 1, self.model.cfg.dim, dtype=self.model.dtype)
-            examples = (x, torch.empty(3), *[t.clone() for t in rope], *[t.clone() for t in tensors])
+            # The head itself, not the stand-in, is the example: inductor plans loops (which one the cores share) by it.
+            examples = (x, torch.empty(3), *[t.clone() for t in rope], *[(tail.head if n == _HEAD else t).clone() for n, t in zip(names, tensors)])
             S, L = torch.export.Dim("S", min=2, max=1 << 20), torch.export.Dim("L", min=3, max=1 << 20)
-            cache = {n: {2: L} for n in names if n.endswith(("cache.k", "cache.v"))}
-            dims = (None, {0: S}, (*[None] * len(rope), *[cache.get(n) for n in names]))  # *rest is one tuple
-            program = torch.export.export(_OneBlock(block, names, len(rope)), examples, dynamic_shapes=dims, strict=False)
+            V = torch.export.Dim("V", min=2, max=1 << 24)
+            sizes = {n: {2: L} for n in names if n.endswith(("cache.k", "cache.v"))} | {_HEAD: {1: V}}
+            dims = (None, {0: S}, (*[None] * len(rope), *[sizes.get(n) for n in names]))  # *rest is one tuple
+            program = torch.export.export(_OneBlock(block, names, len(rope), tail), examples, dynamic_shapes=dims, strict=False)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2")
             os.close(fd)
@@ -303,20 +315,76 @@ def _compiles_beside_each_other() -> Iterator[None]:
 
 class _OneBlock(nn.Module):
     """What a package computes: `block` at position S − 1 (S the marker's length) with the given tensors in
-    place of its own, rope as flat (cos, sin) pairs; the cache inputs are written in place."""
+    place of its own, rope as flat (cos, sin) pairs; the cache inputs are written in place. With a tail, also
+    the final norm and the head of the block's output: (output, logits)."""
 
-    def __init__(self, block: Block, names: list[str], n_rope: int) -> None:
+    def __init__(self, block: Block, names: list[str], n_rope: int, tail: _Tail | None) -> None:
         super().__init__()
         object.__setattr__(self, "block", block)  # not a submodule: its tensors are inputs, not constants
+        object.__setattr__(self, "tail", tail)
         self.names, self.n_rope = names, n_rope
         self.cache_at = names.index("attn.cache.k")
 
-    def forward(self, x: torch.Tensor, marker: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, marker: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         flat, tensors = rest[: self.n_rope], rest[self.n_rope :]
         rope = tuple(zip(flat[0::2], flat[1::2])) or None
         torch._check(marker.shape[0] <= tensors[self.cache_at].shape[2])
         span = Span(marker.shape[0] - 1)
-        return torch.func.functional_call(self.block, dict(zip(self.names, tensors)), (x, span, rope, None))
+        named = dict(zip(self.names, tensors))
+        own = {n: t for n, t in named.items() if not n.startswith("tail.")}
+        y = torch.func.functional_call(self.block, own, (x, span, rope, None))
+        if self.tail is None:
+            return y
+        return y, self.tail(named, y)
+
+
+_HEAD = "tail.head.weight"  # the head's weight among a package's inputs (its vocabulary is a symbolic size)
+
+
+class _Tail:
+    """The final norm and a float head (W (in, out) over (out, in) storage, no bias) folded into each block's
+    package: the head is the step's largest product (the default model's 49152×576, 113 MB in float32), and
+    compiled it is the same reduction along each stored row as the blocks' products, where eager runs oneDNN's
+    GEMV. Each block's package computes it, the last one with the head, the others with a stand-in of two rows
+    (one package serves them all), so no second package is built."""
+
+    def __init__(self, model: Decoder, head: torch.Tensor) -> None:
+        self.norm = model.norm
+        named = [*model.norm.named_parameters(), *model.norm.named_buffers()]
+        self.names = [f"tail.norm.{n}" for n, _ in named] + [_HEAD]
+        self.norm_tensors = [t for _, t in named]
+        self.head = head
+        self.stand_in = torch.zeros(2, head.shape[0], dtype=head.dtype).t()  # (in, 2) over (2, in) storage
+        with torch.device("meta"):
+            self.layer = Linear(head.shape[0], 2, bias=False)  # its forward, with the head's weight as an input
+
+    def tensors(self, last: bool) -> list[torch.Tensor]:
+        return [*self.norm_tensors, self.head if last else self.stand_in]
+
+    def __call__(self, named: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        norm = {n.removeprefix("tail.norm."): t for n, t in named.items() if n.startswith("tail.norm.")}
+        x = torch.func.functional_call(self.norm, norm, (y,))
+        return torch.func.functional_call(self.layer, {"weight": named[_HEAD]}, (x,))
+
+
+def _foldable_head(model: Decoder) -> torch.Tensor | None:
+    """The head's float weight as (in, out) over (out, in) storage, where the head can run inside the packages:
+    a plain layer in that layout or a packed tied head (which keeps the embedding's rows), without a bias."""
+    head = model.lm_head
+    if getattr(head, "bias", None) is not None or not model.dtype.is_floating_point:
+        return None
+    if isinstance(head, PackedLinear):
+        return head.rows.t() if head.rows is not None else None
+    if isinstance(head, Linear) and head.weight.dtype == model.dtype and head.weight.t().is_contiguous():
+        return head.weight
+    return None
+
+
+def _tail_call(model: Decoder, logits: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The step's logits: those the last block's package left, else (that block ran eagerly: a batch) the norm and head."""
+    if logits:
+        return logits.pop()
+    return model.lm_head.forward(model.norm.forward(x))
 
 
 def _load_package(path: Path) -> Callable:
@@ -326,11 +394,23 @@ def _load_package(path: Path) -> Callable:
 
 
 def _aot_call(
-    runner: Callable, block: Block, tensors: list[torch.Tensor], marker: torch.Tensor, x: torch.Tensor, span: Span, rope: tuple | None
+    runner: Callable,
+    block: Block,
+    tensors: list[torch.Tensor],
+    logits: list[torch.Tensor] | None,
+    marker: torch.Tensor,
+    x: torch.Tensor,
+    span: Span,
+    rope: tuple | None,
 ) -> torch.Tensor:
+    if logits is not None:
+        logits.clear()
     if isinstance(span.start, torch.Tensor) or span.row or x.shape[:2] != (1, 1) or span.start < 1:
         return block.forward(x, span, rope, None)  # a batch's rows at their own positions: eager
-    return runner([x.contiguous(), marker[: span.start + 1], *_flat_rope(rope), *tensors])[0]
+    out = runner([x.contiguous(), marker[: span.start + 1], *_flat_rope(rope), *tensors])
+    if logits is not None:  # the last block, with the head folded in
+        logits.append(out[1])
+    return out[0]
 
 
 def _flat_rope(rope: tuple | None) -> list[torch.Tensor]:
@@ -342,15 +422,17 @@ def _block_tensors(block: Block) -> tuple[list[str], list[torch.Tensor]]:
     return [n for n, _ in named], [t for _, t in named]
 
 
-def _package_key(block: Block, names: list[str], tensors: list[torch.Tensor], rope: list[torch.Tensor]) -> str:
-    """What a package's code depends on: torch, the CPU, attn's source for the block's parts, each part's
-    settings (a window, an eps, a kernel), and the shapes, strides and dtypes of its inputs (the cache's length
-    aside): a weight in (out, in) storage is multiplied by other code than one in (in, out)."""
-    files = sorted({inspect.getsourcefile(type(m)) for _, m in block.named_modules()} | {inspect.getsourcefile(Block)})
+def _package_key(block: Block, names: list[str], tensors: list[torch.Tensor], rope: list[torch.Tensor], tail: _Tail | None) -> str:
+    """What a package's code depends on: torch, the CPU, attn's source for the block's parts (and the tail's),
+    each part's settings (a window, an eps, a kernel), and the shapes, strides and dtypes of its inputs (the cache's
+    length and the head's vocabulary aside): a weight in (out, in) storage is multiplied by other code than one in (in, out)."""
+    modules = [*block.named_modules(), *([("tail.norm", tail.norm), ("tail.head", tail.layer)] if tail is not None else [])]
+    files = sorted({inspect.getsourcefile(type(m)) for _, m in modules} | {inspect.getsourcefile(Block)})
     code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files if f)).hexdigest()
-    settings = [(n, type(m).__qualname__, _settings(m)) for n, m in block.named_modules()]
-    shapes = [(n, list(t.shape), t.stride(), str(t.dtype)) for n, t in zip(names, tensors) if not n.endswith(("cache.k", "cache.v"))]
-    shapes += [(n, list(t.shape[:2]), str(t.dtype)) for n, t in zip(names, tensors) if n.endswith(("cache.k", "cache.v"))]  # any length
+    settings = [(n, type(m).__qualname__, _settings(m)) for n, m in modules]
+    free = {n: 2 for n in names if n.endswith(("cache.k", "cache.v"))} | {n: 1 for n in names if n == _HEAD}  # dims kept before a free size
+    shapes = [(n, list(t.shape), t.stride(), str(t.dtype)) for n, t in zip(names, tensors) if n not in free]
+    shapes += [(n, list(t.shape[: free[n]]), str(t.dtype)) for n, t in zip(names, tensors) if n in free]
     shapes += [("rope", list(t.shape), str(t.dtype)) for t in rope]
     text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, code, settings, shapes], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]

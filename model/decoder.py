@@ -62,6 +62,7 @@ class Decoder(nn.Module):
         self.decode_step = None  # a compiled one-token step (model/compile.py), when one was built
         self.shard = None  # tensor parallel: the part of the model this process holds (model/parallel.py)
         self.block_steps: list | None = None  # compiled runs of blocks that `step` calls in order (model/compile.py)
+        self.tail_step = None  # and, with them, the final norm and head compiled (model/compile.py)
 
     def setup_cache(self, max_len: int, batch: int = 1) -> None:
         """Preallocate the KV cache and the RoPE tables for `batch` sequences of up to `max_len` tokens."""
@@ -146,7 +147,10 @@ class Decoder(nn.Module):
                     return None
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head.forward(self.norm.forward(x))
+        if not hooks and self.tail_step is not None:
+            logits = self.tail_step(x)
+        else:
+            logits = self.lm_head.forward(self.norm.forward(x))
         if self.logit_softcap is not None:
             logits = soft_cap(logits, self.logit_softcap)
         return logits

@@ -208,6 +208,8 @@ def test_compiled_step_covers_every_block_variant(ahead, tmp_path):
     from model.compile import CompileFailed, compile_decode_step
 
     model = every_block_variant()
+    # The head in (out, in) storage, as the CLI loads it: the ahead-of-time packages take it in (its logits capped after).
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().t().contiguous().t(), requires_grad=False)
     prompt = prompt_for(model)
     want = greedy(model, prompt, 12)  # past the window of 5: one exported step serves both sides of it
     assert want == recompute_greedy(model, prompt, 12)
@@ -216,7 +218,23 @@ def test_compiled_step_covers_every_block_variant(ahead, tmp_path):
     except CompileFailed as e:
         pytest.skip(f"torch.compile unavailable here: {e}")
     assert type(model.decode_step).__name__ == ("AotStep" if ahead else "InductorStep")
+    assert (model.tail_step is not None) == ahead
     assert greedy(model, prompt, 12) == want
+
+
+def test_the_head_runs_in_the_packages_where_it_is_a_float_matrix_stored_by_rows(tiny_models):
+    """The final norm and head go into the ahead-of-time packages when the head is a float matrix in (out, in)
+    storage without a bias: a packed tied head (its rows, shared with the embedding) or a plain layer so stored.
+    Quantized heads and (in, out) storage keep the eager head."""
+    from model.compile import _foldable_head
+
+    path = tiny_models["llama"][0]  # tied
+    packed = packed_model(path)
+    assert _foldable_head(packed).data_ptr() == packed.lm_head.rows.data_ptr()
+    rows = load_model(path, out_in=True)
+    assert _foldable_head(rows) is rows.lm_head.weight
+    assert _foldable_head(load_model(path)) is None  # (in, out) contiguous
+    assert _foldable_head(quantize_int8(load_model(path))) is None
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["torch.compile", "aoti"])
@@ -349,6 +367,7 @@ def test_ahead_of_time_step_is_built_once_and_gives_the_same_tokens(tiny_models,
         pytest.skip(f"torch.compile unavailable here: {e}")
     step = model.decode_step
     assert isinstance(step, AotStep) and len(step.built) == 1 and len(model.block_steps) == len(model.layers)
+    assert model.tail_step is not None  # the tied head, in the last block's package
     assert step.built[0].parent == aot_dir and step.built[0].is_file()
     assert greedy(model, prompt, 16) == greedy(eager, prompt, 16)
     assert greedy(model, prompt, 40) == greedy(eager, prompt, 40)  # a new cache: the step is loaded again
