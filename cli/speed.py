@@ -36,7 +36,7 @@ QuantizeOpt = Annotated[
 ]
 CompileOpt = Annotated[
     bool,
-    typer.Option("--compile/--no-compile", help="Compile the one-token step: on CPU each distinct block ahead of time by AOTInductor (≈ 15–25 s the first time for a model and mode; kept in $ATTN_HOME/aoti, later runs load it in milliseconds), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. Pays off with --quantize and on CUDA; on the CPU in float32 the default (oneDNN's packed weights, eager) is about as fast (README, Performance)."),
+    typer.Option("--compile/--no-compile", help="Compile the one-token step: on CPU each distinct block, with the final norm and a float head, ahead of time by AOTInductor (≈ 12–16 s the first time for a model and mode; kept in $ATTN_HOME/aoti, later runs load it in well under a second), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. On the CPU it decodes ≈ 1.6–2× faster than eager in float32 and with --quantize (README, Performance)."),
 ]
 ThreadsOpt = Annotated[
     Optional[int], typer.Option("--threads", min=1, help="CPU threads for PyTorch. [default: PyTorch's choice]", show_default=False)
@@ -54,7 +54,7 @@ def apply_speed_options(m: Loaded, compile_step: bool, max_len: int, quiet: bool
     # inductor's own cache (kernels, the torch.compile fallback) beside the models outlives the /tmp default.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(attn_home() / "inductor"))
 
-    note("compiling the one-token step (CPU: ≈ 15–25 s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
+    note("compiling the one-token step (CPU: ≈ 12–16 s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
     try:
         seconds = compile_decode_step(m.model, max_len, cache_dir=attn_home() / "aoti")
     except CompileFailed as e:

@@ -199,9 +199,10 @@ class AotStep(BuiltStep):
     around them, as with InductorStep, but no dynamo runs (no tracing on later runs, no guards on each call).
 
     A package takes one row at an integer position (≥ 1): a batch's rows at their own positions (a position
-    tensor) go through the blocks eagerly. Measured on the default model (Zen4, 2 threads): first use 14–24 s
-    for a model and mode (export 1.4 s; most of the rest is g++ on the package's C++ wrapper, 7 s, and its
-    kernels, 2.4 s), later runs 5 ms to load; int4 decode 95–98 tok/s against 65 through torch.compile.
+    tensor) go through the blocks eagerly. Measured on the default model (Zen4, 2 threads): first use 12.7–16.3 s
+    for a model and mode (export 1.0 s; most of the rest is g++ on the package's C++ wrapper, 8–9 s, with its
+    kernels, 3 s, beside it), later runs 5 ms to load; int4 decode 83–98 tok/s against 65 through torch.compile,
+    float32 39–43 against 20 eager.
     """
 
     def __init__(self, model: Decoder, cache_dir: Path) -> None:
