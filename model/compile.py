@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -252,11 +253,15 @@ class AotStep(BuiltStep):
             x = torch.zeros(1, 1, self.model.cfg.dim, dtype=self.model.dtype)
             # The head itself, not the stand-in, is the example: inductor plans loops (which one the cores share) by it.
             examples = (x, torch.empty(3), *[t.clone() for t in rope], *[(tail.head if n == _HEAD else t).clone() for n, t in zip(names, tensors)])
+            # inductor's test builds for the CPU's vector extensions (≈ 1.8 s of g++, once per machine) run beside the export.
+            probe = threading.Thread(target=_probe_vector_isa, daemon=True)
+            probe.start()
             S, L = torch.export.Dim("S", min=2, max=1 << 20), torch.export.Dim("L", min=3, max=1 << 20)
             V = torch.export.Dim("V", min=2, max=1 << 24)
             sizes = {n: {2: L} for n in names if n.endswith(("cache.k", "cache.v"))} | {_HEAD: {1: V}}
             dims = (None, {0: S}, (*[None] * len(rope), *[sizes.get(n) for n in names]))  # *rest is one tuple
             program = torch.export.export(_OneBlock(block, names, len(rope), tail), examples, dynamic_shapes=dims, strict=False)
+            probe.join()
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2")
             os.close(fd)
@@ -284,6 +289,15 @@ class AotStep(BuiltStep):
 # These options: the default model's first build 27.6–29.1 → 15.9–16.4 s; with the wrapper and kernels compiled
 # side by side (_compiles_beside_each_other), 13.5–14.8 s.
 BUILD_OPTIONS = {"aot_inductor.precompile_headers": False, "cpp.vec_isa_ok": True, "aot_inductor.enable_line_tables": False}
+
+
+def _probe_vector_isa() -> None:
+    """What inductor picks its vector ISA by (cached for the process), with the build options (which inductor
+    keeps per thread)."""
+    import torch._inductor.cpu_vec_isa
+
+    with torch._inductor.config.patch(BUILD_OPTIONS):
+        torch._inductor.cpu_vec_isa.pick_vec_isa()
 
 
 @contextmanager
