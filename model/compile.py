@@ -41,7 +41,6 @@ from torch import nn
 
 from model.decoder import Block, Decoder, Linear, Span
 from model.quant import cpu_features, pack, unpack
-from model.quant.packed import PackedLinear
 
 
 class CompileFailed(RuntimeError):
@@ -61,7 +60,7 @@ def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = N
     if model.device.type == "cuda":
         model.decode_step = GraphStep(model)
     else:
-        unpacked = unpack(model)  # oneDNN's packed weights are opaque to inductor: the blocks' plain layers again
+        unpacked = unpack(model)  # oneDNN's packed weights are opaque to inductor: plain layers again
         try:
             model.decode_step = _cpu_step(model, cache_dir)
         except CompileFailed:
@@ -360,8 +359,7 @@ _HEAD = "tail.head.weight"  # the head's weight among a package's inputs (its vo
 class _Tail:
     """The final norm and a float head (W (in, out) over (out, in) storage, no bias) folded into each block's
     package: the head is the step's largest product (the default model's 49152×576, 113 MB in float32), and
-    compiled it is the same reduction along each stored row as the blocks' products, where eager runs oneDNN's
-    GEMV. Each block's package computes it, the last one with the head, the others with a stand-in of two rows
+    compiled it is the same reduction along each stored row as the blocks' products (eager: oneDNN's GEMV). Each block's package computes it, the last one with the head, the others with a stand-in of two rows
     (one package serves them all), so no second package is built."""
 
     def __init__(self, model: Decoder, head: torch.Tensor) -> None:
@@ -384,14 +382,10 @@ class _Tail:
 
 
 def _foldable_head(model: Decoder) -> torch.Tensor | None:
-    """The head's float weight as (in, out) over (out, in) storage, where the head can run inside the packages:
-    a plain layer in that layout or a packed tied head (which keeps the embedding's rows), without a bias."""
+    """The head's float weight, where the head can run inside the packages: a plain layer (as `unpack` leaves a
+    packed one) in (out, in) storage, without a bias."""
     head = model.lm_head
-    if getattr(head, "bias", None) is not None:
-        return None
-    if isinstance(head, PackedLinear):
-        return head.rows.t() if head.rows is not None else None
-    if isinstance(head, Linear) and head.weight.dtype == model.dtype and head.weight.t().is_contiguous():
+    if isinstance(head, Linear) and head.bias is None and head.weight.dtype == model.dtype and head.weight.t().is_contiguous():
         return head.weight
     return None
 

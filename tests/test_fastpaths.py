@@ -224,13 +224,17 @@ def test_compiled_step_covers_every_block_variant(ahead, tmp_path):
 
 def test_the_head_runs_in_the_packages_where_it_is_a_float_matrix_stored_by_rows(tiny_models):
     """The final norm and head go into the ahead-of-time packages when the head is a float matrix in (out, in)
-    storage without a bias: a packed tied head (its rows, shared with the embedding) or a plain layer so stored.
-    Quantized heads and (in, out) storage keep the eager head."""
+    storage without a bias: a packed tied head once unpacked (its rows, shared with the embedding: no copy), or a
+    plain layer so stored. Quantized heads and (in, out) storage keep the eager head."""
     from model.compile import _foldable_head
+    from model.quant import unpack
 
     path = tiny_models["llama"][0]  # tied
     packed = packed_model(path)
-    assert _foldable_head(packed).data_ptr() == packed.lm_head.rows.data_ptr()
+    rows = packed.lm_head.rows
+    unpack(packed)
+    assert _foldable_head(packed).data_ptr() == rows.data_ptr()
+    assert torch.equal(packed.embed(torch.tensor([[5, 9]])), rows[[5, 9]][None])
     rows = load_model(path, out_in=True)
     assert _foldable_head(rows) is rows.lm_head.weight
     assert _foldable_head(load_model(path)) is None  # (in, out) contiguous

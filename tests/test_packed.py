@@ -65,17 +65,17 @@ def test_pack_and_unpack_swap_every_linear_and_keep_the_weights(tiny_models, kin
     want = plain(ids, 0)
     got = model(ids, 0)
     assert (got - want).abs().max().item() <= 1e-5
-    blocks = [n for n in weights if n.startswith("layers.")]
-    assert unpack(model) == len(blocks) == len(weights) - 1  # the blocks' layers; the head stays packed
-    assert isinstance(model.lm_head, PackedLinear)
-    assert all(torch.equal(model.get_submodule(n).weight, weights[n]) for n in blocks)  # bit for bit back
-    assert all(model.get_submodule(n).weight.t().is_contiguous() for n in blocks)  # the layout compiled products read
+    assert unpack(model) == len(weights)  # every layer, the head too (it runs inside the compiled packages)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert all(torch.equal(model.get_submodule(n).weight, weights[n]) for n in weights)  # bit for bit back
+    assert all(model.get_submodule(n).weight.t().is_contiguous() for n in weights)  # the layout compiled products read
+    assert (model(ids, 0) - want).abs().max().item() <= 1e-5  # eagerly too (oneDNN on the plain (out, in) weights)
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["torch.compile", "aoti"])
 def test_a_compiled_step_takes_plain_layers_and_gives_the_eager_tokens(tiny_llama, ahead, aot_dir):
-    """Compiling swaps the blocks' packed layers for plain ones in (out, in) storage, which the compiled
-    one-row product reads as a reduction along each row; the head, run eagerly, stays packed."""
+    """Compiling swaps the packed layers for plain ones in (out, in) storage, which the compiled one-row product
+    reads as a reduction along each row (the head too: the ahead-of-time packages run it)."""
     from model.compile import CompileFailed, compile_decode_step
     from model.generate import generate
     from model.sampling import SamplingSettings
@@ -91,10 +91,10 @@ def test_a_compiled_step_takes_plain_layers_and_gives_the_eager_tokens(tiny_llam
     except CompileFailed as e:
         pytest.skip(f"torch.compile unavailable here: {e}")
     assert type(model.decode_step).__name__ == ("AotStep" if ahead else "InductorStep")
-    assert not any(isinstance(m, PackedLinear) for m in model.layers.modules()) and isinstance(model.lm_head, PackedLinear)
-    for name, layer in model.layers.named_modules():
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    for name, layer in model.named_modules():
         if isinstance(layer, Linear):
-            assert layer.weight.t().is_contiguous() and torch.equal(layer.weight, plain.layers.get_submodule(name).weight)
+            assert layer.weight.t().is_contiguous() and torch.equal(layer.weight, plain.get_submodule(name).weight)
     assert [s.id for s in generate(model, prompt, 16, greedy)] == want
 
 
