@@ -359,8 +359,9 @@ _HEAD = "tail.head.weight"  # the head's weight among a package's inputs (its vo
 class _Tail:
     """The final norm and a float head (W (in, out) over (out, in) storage, no bias) folded into each block's
     package: the head is the step's largest product (the default model's 49152×576, 113 MB in float32), and
-    compiled it is the same reduction along each stored row as the blocks' products (eager: oneDNN's GEMV). Each block's package computes it, the last one with the head, the others with a stand-in of two rows
-    (one package serves them all), so no second package is built."""
+    compiled it is the same reduction along each stored row as the blocks' products (eager: oneDNN's GEMV).
+    Each block's package computes it, the last one with the head, the others with a stand-in of two rows (one
+    package serves them all), so no second package is built."""
 
     def __init__(self, model: Decoder, head: torch.Tensor) -> None:
         self.norm = model.norm
