@@ -127,7 +127,7 @@ def bench_cmd(
     dtype: DtypeOpt = Dtype.auto,
     threads: ThreadsOpt = None,
     quantize: QuantizeOpt = Quantize.none,
-    compile_step: CompileOpt = False,
+    compile_step: CompileOpt = None,
     compare: Annotated[Optional[Compare], typer.Option("--compare", **choice(Compare), help=COMPARE_HELP, show_default=False)] = None,
     batches: Annotated[Optional[list[str]], typer.Option("--batch", metavar="B[,B…]", help="Batch sizes to measure (comma-separated or repeated): B rows decoded together, aggregate rates. [default: one sequence, no batch]", show_default=False)] = None,
     quality: Annotated[Optional[bool], typer.Option("--quality/--no-quality", help="Top-1 agreement and perplexity vs float32 over a fixed text, and greedy output identical to float32 on 5 prompts. [default: on unless float32 eager]", show_default=False)] = None,
@@ -157,7 +157,7 @@ def bench_cmd(
     # Resident, quantized or not, as the timed runs hold them (compiling unpacks oneDNN's layout); not the cache.
     named = [*m.model.named_parameters(), *m.model.named_buffers()]
     weights_mb = sum(t.numel() * t.element_size() for n, t in named if not n.endswith((".k", ".v")) and not n.startswith("rope_")) / 2**20
-    if not compile_step:
+    if compile_s is None:
         m.model.setup_cache(max_len)
     kv_mb = sum(b.numel() * b.element_size() for n, b in m.model.named_buffers() if n.endswith((".k", ".v"))) / 2**20
 
@@ -190,7 +190,7 @@ def bench_cmd(
             if compare is Compare.llama_cpp:
                 compare_info = _llamacpp_info(llama, gguf)
 
-    want_quality = quality if quality is not None else (quantize is not Quantize.none or m.dtype != torch.float32 or compile_step)
+    want_quality = quality if quality is not None else (quantize is not Quantize.none or m.dtype != torch.float32 or compile_s is not None)
     out = {
         "model": m.name,
         "path": str(m.path),

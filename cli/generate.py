@@ -93,7 +93,7 @@ def generate_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     quantize: QuantizeOpt = Quantize.none,
-    compile_step: CompileOpt = False,
+    compile_step: CompileOpt = None,
     tp: TpOpt = None,
     ctx_size: CtxSizeOpt = None,
     truncate: TruncateOpt = Truncate.error,
@@ -114,7 +114,7 @@ def generate_cmd(
     Sampling defaults come from the model's generation_config.json when it has one, else
     temperature 0.8 and top-p 0.95. Flags beat ATTN_* env vars, which beat generation_config.json.
     """
-    start(tp, model, device, quiet, {"--quantize": quantize is not Quantize.none, "--compile": compile_step})
+    start(tp, model, device, quiet, {"--quantize": quantize is not Quantize.none, "--compile": compile_step is True})
     text = read_prompt(prompt, prompt_opt, file, no_stdin, invalid_utf8, quiet)
     if text is None:
         sys.stderr.write(ctx.get_usage() + "\n")

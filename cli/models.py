@@ -66,6 +66,7 @@ class Loaded:
     params: int
     quantize: str = "none"  # --quantize: the numbers are then the quantized model's
     kernels: dict[str, int] = field(default_factory=dict)  # linear layers per "Class:kernel": the path that runs
+    pulled: bool = False  # pulled by this run (which then builds its compiled step: cli/speed.py)
 
 
 def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False, quantize: str = "none") -> Loaded:
@@ -77,7 +78,7 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
     if quantize != "none" and dev.type != "cpu":
         # Measured on an H200: int8 decoded at 200 tok/s against bfloat16's 908 (compiled); no int4 kernel here beats it.
         raise AttnError(f"--quantize {quantize} runs on the CPU only; on {dev.type} use --dtype bfloat16 (faster there)")
-    path = ensure_model(spec, quiet=quiet)  # a name, a directory, a .gguf or a hub id; pulls the default once
+    path, pulled = ensure_model(spec, quiet=quiet)  # a name, a directory, a .gguf or a hub id; pulls the default once
     cfg = ModelConfig.from_dir(path)
     tokenizer = Tokenizer(path)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -112,7 +113,7 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
         kernels = dict(layer_kernels(model))
     # The name outputs carry: the registry name or hub id as given; for a directory, its own name.
     name = path.name if spec and Path(spec).expanduser().exists() else spec or DEFAULT_MODEL
-    return Loaded(model, tokenizer, cfg, path, name, dev, dt, (time.perf_counter() - t0) * 1e3, params, quantize, kernels)
+    return Loaded(model, tokenizer, cfg, path, name, dev, dt, (time.perf_counter() - t0) * 1e3, params, quantize, kernels, pulled)
 
 
 def oom_message(path: Path, device: torch.device, dtype: torch.dtype) -> str:
@@ -190,11 +191,12 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def ensure_model(spec: str | None, *, quiet: bool = False) -> Path:
-    """The model directory for --model, pulling the default (with progress on stderr) on first use."""
+def ensure_model(spec: str | None, *, quiet: bool = False) -> tuple[Path, bool]:
+    """The model directory for --model, pulling the default (with progress on stderr) on first use; and
+    whether it was pulled now."""
     start = time.monotonic()
     with StderrProgress(quiet=quiet) as progress:
         path = resolve_model(spec, progress=progress)
     if progress.called and not quiet:
         note(f"pulled {spec or DEFAULT_MODEL} to {path} ({size_text(dir_size(path))}, {time.monotonic() - start:.1f} s)")
-    return path
+    return path, progress.called

@@ -294,7 +294,7 @@ def _launch(tp: int, model: str | None, device: str, quiet: bool) -> int:
             raise UsageError(f"--device {device}: with --tp each process uses its own GPU (cuda:0 … cuda:{tp - 1}); use --device cuda")
         if torch.cuda.device_count() < tp:
             raise UsageError(f"--tp {tp} on CUDA needs {tp} GPUs; this machine has {torch.cuda.device_count()}")
-    path = ensure_model(model, quiet=quiet)  # pulled here, once, not by N processes at once
+    path, _ = ensure_model(model, quiet=quiet)  # pulled here, once, not by N processes at once
     check_split(ModelConfig.from_dir(path), tp, path.name if model is None or os.path.exists(os.path.expanduser(model)) else model)
 
     import logging

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import choice, note
-from cli.models import Loaded
+from cli.common import Dtype, choice, note
+from cli.models import Loaded, open_model
 from model.quant import layer_kernels
 from model.errors import AttnError
 
@@ -35,33 +35,70 @@ QuantizeOpt = Annotated[
     ),
 ]
 CompileOpt = Annotated[
-    bool,
-    typer.Option("--compile/--no-compile", help="Compile the one-token step: on CPU each distinct block, with the final norm and a float head, ahead of time by AOTInductor (≈ 12–16 s the first time for a model and mode; kept in $ATTN_HOME/aoti, later runs load it in well under a second), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. On the CPU it decodes ≈ 1.6–2× faster than eager in float32 and with --quantize (README, Performance)."),
+    Optional[bool],
+    typer.Option(
+        "--compile/--no-compile",
+        envvar="ATTN_COMPILE",
+        show_default=False,
+        help=(
+            "Compile the one-token step: on CPU each distinct block, with the final norm and a float head, ahead of time by "
+            "AOTInductor (≈ 12–16 s the first time for a model and mode; kept in $ATTN_HOME/aoti, later runs load it in well "
+            "under a second), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. On the "
+            "CPU it decodes ≈ 1.6–2× faster than eager in float32 and with --quantize (README, Performance). "
+            "[default: on the CPU, load the step when an earlier run (or `attn pull`, or the run that pulled the model) built it "
+            "for this model and mode, else eager; --no-compile: always eager]"
+        ),
+    ),
 ]
 ThreadsOpt = Annotated[
     Optional[int], typer.Option("--threads", min=1, help="CPU threads for PyTorch. [default: PyTorch's choice]", show_default=False)
 ]
 
 
-def apply_speed_options(m: Loaded, compile_step: bool, max_len: int, quiet: bool = False) -> float | None:
+def apply_speed_options(m: Loaded, compile_step: bool | None, max_len: int, quiet: bool = False) -> float | None:
     """Compile the loaded (and maybe quantized: open_model's `quantize`) model's step in place; the compile
-    time in seconds, None when not compiled."""
-    if not compile_step:
+    time in seconds, None when not compiled. `compile_step` None (the default): on the CPU, load the step
+    where it was built before for this model and mode, or build it where this run pulled the model; else eager."""
+    if compile_step is False:
         return None
+    build = compile_step is True
+    if compile_step is None:
+        if m.device.type != "cpu" or m.model.shard is not None:
+            return None
+        build = m.pulled
     from model.compile import CompileFailed, compile_decode_step
     from weights.files import attn_home
 
     # inductor's own cache (kernels, the torch.compile fallback) beside the models outlives the /tmp default.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(attn_home() / "inductor"))
 
-    note("compiling the one-token step (CPU: ≈ 12–16 s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
+    if build:
+        note("compiling the one-token step (CPU: ≈ 12–16 s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
     try:
-        seconds = compile_decode_step(m.model, max_len, cache_dir=attn_home() / "aoti")
+        seconds = compile_decode_step(m.model, max_len, cache_dir=attn_home() / "aoti", build=build)
     except CompileFailed as e:
-        note(f"warning: --compile failed, running eager ({e})", quiet)
+        if build:
+            note(f"warning: compiling failed, running eager ({e})", quiet)
         return None
     m.kernels = dict(layer_kernels(m.model))  # the compiled step multiplies plain weights where packed ones were
     return seconds
+
+
+def prepare_step(spec: str, quiet: bool = False) -> None:
+    """`attn pull`'s last stage: the model's float32 step for this CPU (the default mode of `generate` and `bench`)
+    built ahead of time, so that later runs load it; nothing when it is built already."""
+    from model.compile import CompileFailed, compile_decode_step
+    from weights.files import attn_home
+
+    m = open_model(spec, "cpu", Dtype.auto, quiet=True)
+    try:
+        compile_decode_step(m.model, 8, cache_dir=attn_home() / "aoti", build=False)
+        return
+    except CompileFailed:  # not built yet (nothing was changed)
+        pass
+    seconds = apply_speed_options(m, True, 8, quiet)
+    if seconds is not None:
+        note(f"one-token step built for this CPU in {seconds:.1f} s; later runs load it from $ATTN_HOME/aoti (--no-compile: eager)", quiet)
 
 
 def set_threads(threads: int | None) -> None:

@@ -8,6 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -15,6 +16,7 @@ from rich.table import Table
 from cli.common import choice, epilog, note, size_text
 from cli.main import app
 from cli.models import StderrProgress, dir_size
+from cli.speed import prepare_step
 from model.errors import UsageError
 from weights.gguf import convert_gguf
 from weights.files import is_model_dir, list_models, models_dir
@@ -46,19 +48,32 @@ def pull_cmd(
     force: Annotated[bool, typer.Option("--force", help="Download and convert again even when present.")] = False,
     dtype: DtypeOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")] = False,
+    compile_step: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--compile/--no-compile",
+            envvar="ATTN_COMPILE",
+            show_default=False,
+            help="Also build the model's float32 one-token step for this CPU ahead of time (≈ 12–16 s, once), which later "
+            "`generate` and `bench` runs load by default. [default: on where there is no CUDA device]",
+        ),
+    ] = None,
 ) -> None:
-    """Make a model available locally under $ATTN_HOME/models (atomic; a second pull does nothing)."""
+    """Make a model available locally under $ATTN_HOME/models (atomic; a second pull does nothing), with its
+    compiled one-token step for this CPU."""
     name = model or DEFAULT_MODEL
     existing = None if force else find_local(name)
     if existing is not None:
         if not quiet:
             note(f"{name} is already pulled: {existing} (--force redoes it)")
-        return
-    start = time.monotonic()
-    with StderrProgress(quiet=quiet) as progress:
-        path = pull(name, force=force, progress=progress, dtype=dtype.value if dtype else None)
-    if not quiet:
-        note(f"{name} ready: {path} ({size_text(dir_size(path))}, {time.monotonic() - start:.1f} s)")
+    else:
+        start = time.monotonic()
+        with StderrProgress(quiet=quiet) as progress:
+            path = pull(name, force=force, progress=progress, dtype=dtype.value if dtype else None)
+        if not quiet:
+            note(f"{name} ready: {path} ({size_text(dir_size(path))}, {time.monotonic() - start:.1f} s)")
+    if compile_step or (compile_step is None and not torch.cuda.is_available()):
+        prepare_step(name, quiet)
 
 
 @app.command("models")

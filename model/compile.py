@@ -1,4 +1,4 @@
-"""Compiling the one-token decode step (opt-in: `--compile`), with a fallback to eager.
+"""Compiling the one-token decode step (`--compile`; on the CPU a run also loads one built before), with a fallback to eager.
 
 Only the step generation repeats hundreds of times is compiled: `Decoder.step`, the one-token
 `Decoder.forward(..., last_only=True)`.
@@ -12,6 +12,8 @@ Only the step generation repeats hundreds of times is compiled: `Decoder.step`, 
   AOTInductor into a package kept there, keyed by torch version, the CPU's features, the block's code and
   settings, and its tensors' shapes, strides and dtypes (so by model and mode); a later run loads it in
   milliseconds and compiles nothing. The block's weights and cache are the package's inputs, so one package serves every block alike.
+  A build that succeeds leaves a `ready-*.json` beside the packages, keyed by the model as it is opened, so that
+  a later run can tell before changing anything whether it only has to load (`build=False`: the CLI's default).
 - CUDA: one token's work is ≈ 600 small kernels, and launching them costs more than running
   them. The step runs in its static-shape form (the position is a device tensor, the whole cache
   is read with a mask: `Decoder.step`), is compiled by inductor with static shapes, and is
@@ -47,38 +49,76 @@ class CompileFailed(RuntimeError):
     """torch.compile could not build the step (no C++ compiler, unsupported platform, …)."""
 
 
-def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = None) -> float:
+def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = None, build: bool = True) -> float:
     """Compile `model`'s one-token step for a cache of `max_len` positions (set up here); seconds taken.
 
     Generation reuses a cache that is long enough, so the step built here serves it; a longer
     generation sets up a new cache, which costs one recompilation (CPU) or a new capture (CUDA).
     With `cache_dir` (CPU) the blocks are built ahead of time once and kept there (AotStep), or
-    through torch.compile where that fails. Raises CompileFailed (model left eager).
+    through torch.compile where that fails. With `build=False` the packages are only loaded: where
+    an earlier build did not leave them all for this model and mode, CompileFailed comes at once,
+    before the model is touched. Raises CompileFailed (model left eager).
     """
     model.setup_cache(max(max_len, 3))
     t0 = time.perf_counter()
     if model.device.type == "cuda":
+        if not build:
+            raise CompileFailed("on CUDA nothing is built ahead of time")
         model.decode_step = GraphStep(model)
     else:
+        ready = ready_file(model, cache_dir) if cache_dir is not None and model.shard is None else None
+        if not build and (ready is None or not _is_ready(ready)):
+            raise CompileFailed("not built for this model and mode")
         unpacked = unpack(model)  # oneDNN's packed weights are opaque to inductor: plain layers again
         try:
-            model.decode_step = _cpu_step(model, cache_dir)
+            model.decode_step = step = _cpu_step(model, cache_dir, build)
         except CompileFailed:
             if unpacked:
                 pack(model)
             raise
+        if ready is not None and isinstance(step, AotStep):
+            _mark_ready(ready, step.packages)
     return time.perf_counter() - t0
 
 
-def _cpu_step(model: Decoder, cache_dir: Path | None) -> BuiltStep:
+def _cpu_step(model: Decoder, cache_dir: Path | None, build: bool = True) -> BuiltStep:
     """The ahead-of-time step where there is a folder for its packages (not under --tp), else or where it
-    cannot be built, the torch.compile one."""
+    cannot be built, the torch.compile one (only when building)."""
     if cache_dir is not None and model.shard is None:
         try:
-            return AotStep(model, cache_dir)
+            return AotStep(model, cache_dir, build)
         except CompileFailed:
-            pass
+            if not build:
+                raise
     return InductorStep(model)
+
+
+def ready_file(model: Decoder, cache_dir: Path) -> Path:
+    """Where a build records the packages a model, as opened (packed, quantized: its mode), runs with: keyed by
+    torch, the CPU, attn's model code, and the model's modules, settings, and tensors' names, shapes and dtypes
+    (the cache and RoPE tables aside, which depend on the length asked for). Cheap: nothing is compiled or moved."""
+    modules = [(n, type(m).__qualname__, {k: v for k, v in _settings(m).items() if k != "cache_len"}) for n, m in model.named_modules()]
+    named = [*model.named_parameters(), *model.named_buffers()]
+    tensors = [(n, list(t.shape), str(t.dtype)) for n, t in named if not n.endswith((".k", ".v")) and not n.startswith("rope_")]
+    files = sorted(Path(__file__).parent.rglob("*.py"))
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, code, modules, tensors], default=str)
+    return Path(cache_dir) / f"ready-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+
+
+def _is_ready(ready: Path) -> bool:
+    try:
+        names = json.loads(ready.read_text())["packages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(names) and all((ready.parent / n).is_file() for n in names)
+
+
+def _mark_ready(ready: Path, packages: list[Path]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=ready.parent, suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"packages": [p.name for p in packages]}, f)
+    os.replace(tmp, ready)
 
 
 class BuiltStep:
@@ -205,8 +245,9 @@ class AotStep(BuiltStep):
     float32 39–43 against 20 eager.
     """
 
-    def __init__(self, model: Decoder, cache_dir: Path) -> None:
+    def __init__(self, model: Decoder, cache_dir: Path, build: bool = True) -> None:
         self.cache_dir = Path(cache_dir)
+        self.build_missing = build  # False: only load (a package not there fails the step)
         self.packages: list[Path] = []  # the packages the last build uses, one per kind of block
         self.built: list[Path] = []  # those of them it compiled (not loaded from the folder)
         super().__init__(model)
@@ -242,7 +283,10 @@ class AotStep(BuiltStep):
             try:
                 return _load_package(path)
             except Exception:  # cut short, or from another build of torch: built again
-                pass
+                if not self.build_missing:
+                    raise
+        if not self.build_missing:
+            raise FileNotFoundError(f"{path} is not built")
         import torch._inductor.config  # (not loaded by the load path above)
 
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():

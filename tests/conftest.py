@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
+
+# The suite runs eagerly unless a test says otherwise (--compile, or ATTN_COMPILE in its env): by default the CLI
+# loads a compiled step an earlier run built into $ATTN_HOME/aoti, and `attn pull` builds one.
+os.environ["ATTN_COMPILE"] = "0"
 
 try:  # the real default model, pulled once per machine (tests/realmodel.py)
     from tests.realmodel import real_model_dir  # noqa: F401

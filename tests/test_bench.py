@@ -89,6 +89,36 @@ def test_generate_compile_prints_the_same_tokens(attn, tiny_llama):
     assert "compiling the one-token step" in compiled.err
 
 
+def test_the_default_loads_a_step_built_before_and_pull_builds_it(attn, tiny_llama, tmp_path, monkeypatch):
+    """With neither --compile nor --no-compile (nor ATTN_COMPILE), a CPU run loads the step an earlier run built for
+    the model and mode, else runs eagerly and builds nothing; `attn pull` builds it (≈ 10 s: a folder of its own, so
+    that the session's package tests still build theirs)."""
+    from cli.main import app
+    from typer.testing import CliRunner
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "tiny").symlink_to(tiny_llama)
+    monkeypatch.setenv("ATTN_HOME", str(home))
+    monkeypatch.delenv("ATTN_COMPILE")
+    args = ["generate", "-m", "tiny", "--raw", "--temp", "0", "-n", "12", "--ignore-eos", "--json", "hello"]
+    eager = attn([*args, "--no-compile"])
+    d = bench_json(attn, "tiny")
+    assert d["compile"] is False and not (home / "aoti").exists()  # nothing built, nothing said
+    r = CliRunner().invoke(app, ["pull", "tiny"])
+    assert r.exit_code == 0 and "already pulled" in r.stderr and "one-token step built" in r.stderr, r.output
+    assert len(list((home / "aoti").glob("ready-*.json"))) == 1
+    r = CliRunner().invoke(app, ["pull", "tiny"])
+    assert r.exit_code == 0 and "built" not in r.stderr, r.output  # found built: nothing to do
+    d = bench_json(attn, "tiny")
+    assert d["compile"] is True and d["compile_s"] < 5
+    loaded = attn(args)
+    assert loaded.code == 0 and "compiling" not in loaded.err and json.loads(loaded.out)["text"] == json.loads(eager.out)["text"]
+    assert bench_json(attn, "tiny", "--no-compile")["compile"] is False
+    monkeypatch.setenv("ATTN_COMPILE", "0")
+    assert bench_json(attn, "tiny")["compile"] is False
+
+
 def test_bench_says_which_kernels_ran_and_the_forced_generic_path(attn, tiny_llama):
     d = bench_json(attn, tiny_llama, "--quantize", "int4", "--no-quality")
     layers = 4 * 2  # qkv, o, gate_up, down in each of 2 layers; the head stays 8-bit

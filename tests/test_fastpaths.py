@@ -388,6 +388,37 @@ def test_ahead_of_time_step_is_built_once_and_gives_the_same_tokens(tiny_models,
     assert batch_tokens(again, ps, [7, 4, 9, 2]) == batch_tokens(eager, ps, [7, 4, 9, 2])
 
 
+def test_loading_only_touches_nothing_where_nothing_is_built(tiny_models, aot_dir, tmp_path):
+    """build=False (the CLI's default): with no build recorded for this model and mode it fails at once and
+    leaves the model as it was (packed, eager); after a build it loads the packages, compiling nothing, and
+    gives eager's tokens. The record is keyed by the model as opened: int8 is not float32's."""
+    from model.compile import CompileFailed, compile_decode_step, ready_file
+    from model.quant import PackedLinear
+
+    path = tiny_models["llama"][0]
+    eager = packed_model(path)
+    prompt = prompt_for(eager)
+    model = packed_model(path)
+    with pytest.raises(CompileFailed, match="not built"):
+        compile_decode_step(model, len(prompt) + 8, cache_dir=tmp_path, build=False)
+    assert getattr(model, "decode_step", None) is None and isinstance(model.lm_head, PackedLinear) and list(tmp_path.iterdir()) == []
+    try:
+        compile_decode_step(model, len(prompt) + 8, cache_dir=aot_dir)  # built, or loaded from the tests above
+    except CompileFailed as e:
+        pytest.skip(f"torch.compile unavailable here: {e}")
+    opened = packed_model(path)
+    opened.setup_cache(len(prompt) + 40)  # the record does not depend on the cache's length
+    assert ready_file(opened, aot_dir).is_file()
+    compile_decode_step(opened, len(prompt) + 40, cache_dir=aot_dir, build=False)
+    assert opened.decode_step.built == [] and greedy(opened, prompt, 16) == greedy(eager, prompt, 16)
+
+    int8 = quantize_int8(load_model(path))
+    int8.setup_cache(8)
+    assert not ready_file(int8, aot_dir).exists()
+    with pytest.raises(CompileFailed):
+        compile_decode_step(int8, 8, cache_dir=aot_dir, build=False)
+
+
 def test_a_broken_package_is_built_again(tiny_models, aot_dir, monkeypatch):
     """A package cut short (a full disk, a killed run) is built again, not trusted, and not fatal. (The build
     here hands back the good package's bytes: compiling itself is tested above.)"""
