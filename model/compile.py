@@ -75,6 +75,8 @@ def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = N
         except CompileFailed:
             if unpacked:
                 pack(model)
+            if not build and ready is not None:
+                ready.unlink(missing_ok=True)  # a package there but not loadable: later runs need not try again
             raise
         if ready is not None and isinstance(step, AotStep):
             _mark_ready(ready, step.packages)

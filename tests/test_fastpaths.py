@@ -408,7 +408,8 @@ def test_loading_only_touches_nothing_where_nothing_is_built(tiny_models, aot_di
         pytest.skip(f"torch.compile unavailable here: {e}")
     opened = packed_model(path)
     opened.setup_cache(len(prompt) + 40)  # the record does not depend on the cache's length
-    assert ready_file(opened, aot_dir).is_file()
+    ready = ready_file(opened, aot_dir)  # (keyed by the model as opened: before the step unpacks it)
+    assert ready.is_file()
     compile_decode_step(opened, len(prompt) + 40, cache_dir=aot_dir, build=False)
     assert opened.decode_step.built == [] and greedy(opened, prompt, 16) == greedy(eager, prompt, 16)
 
@@ -417,6 +418,17 @@ def test_loading_only_touches_nothing_where_nothing_is_built(tiny_models, aot_di
     assert not ready_file(int8, aot_dir).exists()
     with pytest.raises(CompileFailed):
         compile_decode_step(int8, 8, cache_dir=aot_dir, build=False)
+
+    # A package that cannot be loaded (cut short): eager again, packed as before, and the record dropped.
+    [package] = opened.decode_step.packages
+    for f in (package, ready):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / package.name).write_bytes(package.read_bytes()[:1000])
+    broken = packed_model(path)
+    with pytest.raises(CompileFailed):
+        compile_decode_step(broken, 8, cache_dir=tmp_path, build=False)
+    assert getattr(broken, "decode_step", None) is None and isinstance(broken.lm_head, PackedLinear)
+    assert not (tmp_path / ready.name).exists() and greedy(broken, prompt, 8) == greedy(eager, prompt, 8)
 
 
 def test_a_broken_package_is_built_again(tiny_models, aot_dir, monkeypatch):
