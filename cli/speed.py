@@ -90,7 +90,11 @@ def prepare_step(spec: str, quiet: bool = False) -> None:
     from model.compile import CompileFailed, compile_decode_step
     from weights.files import attn_home
 
-    m = open_model(spec, "cpu", Dtype.auto, quiet=True)
+    try:
+        m = open_model(spec, "cpu", Dtype.auto, quiet=True)
+    except AttnError as e:  # the pull itself succeeded: the model is there, only its step is not
+        note(f"warning: the one-token step was not built ({e})", quiet)
+        return
     try:
         compile_decode_step(m.model, 8, cache_dir=attn_home() / "aoti", build=False)
         return

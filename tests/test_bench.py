@@ -118,6 +118,15 @@ def test_the_default_loads_a_step_built_before_and_pull_builds_it(attn, tiny_lla
     monkeypatch.setenv("ATTN_COMPILE", "0")
     assert bench_json(attn, "tiny")["compile"] is False
 
+    # A model that is there but cannot be opened: the pull is still a success, its step a warning.
+    broken = home / "models" / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}')
+    (broken / "model.safetensors").write_bytes(b"")
+    monkeypatch.delenv("ATTN_COMPILE")
+    r = CliRunner().invoke(app, ["pull", "broken"])
+    assert r.exit_code == 0 and "already pulled" in r.stderr and "warning: the one-token step was not built" in r.stderr, r.output
+
 
 def test_bench_says_which_kernels_ran_and_the_forced_generic_path(attn, tiny_llama):
     d = bench_json(attn, tiny_llama, "--quantize", "int4", "--no-quality")
