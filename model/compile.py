@@ -97,14 +97,14 @@ def _cpu_step(model: Decoder, cache_dir: Path | None, build: bool = True) -> Bui
 
 def ready_file(model: Decoder, cache_dir: Path) -> Path:
     """Where a build records the packages a model, as opened (packed, quantized: its mode), runs with: keyed by
-    torch, the CPU, attn's model code, and the model's modules, settings, and tensors' names, shapes and dtypes
-    (the cache and RoPE tables aside, which depend on the length asked for). Cheap: nothing is compiled or moved."""
+    torch, the CPU, and the model's modules, settings, and tensors' names, shapes and dtypes (the cache and RoPE
+    tables aside, which depend on the length asked for). Cheap: nothing is compiled or moved. attn's code is not
+    in it: the packages' own keys have it, so after a change to the blocks' code the record names packages the
+    step no longer finds, and the first run that tries drops the record (compile_decode_step)."""
     modules = [(n, type(m).__qualname__, {k: v for k, v in _settings(m).items() if k != "cache_len"}) for n, m in model.named_modules()]
     named = [*model.named_parameters(), *model.named_buffers()]
     tensors = [(n, list(t.shape), str(t.dtype)) for n, t in named if not n.endswith((".k", ".v")) and not n.startswith("rope_")]
-    files = sorted(Path(__file__).parent.rglob("*.py"))
-    code = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
-    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, code, modules, tensors], default=str)
+    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, modules, tensors], default=str)
     return Path(cache_dir) / f"ready-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 
 
@@ -480,11 +480,11 @@ def _block_tensors(block: Block) -> tuple[list[str], list[torch.Tensor]]:
 
 
 def _package_key(block: Block, names: list[str], tensors: list[torch.Tensor], rope: list[torch.Tensor], tail: _Tail | None) -> str:
-    """What a package's code depends on: torch, the CPU, attn's source for the block's parts (and the tail's),
+    """What a package's code depends on: torch, the CPU, attn's source for the block's parts (and the tail's, and this file's),
     each part's settings (a window, an eps, a kernel), and the shapes, strides and dtypes of its inputs (the cache's
     length and the head's vocabulary aside): a weight in (out, in) storage is multiplied by other code than one in (in, out)."""
     modules = [*block.named_modules(), *([("tail.norm", tail.norm), ("tail.head", tail.layer)] if tail is not None else [])]
-    files = sorted({inspect.getsourcefile(type(m)) for _, m in modules} | {inspect.getsourcefile(Block)})
+    files = sorted({inspect.getsourcefile(type(m)) for _, m in modules} | {inspect.getsourcefile(Block), __file__})  # (_OneBlock, _Tail)
     code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files if f)).hexdigest()
     settings = [(n, type(m).__qualname__, _settings(m)) for n, m in modules]
     free = {n: 2 for n in names if n.endswith(("cache.k", "cache.v"))} | {n: 1 for n in names if n == _HEAD}  # dims kept before a free size

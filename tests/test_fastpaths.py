@@ -430,6 +430,15 @@ def test_loading_only_touches_nothing_where_nothing_is_built(tiny_models, aot_di
     assert getattr(broken, "decode_step", None) is None and isinstance(broken.lm_head, PackedLinear)
     assert not (tmp_path / ready.name).exists() and greedy(broken, prompt, 8) == greedy(eager, prompt, 8)
 
+    # A record naming packages of another build of attn's code (whose keys differ): the same.
+    (tmp_path / package.name).unlink()
+    (tmp_path / "0ld.pt2").write_bytes(package.read_bytes())
+    (tmp_path / ready.name).write_text('{"packages": ["0ld.pt2"]}')
+    stale = packed_model(path)
+    with pytest.raises(CompileFailed):
+        compile_decode_step(stale, 8, cache_dir=tmp_path, build=False)
+    assert isinstance(stale.lm_head, PackedLinear) and not (tmp_path / ready.name).exists()
+
 
 def test_a_broken_package_is_built_again(tiny_models, aot_dir, monkeypatch):
     """A package cut short (a full disk, a killed run) is built again, not trusted, and not fatal. (The build
