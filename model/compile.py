@@ -117,10 +117,21 @@ def _is_ready(ready: Path) -> bool:
 
 
 def _mark_ready(ready: Path, packages: list[Path]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=ready.parent, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"packages": [p.name for p in packages]}, f)
-    os.replace(tmp, ready)
+    """Write the record (whole or not at all). A folder that cannot take it (read-only, full: the packages were
+    loaded, not built) only means that later runs do not load them by default."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=ready.parent, suffix=".json")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"packages": [p.name for p in packages]}, f)
+        os.replace(tmp, ready)
+    except OSError:
+        pass
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 class BuiltStep:

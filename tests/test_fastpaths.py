@@ -466,3 +466,26 @@ def test_a_broken_package_is_built_again(tiny_models, aot_dir, monkeypatch):
     compile_decode_step(model, len(prompt) + 8, cache_dir=aot_dir)
     assert len(builds) == 1 and model.decode_step.built == [package] and package.read_bytes() == good
     assert greedy(model, prompt, 8) == greedy(packed_model(path), prompt, 8)
+
+
+def test_a_folder_that_cannot_take_the_record_is_not_an_error(tmp_path, monkeypatch):
+    """The record is written whole or not at all; where it cannot be written (a read-only folder the packages
+    were loaded from), compiling still succeeds and later runs only do not load by default."""
+    import tempfile as tf
+
+    from model.compile import _is_ready, _mark_ready
+
+    package = tmp_path / "p.pt2"
+    package.write_bytes(b"x")
+    _mark_ready(tmp_path / "ready-a.json", [package])
+    assert _is_ready(tmp_path / "ready-a.json")
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tf, "mkstemp", read_only)
+    _mark_ready(tmp_path / "ready-b.json", [package])
+    monkeypatch.undo()
+    monkeypatch.setattr("model.compile.os.replace", read_only)
+    _mark_ready(tmp_path / "ready-c.json", [package])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pt2", "ready-a.json"]
