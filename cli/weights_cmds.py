@@ -59,8 +59,8 @@ def pull_cmd(
         ),
     ] = None,
 ) -> None:
-    """Make a model available locally under $ATTN_HOME/models (atomic; a second pull does nothing), with its
-    compiled one-token step for this CPU."""
+    """Make a model available locally under $ATTN_HOME/models (atomic; a second pull downloads nothing), with its
+    compiled one-token step for this CPU (built where it is missing)."""
     name = model or DEFAULT_MODEL
     existing = None if force else find_local(name)
     if existing is not None:
