@@ -101,7 +101,7 @@ def ready_file(model: Decoder, cache_dir: Path) -> Path:
     tables aside, which depend on the length asked for). Cheap: nothing is compiled or moved. attn's code is not
     in it: the packages' own keys have it, so after a change to the blocks' code the record names packages the
     step no longer finds, and the first run that tries drops the record (compile_decode_step)."""
-    modules = [(n, type(m).__qualname__, {k: v for k, v in _settings(m).items() if k != "cache_len"}) for n, m in model.named_modules()]
+    modules = [(n, type(m).__qualname__, _settings(m)) for n, m in model.named_modules()]
     named = [*model.named_parameters(), *model.named_buffers()]
     tensors = [(n, list(t.shape), str(t.dtype)) for n, t in named if not n.endswith((".k", ".v")) and not n.startswith("rope_")]
     text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, modules, tensors], default=str)
@@ -517,9 +517,11 @@ def _cpu_flags() -> str:
 
 
 def _settings(m: nn.Module) -> dict:
-    """A module's plain settings (a block's position in the model, `index`, changes nothing it computes)."""
+    """A module's plain settings (a block's position in the model, `index`, and the size of the cache set up now,
+    `cache_len` and `cache_rows`, change nothing it computes)."""
     kinds = (bool, int, float, str, tuple, torch.dtype, type(None))
-    return {k: repr(v) for k, v in sorted(vars(m).items()) if not k.startswith("_") and k not in ("training", "index") and isinstance(v, kinds)}
+    skip = ("training", "index", "cache_len", "cache_rows")
+    return {k: repr(v) for k, v in sorted(vars(m).items()) if not k.startswith("_") and k not in skip and isinstance(v, kinds)}
 
 
 class GraphStep(BuiltStep):
