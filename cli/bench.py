@@ -155,8 +155,7 @@ def bench_cmd(
         raise AttnError(f"prompt ({max(prompt_lens)}) + generated ({n_gen}) tokens exceed the model's context ({m.cfg.max_len})")
     compile_s = apply_speed_options(m, compile_step, max_len, quiet)
     # Resident, quantized or not, as the timed runs hold them (compiling unpacks oneDNN's layout); not the cache.
-    named = [*m.model.named_parameters(), *m.model.named_buffers()]
-    weights_mb = sum(t.numel() * t.element_size() for n, t in named if not n.endswith((".k", ".v")) and not n.startswith("rope_")) / 2**20
+    weights_mb = sum(t.numel() * t.element_size() for _, t in m.model.weights()) / 2**20
     if compile_s is None:
         m.model.setup_cache(max_len)
     kv_mb = sum(b.numel() * b.element_size() for n, b in m.model.named_buffers() if n.endswith((".k", ".v"))) / 2**20

@@ -102,8 +102,7 @@ def ready_file(model: Decoder, cache_dir: Path) -> Path:
     in it: the packages' own keys have it, so after a change to the blocks' code the record names packages the
     step no longer finds, and the first run that tries drops the record (compile_decode_step)."""
     modules = [(n, type(m).__qualname__, _settings(m)) for n, m in model.named_modules()]
-    named = [*model.named_parameters(), *model.named_buffers()]
-    tensors = [(n, list(t.shape), str(t.dtype)) for n, t in named if not n.endswith((".k", ".v")) and not n.startswith("rope_")]
+    tensors = [(n, list(t.shape), str(t.dtype)) for n, t in model.weights()]
     text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, modules, tensors], default=str)
     return Path(cache_dir) / f"ready-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 

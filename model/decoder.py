@@ -81,6 +81,12 @@ class Decoder(nn.Module):
             self.embed_scale = float(torch.tensor(self.cfg.embed_scale, dtype=dtype))
         self.cache_len, self.cache_rows = max_len, batch
 
+    def weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The parameters and buffers that hold the model itself, by name: not the KV cache nor the RoPE tables,
+        which `setup_cache` sizes for the length asked for."""
+        named = [*self.named_parameters(), *self.named_buffers()]
+        return [(n, t) for n, t in named if not n.endswith((".k", ".v")) and not n.startswith("rope_")]
+
     @property
     def dtype(self) -> torch.dtype:
         """The activations' dtype (the norms stay in it even when linear weights are quantized)."""
