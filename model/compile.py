@@ -28,6 +28,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import tempfile
 import threading
 import time
@@ -251,9 +252,9 @@ class AotStep(BuiltStep):
     around them, as with InductorStep, but no dynamo runs (no tracing on later runs, no guards on each call).
 
     A package takes one row at an integer position (≥ 1): a batch's rows at their own positions (a position
-    tensor) go through the blocks eagerly. Measured on the default model (Zen4, 2 threads): first use 12.7–16.3 s
-    for a model and mode (export 1.0 s; most of the rest is g++ on the package's C++ wrapper, 8–9 s, with its
-    kernels, 3 s, beside it), later runs 5 ms to load; int4 decode 83–98 tok/s against 65 through torch.compile,
+    tensor) go through the blocks eagerly. Measured on the default model (Zen4, 2 threads): first use 10.9–13.0 s
+    for float32 (export 1.1–1.3 s; the largest part is g++ on the package's C++ wrapper, 5–6.5 s, with its
+    kernels, 2.3–3 s, beside it), later runs 5 ms to load; int4 decode 83–98 tok/s against 65 through torch.compile,
     float32 39–43 against 20 eager.
     """
 
@@ -339,25 +340,43 @@ class AotStep(BuiltStep):
 #   compiles about as fast without them;
 # - vector ISA taken from the CPU's flags, without inductor's test builds of each ISA (≈ 10 s on a new machine;
 #   a toolchain that cannot build for it fails the package instead, and the step falls back);
-# - no line tables (-g1, for profilers). The C++ wrapper stays at -O1: at -O0 it compiles ≈ 1.5 s faster (of 8–9 s,
-#   3.1 s of it parsing torch's headers) but costs ≈ 1.1 ms a token (A/B in one process, 24–27 ms).
+# - no line tables (-g1, for profilers);
+# - the C++ wrapper at -Og (inductor's default -O1; -O0 compiles as fast but costs ≈ 1.1 ms a token), and without the
+#   flags only the kernels need (_lean_wrapper).
 # These options: the default model's first build 27.6–29.1 → 15.9–16.4 s; with the wrapper and kernels compiled
-# side by side (_compiles_beside_each_other), 13.5–14.8 s.
-BUILD_OPTIONS = {"aot_inductor.precompile_headers": False, "cpp.vec_isa_ok": True, "aot_inductor.enable_line_tables": False}
+# side by side (_compiles_beside_each_other), 13.5–14.8 s; with the lean wrapper and the ISA test builds side by
+# side, 10.9–13.0 s (against 13.4–15.8 s in the same series).
+BUILD_OPTIONS = {
+    "aot_inductor.precompile_headers": False,
+    "cpp.vec_isa_ok": True,
+    "aot_inductor.enable_line_tables": False,
+    "aot_inductor.compile_wrapper_opt_level": "Og",
+}
 
 
 def _probe_vector_isa() -> None:
     """What inductor picks its vector ISA by (cached for the process), with the build options (which inductor
-    keeps per thread)."""
-    import torch._inductor.cpu_vec_isa
+    keeps per thread). Its test builds (one per ISA the CPU has: AVX2, AVX-512, AVX-512 VNNI each try bfloat16,
+    ≈ 0.6 s apiece, one after the other) run side by side first, each ISA's answer cached on it."""
+    import torch._inductor.config as inductor
+    import torch._inductor.cpu_vec_isa as vec
 
-    with torch._inductor.config.patch(BUILD_OPTIONS):
-        torch._inductor.cpu_vec_isa.pick_vec_isa()
+    def probe(isa=None) -> None:
+        with inductor.patch(BUILD_OPTIONS):
+            bool(isa) if isa is not None else vec.pick_vec_isa()
+
+    has = getattr(vec, "x86_isa_checker", list)()
+    each = [threading.Thread(target=probe, args=(isa,), daemon=True) for isa in getattr(vec, "supported_vec_isa_list", []) if has and all(f in has for f in str(isa).split())]
+    for t in each:
+        t.start()
+    for t in each:
+        t.join()
+    probe()
 
 
 @contextmanager
 def _compiles_beside_each_other() -> Iterator[None]:
-    """inductor compiles a package's C++ wrapper and then its kernels, one after the other (8–9 s and 3 s here):
+    """inductor compiles a package's C++ wrapper and then its kernels, one after the other (5–6.5 s and 2.3–3 s here):
     while this is open, those two compile-only builds start in the background, so the kernels compile on the
     other core beside the wrapper; the next build (the weights' object, then the link) waits for both and
     raises their errors. Builds of other names run as before."""
@@ -367,12 +386,22 @@ def _compiles_beside_each_other() -> Iterator[None]:
     pending: list[Future] = []
 
     def build(builder: CppBuilder) -> None:
-        if getattr(builder, "_compile_only", False) and str(getattr(builder, "_name", "")).endswith((".wrapper", ".kernel")):
-            pending.append(pool.submit(original, builder))
+        name = str(getattr(builder, "_name", ""))
+        if getattr(builder, "_compile_only", False) and name.endswith((".wrapper", ".kernel")):
+            pending.append(pool.submit(_lean_build if name.endswith(".wrapper") else original, builder))
             return
         while pending:
             pending.pop(0).result()
         original(builder)
+
+    def _lean_build(builder: CppBuilder) -> None:
+        full = builder.get_command_line
+        builder.get_command_line = lambda: _lean_wrapper(full())
+        try:
+            original(builder)
+        except Exception:  # a compiler or torch the lean flags do not suit: as inductor writes it
+            builder.get_command_line = full
+            original(builder)
 
     with ThreadPoolExecutor(2) as pool:
         CppBuilder.build = build
@@ -382,6 +411,16 @@ def _compiles_beside_each_other() -> Iterator[None]:
                 pending.pop(0).result()
         finally:
             CppBuilder.build = original
+
+
+def _lean_wrapper(command: str) -> str:
+    """g++'s command for a package's C++ wrapper without what only slows it down: the wrapper calls the kernels
+    (compiled apart, with the CPU's vector flags) and torch's C shim, so it needs neither the vector ISA flags
+    (-march=native, -mavx512*: their intrinsics headers are parsed for nothing) nor C++20's larger standard
+    headers, nor the warnings. Measured on a 2-core Zen4 (the default model's wrapper, 3 runs each): 6.7–7.0 s →
+    5.0–5.7 s, and with -Og (BUILD_OPTIONS) 4.4–4.7 s; decode the same (21.6–23.2 ms a token against 21.3–25.8)."""
+    command = command.replace("-std=c++20", "-std=c++17").replace(" -Wall", " -w").replace(" -pedantic", "")
+    return re.sub(r" -march=native| -mavx\w*| -mfma\b| -mamx[\w-]*", "", command)
 
 
 class _OneBlock(nn.Module):

@@ -489,3 +489,36 @@ def test_a_folder_that_cannot_take_the_record_is_not_an_error(tmp_path, monkeypa
     monkeypatch.setattr("model.compile.os.replace", read_only)
     _mark_ready(tmp_path / "ready-c.json", [package])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pt2", "ready-a.json"]
+
+
+def test_the_wrapper_compiles_lean_or_else_as_inductor_writes_it(tmp_path, monkeypatch):
+    """A package's C++ wrapper is compiled without the vector ISA flags, C++20 and the warnings (the kernels keep
+    them: they hold the vector code); where that command fails (another compiler, another torch's headers), with
+    inductor's own."""
+    import torch._inductor.cpp_builder as cb
+
+    from model.compile import _compiles_beside_each_other, _lean_wrapper
+
+    full = "g++ w.cpp -D CPU_CAPABILITY_AVX512 -Og -march=native -fPIC -Wall -std=c++20 -pedantic -fopenmp -mavx512f -mavx512vl -mfma -mamx-tile -c -o w.o"
+    assert _lean_wrapper(full) == "g++ w.cpp -D CPU_CAPABILITY_AVX512 -Og -fPIC -w -std=c++17 -fopenmp -c -o w.o"
+
+    ran = []
+    real_run = cb.run_compile_cmd
+
+    def run(cmd, cwd):
+        ran.append(cmd)
+        return real_run(cmd, cwd)
+
+    monkeypatch.setattr(cb, "run_compile_cmd", run)
+    (tmp_path / "x.cpp").write_text("int f() { return 1; }\n")
+
+    def build(name: str) -> Path:
+        builder = cb.CppBuilder(name=name, sources=[str(tmp_path / "x.cpp")], output_dir=str(tmp_path), BuildOption=cb.CppOptions(compile_only=True))
+        with _compiles_beside_each_other():
+            builder.build()
+        return Path(builder.get_target_file_path())
+
+    assert build("a.wrapper").is_file() and len(ran) == 1 and " -w " in ran[0]
+    ran.clear()
+    monkeypatch.setattr("model.compile._lean_wrapper", lambda command: command + " -fno-such-flag-in-any-compiler")
+    assert build("b.wrapper").is_file() and len(ran) == 2 and "-fno-such-flag" in ran[0] and "-fno-such-flag" not in ran[1]
