@@ -150,7 +150,7 @@ def bench_cmd(
     set_threads(threads)
     prompt_lens = prompt_lens or [64]
     max_len = max(prompt_lens) + n_gen
-    m = open_model(model, device, dtype, quiet, quantize.value)
+    m = open_model(model, device, dtype, quiet, quantize.value, defer_packing=True)
     if max_len > m.cfg.max_len:
         raise AttnError(f"prompt ({max(prompt_lens)}) + generated ({n_gen}) tokens exceed the model's context ({m.cfg.max_len})")
     compile_s = apply_speed_options(m, compile_step, max_len, quiet)

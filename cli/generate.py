@@ -126,7 +126,7 @@ def generate_cmd(
     if logprobs is not None and not (json_out or jsonl):
         raise UsageError("--logprobs needs --json or --jsonl")
 
-    m = open_model(model, device, dtype, quiet, quantize.value)
+    m = open_model(model, device, dtype, quiet, quantize.value, defer_packing=True)
     settings = sampling_settings(m.path, load_generation_config(m.path), temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
     use_chat = chat if chat is not None else bool(m.tokenizer.chat_template)
     ids = encode_prompt_text(m, text, use_chat, system)[0]

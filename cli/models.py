@@ -67,11 +67,16 @@ class Loaded:
     quantize: str = "none"  # --quantize: the numbers are then the quantized model's
     kernels: dict[str, int] = field(default_factory=dict)  # linear layers per "Class:kernel": the path that runs
     pulled: bool = False  # pulled by this run (which then builds its compiled step: cli/speed.py)
+    packing_deferred: bool = False  # opened with defer_packing and not packed yet (cli/speed.py packs it if it runs eagerly)
 
 
-def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False, quantize: str = "none") -> Loaded:
+def open_model(
+    spec: str | None, device: str, dtype: Dtype, quiet: bool = False, quantize: str = "none", defer_packing: bool = False
+) -> Loaded:
     """Resolve, load and check a model; with `quantize` (int8, int4) its linear layers are quantized as
-    they load — the float weights a GGUF's own blocks replace are never read."""
+    they load — the float weights a GGUF's own blocks replace are never read. With `defer_packing` the float
+    weights stay in their plain (out, in) storage, the layout a compiled step reads: cli/speed.py packs them
+    only where the run goes on eagerly (packing and unpacking again cost ≈ 0.5 s and 0.5 GB at peak)."""
     t0 = time.perf_counter()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -108,12 +113,13 @@ def open_model(spec: str | None, device: str, dtype: Dtype, quiet: bool = False,
             note(f"int4: {sum(n for k, n in kernels.items() if k.startswith('Int4'))} layers from {source}; the head 8-bit", quiet)
         if forced_generic():
             note("ATTN_KERNELS=generic: quantized layers dequantize on every call (slow; for testing)", quiet)
-    elif will_pack:
+    elif will_pack and not defer_packing:
         pack(model)
         kernels = dict(layer_kernels(model))
     # The name outputs carry: the registry name or hub id as given; for a directory, its own name.
     name = path.name if spec and Path(spec).expanduser().exists() else spec or DEFAULT_MODEL
-    return Loaded(model, tokenizer, cfg, path, name, dev, dt, (time.perf_counter() - t0) * 1e3, params, quantize, kernels, pulled)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    return Loaded(model, tokenizer, cfg, path, name, dev, dt, load_ms, params, quantize, kernels, pulled, will_pack and defer_packing)
 
 
 def oom_message(path: Path, device: torch.device, dtype: torch.dtype) -> str:

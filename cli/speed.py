@@ -4,6 +4,7 @@ definitions, and compiling. Quantizing happens as the model is opened (cli/model
 from __future__ import annotations
 
 import os
+import time
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -11,7 +12,7 @@ import typer
 
 from cli.common import Dtype, choice, note
 from cli.models import Loaded, open_model
-from model.quant import layer_kernels
+from model.quant import layer_kernels, pack
 from model.errors import AttnError
 
 
@@ -58,7 +59,19 @@ ThreadsOpt = Annotated[
 def apply_speed_options(m: Loaded, compile_step: bool | None, max_len: int, quiet: bool = False) -> float | None:
     """Compile the loaded (and maybe quantized: open_model's `quantize`) model's step in place; the compile
     time in seconds, None when not compiled. `compile_step` None (the default): on the CPU, load the step
-    where it was built before for this model and mode, or build it where this run pulled the model; else eager."""
+    where it was built before for this model and mode, or build it where this run pulled the model; else eager.
+    A model opened with `defer_packing` is packed here where it runs eagerly (the time counted in its load)."""
+    seconds = _compiled_step(m, compile_step, max_len, quiet)
+    if seconds is None and m.packing_deferred:
+        t0 = time.perf_counter()
+        pack(m.model)
+        m.load_ms += (time.perf_counter() - t0) * 1e3
+        m.kernels = dict(layer_kernels(m.model))
+    m.packing_deferred = False
+    return seconds
+
+
+def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bool) -> float | None:
     if compile_step is False:
         return None
     build = compile_step is True
@@ -91,10 +104,11 @@ def prepare_step(spec: str, quiet: bool = False) -> None:
     from weights.files import attn_home
 
     try:
-        m = open_model(spec, "cpu", Dtype.auto, quiet=True)
+        m = open_model(spec, "cpu", Dtype.auto, quiet=True, defer_packing=True)
     except AttnError as e:  # the pull itself succeeded: the model is there, only its step is not
         note(f"warning: the one-token step was not built ({e})", quiet)
         return
+    m.packing_deferred = False  # this model only builds the step; it never runs eagerly
     try:
         compile_decode_step(m.model, 8, cache_dir=attn_home() / "aoti", build=False)
         return

@@ -105,16 +105,18 @@ def test_the_default_loads_a_step_built_before_and_pull_builds_it(attn, tiny_lla
     eager = attn([*args, "--no-compile"])
     d = bench_json(attn, "tiny")
     assert d["compile"] is False and not (home / "aoti").exists()  # nothing built, nothing said
+    layers = 4 * 2 + 1  # qkv, o, gate_up, down in each of 2 layers, and the head: packed once it runs eagerly
+    assert d["kernels"] == {"PackedLinear:onednn": layers}
     r = CliRunner().invoke(app, ["pull", "tiny"])
     assert r.exit_code == 0 and "already pulled" in r.stderr and "one-token step built" in r.stderr, r.output
     assert len(list((home / "aoti").glob("ready-*.json"))) == 1
     r = CliRunner().invoke(app, ["pull", "tiny"])
     assert r.exit_code == 0 and "built" not in r.stderr, r.output  # found built: nothing to do
     d = bench_json(attn, "tiny")
-    assert d["compile"] is True and d["compile_s"] < 5
+    assert d["compile"] is True and d["compile_s"] < 5 and d["kernels"] == {}  # never packed: the packages read plain weights
     loaded = attn(args)
     assert loaded.code == 0 and "compiling" not in loaded.err and json.loads(loaded.out)["text"] == json.loads(eager.out)["text"]
-    assert bench_json(attn, "tiny", "--no-compile")["compile"] is False
+    assert bench_json(attn, "tiny", "--no-compile")["kernels"] == {"PackedLinear:onednn": layers}
     monkeypatch.setenv("ATTN_COMPILE", "0")
     assert bench_json(attn, "tiny")["compile"] is False
 
