@@ -54,7 +54,7 @@ def pull_cmd(
             "--compile/--no-compile",
             envvar="ATTN_COMPILE",
             show_default=False,
-            help="Also build the model's float32 one-token step for this CPU ahead of time (≈ 11–13 s, once), which later "
+            help="Also build the model's float32 one-token step for this CPU ahead of time (≈ 11–16 s, once), which later "
             "`generate` and `bench` runs load by default. [default: on where there is no CUDA device]",
         ),
     ] = None,
