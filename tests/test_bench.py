@@ -155,3 +155,28 @@ def test_bench_batch_sizes(attn, tiny_llama):
     for bad in (["--batch", "0"], ["--batch", "a"], ["--batch", "2", "--compare", "transformers"]):
         r = attn(["bench", "-m", str(tiny_llama), *bad])
         assert r.code == 2 and r.err.startswith("attn: error: --"), r
+
+
+def test_a_run_that_cannot_compile_packs_the_model_it_opened_plain(tiny_llama, tmp_path, monkeypatch):
+    """generate and bench open the model plain (the layout the compiled step reads) and pack it only where the run
+    goes on eagerly: here the step cannot be built, so the weights end up packed, as for any eager run, and the
+    packing counts in the load time."""
+    import model.compile
+    from cli.common import Dtype
+    from cli.models import open_model
+    from cli.speed import apply_speed_options
+    from model.quant import PackedLinear
+
+    monkeypatch.setenv("ATTN_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    m = open_model(str(tiny_llama), "cpu", Dtype.auto, quiet=True, defer_packing=True)
+    assert m.packing_deferred and m.kernels == {} and not any(isinstance(x, PackedLinear) for x in m.model.modules())
+
+    def fail(*args, **kwargs):
+        raise model.compile.CompileFailed("no C++ compiler here")
+
+    monkeypatch.setattr(model.compile, "compile_decode_step", fail)
+    before = m.load_ms
+    assert apply_speed_options(m, True, 16, quiet=True) is None
+    assert m.kernels == {"PackedLinear:onednn": 4 * 2 + 1} and not m.packing_deferred and m.load_ms > before
+    assert apply_speed_options(m, False, 16, quiet=True) is None and m.kernels == {"PackedLinear:onednn": 9}  # packed once
