@@ -362,8 +362,11 @@ def _probe_vector_isa() -> None:
     import torch._inductor.cpu_vec_isa as vec
 
     def probe(isa=None) -> None:
-        with inductor.patch(BUILD_OPTIONS):
-            bool(isa) if isa is not None else vec.pick_vec_isa()
+        try:
+            with inductor.patch(BUILD_OPTIONS):
+                bool(isa) if isa is not None else vec.pick_vec_isa()
+        except Exception:  # (a thread's traceback would reach stderr) the build picks the ISA itself, and fails there if it must
+            pass
 
     has = getattr(vec, "x86_isa_checker", list)()
     each = [threading.Thread(target=probe, args=(isa,), daemon=True) for isa in getattr(vec, "supported_vec_isa_list", []) if has and all(f in has for f in str(isa).split())]
