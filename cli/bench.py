@@ -154,7 +154,7 @@ def bench_cmd(
     if max_len > m.cfg.max_len:
         raise AttnError(f"prompt ({max(prompt_lens)}) + generated ({n_gen}) tokens exceed the model's context ({m.cfg.max_len})")
     compile_s = apply_speed_options(m, compile_step, max_len, quiet)
-    # Resident, quantized or not, as the timed runs hold them (compiling unpacks oneDNN's layout); not the cache.
+    # Resident, quantized or not, as the timed runs hold them (packed for oneDNN when eager, plain under a compiled step); not the cache.
     weights_mb = sum(t.numel() * t.element_size() for _, t in m.model.weights()) / 2**20
     if compile_s is None:
         m.model.setup_cache(max_len)
