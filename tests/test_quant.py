@@ -246,3 +246,13 @@ def test_compiled_quantized_step_gives_the_eager_tokens(tiny_llama, mode, ahead,
         pytest.skip(f"torch.compile unavailable here: {e}")
     assert type(model.decode_step).__name__ == ("AotStep" if ahead else "InductorStep")
     assert [s.id for s in generate(model, prompt, 16, greedy)] == want
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_cpu_features_name_amx_where_torch_finds_its_tiles(monkeypatch, amx):
+    """`attn bench` and the package keys say "+ AMX" exactly where torch's probe finds AMX tiles (torch 2.13
+    probes in torch.cpu; the probe in torch._C._cpu that attn read before is gone, so AMX machines read none)."""
+    from model.quant.kernels import cpu_features
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert cpu_features() == torch.backends.cpu.get_cpu_capability() + (" + AMX" if amx else "")

@@ -34,5 +34,6 @@ def int4_kernel(device: torch.device) -> str:
 def cpu_features() -> str:
     """What PyTorch's CPU kernels dispatch on here: its vector ISA level, and AMX tiles when present."""
     level = torch.backends.cpu.get_cpu_capability()
-    amx = getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)()
+    # torch.cpu's probe (torch 2.13 has it there only: torch._C._cpu's went away, and the AMX machines read "no AMX")
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False))()
     return level + (" + AMX" if amx else "")
