@@ -176,6 +176,7 @@ def note(message: str, quiet: bool = False) -> None:
 
 
 TERMINATED = False  # set by the SIGTERM handler: an interruption then exits 143, not 130
+SIGNALLED = False  # set by the SIGINT and SIGTERM handlers, as well as raised: a loop that checks it stops even where a library swallowed the KeyboardInterrupt
 
 
 class PipeClosed(Exception):

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from cli import common
 from cli.common import (
     epilog,
     ChatOpt,
@@ -177,6 +178,8 @@ def run(gen: Generation, mode: str, stream: bool) -> int:
     try:
         for tok in gen:
             show(tok)
+            if common.SIGNALLED:  # the signal's KeyboardInterrupt was lost inside a library call
+                raise KeyboardInterrupt
     except NonFiniteLogits as e:
         raise AttnError(f"{e}; try --dtype float32") from None
     except KeyboardInterrupt:

@@ -112,20 +112,29 @@ _terminated = False
 def _on_sigterm(signum, frame) -> None:
     global _terminated
     _terminated = True
-    from cli import common
+    _on_sigint(signum, frame)
 
-    common.TERMINATED = True
+
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C (and SIGTERM): raise KeyboardInterrupt, and leave a flag that generation checks between tokens
+    (`common.SIGNALLED`), in case the exception lands inside a library that swallows it."""
+    common = sys.modules.get("cli.common")
+    if common is not None:
+        common.SIGNALLED = True
+        common.TERMINATED = common.TERMINATED or _terminated
     raise KeyboardInterrupt
 
 
 def main() -> None:
     """Console-script entry point: run the app, map every failure to one stderr line and an exit code."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         _register()  # inside the try: Ctrl-C while torch is still importing also ends quietly
         from cli import common
 
         common.VERBOSE = False  # one run per process from the console script; tests run many
+        common.SIGNALLED = False
         code = app(prog_name="attn", standalone_mode=False)
         code = code if isinstance(code, int) else 0
     except typer.TyperException as e:  # typer's own usage errors (bad flag, bad value, missing argument)

@@ -246,8 +246,19 @@ def slow_model(tmp_path_factory, tokenizer_json) -> Path:
 
 
 def spawn(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}  # (finish: where a hung process is)
     return subprocess.Popen(ATTN + args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def finish(p: subprocess.Popen, timeout: float = 60) -> tuple[bytes, bytes]:
+    """communicate(), but a process still running after `timeout` is aborted and the test fails with every
+    thread's stack (Python's faulthandler prints them on SIGABRT) and how much it wrote meanwhile."""
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        out, err = p.communicate(timeout=30)
+        pytest.fail(f"still running {timeout} s after the signal ({len(out)} bytes on stdout); its stacks:\n{err.decode(errors='replace')[-6000:]}")
 
 
 def test_closed_pipe_exits_141_silently(slow_model):
@@ -270,7 +281,7 @@ def test_sigint_flushes_partial_text_and_exits_130(slow_model):
     first = p.stdout.read1(1)  # generation has started
     assert first, p.communicate(timeout=60)[1].decode()  # (once, on a loaded 2.0 GHz CI run, it ended with nothing: say why)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    out, err = finish(p)
     assert p.returncode == 130, err
     assert "Traceback" not in err.decode() and "Aborted" not in err.decode()
     assert (first + out).endswith(b"\n") and len(first + out) > 1
@@ -280,7 +291,7 @@ def test_sigint_with_json_still_writes_the_object(slow_model):
     p = spawn(["generate", "-m", str(slow_model), "--raw", "--temp", "1", "--ignore-eos", "-n", "15000", "--jsonl", "hello"], stdin=subprocess.DEVNULL)
     assert p.stdout.readline()  # a token event: generation has started
     p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=60)
+    out, err = finish(p)
     assert p.returncode == 143, err
     done = json.loads(out.decode().splitlines()[-1])
     assert done["type"] == "done" and done["finish_reason"] == "interrupted"
@@ -294,7 +305,7 @@ def test_sigint_at_any_moment_exits_130_quietly(slow_model, delay):
               stdin=subprocess.DEVNULL)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    out, err = finish(p)
     if p.returncode == 1 and b"init_import_site" in err:  # a loaded machine: Python itself was still starting
         pytest.skip("SIGINT landed inside the interpreter's own start-up, before any of attn's code ran")
     assert p.returncode == 130, err
@@ -319,3 +330,29 @@ def test_stdout_closed_before_any_output_exits_141_silently(slow_model):
     code = p.wait(timeout=120)
     err = p.stderr.read().decode()
     assert code == 141 and err == ""
+
+
+def test_a_swallowed_interrupt_still_stops_generation(monkeypatch, capsys):
+    """Ctrl-C's KeyboardInterrupt can land inside a library call that swallows it; the handler's flag
+    (cli.common.SIGNALLED) stops the loop at the next token all the same, the text so far flushed."""
+    from cli import common
+    from cli.generate import run
+    from model.engine import Token
+
+    class Stream:  # a generation whose interrupt was swallowed after its second token
+        sent = 0
+
+        def __iter__(self):
+            for i in range(1000):
+                self.sent += 1
+                if i == 1:
+                    common.SIGNALLED = True
+                yield Token(i, f"t{i} ")
+
+        def interrupted(self) -> str:
+            return "\n"
+
+    monkeypatch.setattr(common, "SIGNALLED", False)
+    stream = Stream()
+    assert run(stream, "text", True) == 130
+    assert stream.sent == 2 and capsys.readouterr().out == "t0 t1 \n"
