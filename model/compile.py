@@ -44,6 +44,7 @@ from torch import nn
 
 from model.decoder import Block, Decoder, Linear, Span
 from model.quant import cpu_features, pack, unpack
+from model.quant.kernels import one_row_kernel
 
 
 class CompileFailed(RuntimeError):
@@ -98,13 +99,14 @@ def _cpu_step(model: Decoder, cache_dir: Path | None, build: bool = True) -> Bui
 
 def ready_file(model: Decoder, cache_dir: Path) -> Path:
     """Where a build records the packages a model, as opened (packed, quantized: its mode), runs with: keyed by
-    torch, the CPU, and the model's modules, settings, and tensors' names, shapes and dtypes (the cache and RoPE
-    tables aside, which depend on the length asked for). Cheap: nothing is compiled or moved. attn's code is not
+    torch, the CPU (and the layout its one-row products read, kernels.one_row_kernel), and the model's modules,
+    settings, and tensors' names, shapes and dtypes (the cache and RoPE tables aside, which depend on the length
+    asked for). Cheap: nothing is compiled or moved. attn's code is not
     in it: the packages' own keys have it, so after a change to the blocks' code the record names packages the
     step no longer finds, and the first run that tries drops the record (compile_decode_step)."""
     modules = [(n, type(m).__qualname__, _settings(m)) for n, m in model.named_modules()]
-    tensors = [(n, list(t.shape), str(t.dtype)) for n, t in model.weights()]
-    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, modules, tensors], default=str)
+    tensors = [(n, list(t.shape), str(t.dtype), t.is_contiguous()) for n, t in model.weights()]
+    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), one_row_kernel(), BUILD_OPTIONS, modules, tensors], default=str)
     return Path(cache_dir) / f"ready-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 
 
@@ -467,7 +469,8 @@ class _Tail:
         self.names = [f"tail.norm.{n}" for n, _ in named] + [_HEAD]
         self.norm_tensors = [t for _, t in named]
         self.head = head
-        self.stand_in = torch.zeros(2, head.shape[0], dtype=head.dtype).t()  # (in, 2) over (2, in) storage
+        # (in, 2) stored as the head is, (2, in) or (in, 2): one package serves both
+        self.stand_in = torch.zeros(head.shape[0], 2, dtype=head.dtype) if head.is_contiguous() else torch.zeros(2, head.shape[0], dtype=head.dtype).t()
         with torch.device("meta"):
             self.layer = Linear(head.shape[0], 2, bias=False)  # its forward, with the head's weight as an input
 
@@ -482,9 +485,10 @@ class _Tail:
 
 def _foldable_head(model: Decoder) -> torch.Tensor | None:
     """The head's float weight, where the head can run inside the packages: a plain layer (as `unpack` leaves a
-    packed one) in (out, in) storage, without a bias."""
+    packed one) stored (out, in) or (in, out) (model.quant.kernels.one_row_kernel), without a bias."""
     head = model.lm_head
-    if isinstance(head, Linear) and head.bias is None and head.weight.dtype == model.dtype and head.weight.t().is_contiguous():
+    W = getattr(head, "weight", None)
+    if isinstance(head, Linear) and head.bias is None and W.dtype == model.dtype and (W.t().is_contiguous() or W.is_contiguous()):
         return head.weight
     return None
 
@@ -541,7 +545,7 @@ def _package_key(block: Block, names: list[str], tensors: list[torch.Tensor], ro
     settings = [(n, type(m).__qualname__, _settings(m)) for n, m in modules]
     free = {n: 2 for n in names if n.endswith(("cache.k", "cache.v"))} | {n: 1 for n in names if n == _HEAD}  # dims kept before a free size
     shapes = [(n, list(t.shape), t.stride(), str(t.dtype)) for n, t in zip(names, tensors) if n not in free]
-    shapes += [(n, list(t.shape[: free[n]]), str(t.dtype)) for n, t in zip(names, tensors) if n in free]
+    shapes += [(n, list(t.shape[: free[n]]), str(t.dtype), t.is_contiguous()) for n, t in zip(names, tensors) if n in free]
     shapes += [("rope", list(t.shape), str(t.dtype)) for t in rope]
     text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, code, settings, shapes], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]

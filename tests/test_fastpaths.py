@@ -222,22 +222,29 @@ def test_compiled_step_covers_every_block_variant(ahead, tmp_path):
     assert greedy(model, prompt, 12) == want
 
 
-def test_the_head_runs_in_the_packages_where_it_is_a_float_matrix_stored_by_rows(tiny_models):
-    """The final norm and head go into the ahead-of-time packages when the head is a float matrix in (out, in)
-    storage without a bias: a packed tied head once unpacked (its rows, shared with the embedding: no copy), or a
-    plain layer so stored. Quantized heads and (in, out) storage keep the eager head."""
+@pytest.mark.parametrize("one_row", ["reduce", "blas"])
+def test_the_head_runs_in_the_packages_where_it_is_a_float_matrix(tiny_models, monkeypatch, one_row):
+    """The final norm and head go into the ahead-of-time packages when the head is a float matrix without a bias,
+    stored as the compiled one-row products read it (kernels.one_row_kernel): (out, in) for inductor's reduction
+    (a packed tied head once unpacked is its own rows again, shared with the embedding: no copy), (in, out) for
+    BLAS. Quantized heads keep the eager head."""
     from model.compile import _foldable_head
     from model.quant import unpack
 
+    monkeypatch.setenv("ATTN_ONE_ROW", one_row)
     path = tiny_models["llama"][0]  # tied
     packed = packed_model(path)
     rows = packed.lm_head.rows
     unpack(packed)
-    assert _foldable_head(packed).data_ptr() == rows.data_ptr()
+    head = _foldable_head(packed)
+    if one_row == "reduce":
+        assert head.data_ptr() == rows.data_ptr()
+    else:
+        assert head.is_contiguous() and torch.equal(head, rows.t())
     assert torch.equal(packed.embed(torch.tensor([[5, 9]])), rows[[5, 9]][None])
     rows = load_model(path, out_in=True)
     assert _foldable_head(rows) is rows.lm_head.weight
-    assert _foldable_head(load_model(path)) is None  # (in, out) contiguous
+    assert _foldable_head(load_model(path)) is not None  # (in, out) contiguous
     assert _foldable_head(quantize_int8(load_model(path))) is None
 
 
@@ -355,11 +362,13 @@ def packed_model(path):
     return model
 
 
-def test_ahead_of_time_step_is_built_once_and_gives_the_same_tokens(tiny_models, aot_dir):
+def test_ahead_of_time_step_is_built_once_and_gives_the_same_tokens(tiny_models, tmp_path):
     """--compile on the CPU: one package serves every block alike, is kept in the folder, and a later model
     loads it instead of compiling; the tokens are eager's, also after a longer generation (new cache) and
     for a batch (rows at their own positions run the blocks eagerly)."""
     from model.compile import AotStep, CompileFailed, compile_decode_step
+
+    aot_dir = tmp_path / "aoti"  # its own folder: the session's may hold this package already (test order)
 
     path = tiny_models["llama"][0]
     eager = packed_model(path)

@@ -51,7 +51,10 @@ def test_a_tied_head_keeps_its_rows_for_the_embedding_and_others_refuse_columns(
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama_mha", "gpt2"])
-def test_pack_and_unpack_swap_every_linear_and_keep_the_weights(tiny_models, kind):
+def test_pack_and_unpack_swap_every_linear_and_keep_the_weights(tiny_models, kind, monkeypatch):
+    from model.quant.kernels import one_row_kernel
+
+    monkeypatch.setenv("ATTN_ONE_ROW", "reduce" if kind == "llama" else "blas")  # both layouts, whatever the CPU
     path, _ = tiny_models[kind]
     plain = load_model(path)
     weights = {n: m.weight.detach().clone() for n, m in plain.named_modules() if isinstance(m, Linear)}
@@ -68,14 +71,19 @@ def test_pack_and_unpack_swap_every_linear_and_keep_the_weights(tiny_models, kin
     assert unpack(model) == len(weights)  # every layer, the head too (it runs inside the compiled packages)
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
     assert all(torch.equal(model.get_submodule(n).weight, weights[n]) for n in weights)  # bit for bit back
-    assert all(model.get_submodule(n).weight.t().is_contiguous() for n in weights)  # the layout compiled products read
-    assert (model(ids, 0) - want).abs().max().item() <= 1e-5  # eagerly too (oneDNN on the plain (out, in) weights)
+    # the layout the compiled one-row products read: (out, in) for inductor's reduction, (in, out) for BLAS
+    stored = "blas" if all(model.get_submodule(n).weight.is_contiguous() for n in weights) else "reduce"
+    assert stored == one_row_kernel() and (stored == "blas" or all(model.get_submodule(n).weight.t().is_contiguous() for n in weights))
+    assert (model(ids, 0) - want).abs().max().item() <= 1e-5  # eagerly too (oneDNN on (out, in) weights, BLAS on (in, out))
 
 
+@pytest.mark.parametrize("one_row", ["reduce", "blas"])
 @pytest.mark.parametrize("ahead", [False, True], ids=["torch.compile", "aoti"])
-def test_a_compiled_step_takes_plain_layers_and_gives_the_eager_tokens(tiny_llama, ahead, aot_dir):
-    """Compiling swaps the packed layers for plain ones in (out, in) storage, which the compiled one-row product
-    reads as a reduction along each row (the head too: the ahead-of-time packages run it)."""
+def test_a_compiled_step_takes_plain_layers_and_gives_the_eager_tokens(tiny_llama, ahead, aot_dir, monkeypatch, one_row):
+    """Compiling swaps the packed layers for plain ones, stored as the compiled one-row products read them
+    (kernels.one_row_kernel): (out, in) for inductor's reduction along each row, (in, out) for BLAS's `x @ W`
+    (the head too: the ahead-of-time packages run it). Both give the eager tokens."""
+    monkeypatch.setenv("ATTN_ONE_ROW", one_row)
     from model.compile import CompileFailed, compile_decode_step
     from model.generate import generate
     from model.sampling import SamplingSettings
@@ -94,7 +102,8 @@ def test_a_compiled_step_takes_plain_layers_and_gives_the_eager_tokens(tiny_llam
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
     for name, layer in model.named_modules():
         if isinstance(layer, Linear):
-            assert layer.weight.t().is_contiguous() and torch.equal(layer.weight, plain.get_submodule(name).weight)
+            stored = layer.weight.is_contiguous() if one_row == "blas" else layer.weight.t().is_contiguous()
+            assert stored and torch.equal(layer.weight, plain.get_submodule(name).weight)
     assert [s.id for s in generate(model, prompt, 16, greedy)] == want
 
 
@@ -113,3 +122,21 @@ def test_models_open_packed_on_the_cpu_unless_told_otherwise(tiny_llama, monkeyp
     generic = open_model(str(tiny_llama), "cpu", Dtype.float32, quiet=True)
     assert generic.kernels == {} and not any(isinstance(x, PackedLinear) for x in generic.model.modules())
     assert not packs(torch.device("meta"), torch.float32) and not packs(torch.device("cpu"), torch.float16)
+
+
+def test_one_row_layout_choice_and_the_tiled_copy(monkeypatch):
+    """ATTN_ONE_ROW forces the compiled one-row kernel (else: BLAS on Intel CPUs, inductor's reduction elsewhere);
+    `in_out` copies an (in, out) view of (out, in) storage into (in, out) storage, tiled or not, bit for bit."""
+    from model.quant.kernels import one_row_kernel
+    from model.quant.packed import in_out
+
+    for forced in ("blas", "reduce"):
+        monkeypatch.setenv("ATTN_ONE_ROW", forced)
+        assert one_row_kernel() == forced
+    monkeypatch.setenv("ATTN_ONE_ROW", "")
+    intel = "GenuineIntel" in open("/proc/cpuinfo").read()
+    assert one_row_kernel() == ("blas" if intel else "reduce")
+    for n_out, n_in in ((3072, 576), (33, 17), (48, 64)):
+        view = torch.randn(n_out, n_in).t()
+        copy = in_out(view)
+        assert copy.is_contiguous() and torch.equal(copy, view)

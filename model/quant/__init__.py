@@ -18,14 +18,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from model.decoder import Decoder, Linear
 from model.loading import weight_sources
 from model.quant.blocks import Blocks
 from model.quant.int4 import Int4Linear
-from model.quant.kernels import cpu_features, forced_generic
-from model.quant.packed import PackedLinear, packs, release_freed
+from model.quant.kernels import cpu_features, forced_generic, one_row_kernel
+from model.quant.packed import PackedLinear, in_out, packs, release_freed
 from model.quant.q8 import Q8Linear
 
 MODES = ("int8", "int4")
@@ -66,10 +67,17 @@ def pack(model: Decoder) -> int:
 def unpack(model: Decoder) -> int:
     """Plain `Linear`s back in place of the packed ones, for compiling (inductor cannot trace oneDNN's packed
     tensors), with W in (out, in) storage: `Linear.forward`'s compiled one-row reduction reads it, and eagerly
-    (the prefill) oneDNN reads it as it is. The head too: it runs inside the compiled packages
+    (the prefill) oneDNN reads it as it is. Where BLAS makes the compiled one-row products instead
+    (kernels.one_row_kernel: Intel CPUs), every float32 layer's W is stored (in, out), plain ones too. The head
+    too: it runs inside the compiled packages
     (model/compile.py), and a tied head is its own rows again, so the packed copy (113 MiB on the default model)
     is freed; eagerly at one row it takes 5.85 ms against 5.4 packed (49152×576, Zen4 2 threads)."""
     n = swap_linears(model, lambda name, layer: layer.to_linear(), PackedLinear)
+    if one_row_kernel() == "blas":  # plain layers opened in (out, in) storage (deferred packing): (in, out) for BLAS
+        for lin in model.modules():
+            W = getattr(lin, "weight", None)
+            if isinstance(lin, Linear) and W.dtype == torch.float32 and W.device.type == "cpu" and not W.is_contiguous() and W.t().is_contiguous():
+                lin.weight = nn.Parameter(in_out(lin.weight.detach()), requires_grad=False)
     release_freed()
     return n
 

@@ -8,6 +8,11 @@
 - generic: dequantize to the activations' dtype, then a dense product. Correct everywhere, slow;
   used where no packed kernel exists, and forced with ATTN_KERNELS=generic (tests cover it).
 
+- float32 at one row in a compiled step (`one_row_kernel`): BLAS (`x @ W`, one extern call in the package, W
+  stored (in, out)) on Intel CPUs, where MKL streams the weights at 19–26 GB/s; inductor's own vectorized
+  reduction along W stored (out, in) elsewhere (on a Zen4, MKL's one-row product ran on one thread and the
+  reduction was twice as fast). ATTN_ONE_ROW=blas|reduce forces either (tests cover both).
+
 `describe()` says which ran, for `attn bench`.
 """
 
@@ -29,6 +34,22 @@ def int4_kernel(device: torch.device) -> str:
         return "int4pack"
     return GENERIC
 
+
+
+def one_row_kernel() -> str:
+    """How a compiled float32 step multiplies one row by a weight: "blas" (`x @ W`, W stored (in, out)) or "reduce"
+    (inductor's reduction along W stored (out, in)); model.quant.unpack lays the weights out for it. Measured on a
+    2-core Intel Xeon (AMX) over the default model's 121 matrices, weights from memory: 26–28 ms a token through
+    MKL against 44–46 through the reduction."""
+    forced = os.environ.get("ATTN_ONE_ROW", "").strip().lower()
+    if forced in ("blas", "reduce"):
+        return forced
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        vendor = ""
+    return "blas" if vendor == "GenuineIntel" else "reduce"
 
 
 def cpu_features() -> str:

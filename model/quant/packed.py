@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from model.decoder import Linear
-from model.quant.kernels import forced_generic
+from model.quant.kernels import forced_generic, one_row_kernel
 
 KERNEL = "onednn"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -61,13 +61,27 @@ class PackedLinear(nn.Module):
 
     def to_linear(self) -> Linear:
         """The plain layer again, for inductor (which cannot trace the packed tensor): W as an (in, out) view
-        of (out, in) storage, the layout compiled one-row products read."""
+        of (out, in) storage, the layout inductor's one-row reduction reads; or, where BLAS makes the compiled
+        one-row products (kernels.one_row_kernel), W stored (in, out), as `x @ W` reads it fastest."""
         with torch.device("meta"):
             lin = Linear(self.n_in, self.n_out, self.bias is not None)
-        lin.weight = nn.Parameter(self.dense_weight(), requires_grad=False)
+        W = self.dense_weight()  # (in, out) over (out, in) storage
+        lin.weight = nn.Parameter(in_out(W) if W.dtype == torch.float32 and one_row_kernel() == "blas" else W, requires_grad=False)
         if self.bias is not None:
             lin.bias = self.bias
         return lin
+
+
+def in_out(W: torch.Tensor, tile: int = 16) -> torch.Tensor:
+    """W (in, out) over (out, in) storage, copied into (in, out) storage: tile by tile where the sizes allow (a plain
+    `.contiguous()` reads across rows: 10 ms against 3.6 for a 3072×576 float32 weight, the default model's
+    whole 540 MB 0.7 s against ≈ 0.25 s on a 2-core Xeon)."""
+    K, N = W.shape
+    if K % tile or N % tile:
+        return W.contiguous()
+    out = torch.empty(K, N, dtype=W.dtype, device=W.device)
+    out.view(K // tile, tile, N // tile, tile).copy_(W.t().view(N // tile, tile, K // tile, tile).permute(2, 3, 0, 1))
+    return out
 
 
 def release_freed() -> None:
