@@ -80,6 +80,10 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
             return None
         build = m.pulled
     from model.compile import CompileFailed, compile_decode_step
+    import torch
+
+    from model.decoder import Linear
+    from model.quant.kernels import one_row_kernel
     from weights.files import attn_home
 
     # inductor's own cache (kernels, the torch.compile fallback) beside the models outlives the /tmp default.
@@ -94,6 +98,9 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
             note(f"warning: compiling failed, running eager ({e})", quiet)
         return None
     m.kernels = dict(layer_kernels(m.model))  # the compiled step multiplies plain weights where packed ones were
+    plain = sum(isinstance(x, Linear) and x.weight.dtype == torch.float32 for x in m.model.modules())
+    if plain and m.device.type == "cpu":  # how the compiled step multiplies one row by them (kernels.one_row_kernel)
+        m.kernels[f"Linear:{one_row_kernel()}"] = plain
     return seconds
 
 
