@@ -46,7 +46,7 @@ from cli.models import Loaded, open_model, pick_device
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, ThreadsOpt, apply_speed_options, set_threads
 from model.errors import AttnError, UsageError
 from model.engine import Generation, Request, run_batch
-from model.quant.kernels import cpu_features
+from model.quant.kernels import cpu_features, cpuinfo
 from model.generate import generate
 from model.sampling import SamplingSettings
 
@@ -395,20 +395,9 @@ CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "a
 
 def cpu_info() -> dict:
     """The CPU's model name and kernel-relevant features (Linux): what decides llama.cpp's kernels as well as PyTorch's."""
-    name, flags = None, set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = (x.strip() for x in line.partition(":"))
-                if key == "model name" and name is None:
-                    name = value
-                elif key == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:  # not Linux: the name only
-        pass
+    flags = set((cpuinfo("flags") or "").split())
     return {
-        "model": name or platform.processor() or None,
+        "model": cpuinfo("model name") or platform.processor() or None,
         "cores": os.cpu_count(),
         "features": [f for f in CPU_FLAGS if f in flags],
     }

@@ -44,7 +44,7 @@ from torch import nn
 
 from model.decoder import Block, Decoder, Linear, Span
 from model.quant import cpu_features, pack, unpack
-from model.quant.kernels import one_row_kernel
+from model.quant.kernels import cpuinfo, one_row_kernel
 
 
 class CompileFailed(RuntimeError):
@@ -554,11 +554,7 @@ def _package_key(block: Block, names: list[str], tensors: list[torch.Tensor], ro
 def _cpu_flags() -> str:
     """The CPU's instruction-set flags: packages are built with -march=native, so two CPUs PyTorch ranks alike
     (AVX512) may still not run each other's (a home folder shared between machines)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
+    return cpuinfo("flags") or platform.processor()
 
 
 def _settings(m: nn.Module) -> dict:

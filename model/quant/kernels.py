@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 
@@ -44,12 +45,25 @@ def one_row_kernel() -> str:
     forced = os.environ.get("ATTN_ONE_ROW", "").strip().lower()
     if forced in ("blas", "reduce"):
         return forced
+    return "blas" if cpuinfo("vendor_id") == "GenuineIntel" else "reduce"
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    info: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        vendor = ""
-    return "blas" if vendor == "GenuineIntel" else "reduce"
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = (x.strip() for x in line.partition(":"))
+                info.setdefault(key, value)
+    except OSError:  # not Linux
+        pass
+    return info
+
+
+def cpuinfo(field: str) -> str | None:
+    """A field of /proc/cpuinfo as the first CPU lists it ("vendor_id", "model name", "flags"); None where there is none."""
+    return _cpuinfo().get(field)
 
 
 def cpu_features() -> str:
