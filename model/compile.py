@@ -489,7 +489,7 @@ def _foldable_head(model: Decoder) -> torch.Tensor | None:
     head = model.lm_head
     W = getattr(head, "weight", None)
     if isinstance(head, Linear) and head.bias is None and W.dtype == model.dtype and (W.t().is_contiguous() or W.is_contiguous()):
-        return head.weight
+        return W
     return None
 
 

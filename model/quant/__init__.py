@@ -73,7 +73,7 @@ def unpack(model: Decoder) -> int:
     (model/compile.py), and a tied head is its own rows again, so the packed copy (113 MiB on the default model)
     is freed; eagerly at one row it takes 5.85 ms against 5.4 packed (49152×576, Zen4 2 threads)."""
     n = swap_linears(model, lambda name, layer: layer.to_linear(), PackedLinear)
-    if one_row_kernel() == "blas":  # plain layers opened in (out, in) storage (deferred packing): (in, out) for BLAS
+    if one_row_kernel() == "blas":  # every float32 layer, unpacked or opened plain (deferred packing): (in, out) for BLAS
         for lin in model.modules():
             W = getattr(lin, "weight", None)
             if isinstance(lin, Linear) and W.dtype == torch.float32 and W.device.type == "cpu" and not W.is_contiguous() and W.t().is_contiguous():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from model.decoder import Linear
-from model.quant.kernels import forced_generic, one_row_kernel
+from model.quant.kernels import forced_generic
 
 KERNEL = "onednn"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -61,12 +61,11 @@ class PackedLinear(nn.Module):
 
     def to_linear(self) -> Linear:
         """The plain layer again, for inductor (which cannot trace the packed tensor): W as an (in, out) view
-        of (out, in) storage, the layout inductor's one-row reduction reads; or, where BLAS makes the compiled
-        one-row products (kernels.one_row_kernel), W stored (in, out), as `x @ W` reads it fastest."""
+        of (out, in) storage, the layout inductor's one-row reduction reads (model.quant.unpack lays it out
+        (in, out) where BLAS makes the compiled one-row products)."""
         with torch.device("meta"):
             lin = Linear(self.n_in, self.n_out, self.bias is not None)
-        W = self.dense_weight()  # (in, out) over (out, in) storage
-        lin.weight = nn.Parameter(in_out(W) if W.dtype == torch.float32 and one_row_kernel() == "blas" else W, requires_grad=False)
+        lin.weight = nn.Parameter(self.dense_weight(), requires_grad=False)  # (in, out) over (out, in) storage
         if self.bias is not None:
             lin.bias = self.bias
         return lin
