@@ -28,20 +28,18 @@ import inspect
 import json
 import os
 import platform
-import re
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from model.cxx import BUILD_OPTIONS, compiles_beside_each_other, probe_vector_isa
 from model.decoder import Block, Decoder, Linear, Span
 from model.quant import cpu_features, pack, unpack
 from model.quant.kernels import cpuinfo, one_row_kernel
@@ -312,7 +310,7 @@ class AotStep(BuiltStep):
             # The head itself, not the stand-in, is the example: inductor plans loops (which one the cores share) by it.
             examples = (x, torch.empty(3), *[t.clone() for t in rope], *[(tail.head if n == _HEAD else t).clone() for n, t in zip(names, tensors)])
             # inductor's test builds for the CPU's vector extensions (≈ 1.8 s of g++, once per machine) run beside the export.
-            probe = threading.Thread(target=_probe_vector_isa, daemon=True)
+            probe = threading.Thread(target=probe_vector_isa, daemon=True)
             probe.start()
             S, L = torch.export.Dim("S", min=2, max=1 << 20), torch.export.Dim("L", min=3, max=1 << 20)
             V = torch.export.Dim("V", min=2, max=1 << 24)
@@ -324,7 +322,7 @@ class AotStep(BuiltStep):
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2")
             os.close(fd)
             try:
-                with torch._inductor.config.patch(BUILD_OPTIONS), _compiles_beside_each_other():
+                with torch._inductor.config.patch(BUILD_OPTIONS), compiles_beside_each_other(self.cache_dir / "cxx"):
                     torch._inductor.aoti_compile_and_package(program, package_path=tmp)
                 os.replace(tmp, path)  # whole or not at all: another run may be loading from the folder
             finally:
@@ -335,97 +333,6 @@ class AotStep(BuiltStep):
 
     def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         return self.model.step(ids, start)
-
-
-# How packages are built, for a first use that waits less (measured on a 2-core Zen4, empty inductor cache):
-# - precompiled headers off: inductor builds them anew for each package here (≈ 13 s for two), and the wrapper
-#   compiles about as fast without them;
-# - vector ISA taken from the CPU's flags, without inductor's test builds of each ISA (≈ 10 s on a new machine;
-#   a toolchain that cannot build for it fails the package instead, and the step falls back);
-# - no line tables (-g1, for profilers);
-# - the C++ wrapper at -Og (inductor's default -O1; -O0 compiles as fast but costs ≈ 1.1 ms a token), and without the
-#   flags only the kernels need (_lean_wrapper).
-# These options: the default model's first build 27.6–29.1 → 15.9–16.4 s; with the wrapper and kernels compiled
-# side by side (_compiles_beside_each_other), 13.5–14.8 s; with the lean wrapper and the ISA test builds side by
-# side, 10.9–13.0 s (against 13.4–15.8 s in the same series).
-BUILD_OPTIONS = {
-    "aot_inductor.precompile_headers": False,
-    "cpp.vec_isa_ok": True,
-    "aot_inductor.enable_line_tables": False,
-    "aot_inductor.compile_wrapper_opt_level": "Og",
-}
-
-
-def _probe_vector_isa() -> None:
-    """What inductor picks its vector ISA by (cached for the process), with the build options (which inductor
-    keeps per thread). Its test builds (one per ISA the CPU has: AVX2, AVX-512, AVX-512 VNNI each try bfloat16,
-    ≈ 0.6 s apiece, one after the other) run side by side first, each ISA's answer cached on it."""
-    import torch._inductor.config as inductor
-    import torch._inductor.cpu_vec_isa as vec
-
-    def probe(isa=None) -> None:
-        try:
-            with inductor.patch(BUILD_OPTIONS):
-                bool(isa) if isa is not None else vec.pick_vec_isa()
-        except Exception:  # (a thread's traceback would reach stderr) the build picks the ISA itself, and fails there if it must
-            pass
-
-    has = getattr(vec, "x86_isa_checker", list)()
-    each = [threading.Thread(target=probe, args=(isa,), daemon=True) for isa in getattr(vec, "supported_vec_isa_list", []) if has and all(f in has for f in str(isa).split())]
-    for t in each:
-        t.start()
-    for t in each:
-        t.join()
-    probe()
-
-
-@contextmanager
-def _compiles_beside_each_other() -> Iterator[None]:
-    """inductor compiles a package's C++ wrapper and then its kernels, one after the other (5–6.5 s and 2.3–3 s here):
-    while this is open, those two compile-only builds start in the background, so the kernels compile on the
-    other core beside the wrapper; the next build (the weights' object, then the link) waits for both and
-    raises their errors. Builds of other names run as before."""
-    from torch._inductor.cpp_builder import CppBuilder
-
-    original = CppBuilder.build
-    pending: list[Future] = []
-
-    def build(builder: CppBuilder) -> None:
-        name = str(getattr(builder, "_name", ""))
-        if getattr(builder, "_compile_only", False) and name.endswith((".wrapper", ".kernel")):
-            pending.append(pool.submit(_lean_build if name.endswith(".wrapper") else original, builder))
-            return
-        while pending:
-            pending.pop(0).result()
-        original(builder)
-
-    def _lean_build(builder: CppBuilder) -> None:
-        full = builder.get_command_line
-        builder.get_command_line = lambda: _lean_wrapper(full())
-        try:
-            original(builder)
-        except Exception:  # a compiler or torch the lean flags do not suit: as inductor writes it
-            builder.get_command_line = full
-            original(builder)
-
-    with ThreadPoolExecutor(2) as pool:
-        CppBuilder.build = build
-        try:
-            yield
-            while pending:
-                pending.pop(0).result()
-        finally:
-            CppBuilder.build = original
-
-
-def _lean_wrapper(command: str) -> str:
-    """g++'s command for a package's C++ wrapper without what only slows it down: the wrapper calls the kernels
-    (compiled apart, with the CPU's vector flags) and torch's C shim, so it needs neither the vector ISA flags
-    (-march=native, -mavx512*: their intrinsics headers are parsed for nothing) nor C++20's larger standard
-    headers, nor the warnings. Measured on a 2-core Zen4 (the default model's wrapper, 3 runs each): 6.7–7.0 s →
-    5.0–5.7 s, and with -Og (BUILD_OPTIONS) 4.4–4.7 s; decode the same (21.6–23.2 ms a token against 21.3–25.8)."""
-    command = command.replace("-std=c++20", "-std=c++17").replace(" -Wall", " -w").replace(" -pedantic", "")
-    return re.sub(r" -march=native| -mavx\w*| -mfma\b| -mamx[\w-]*", "", command)
 
 
 class _OneBlock(nn.Module):

@@ -506,10 +506,10 @@ def test_the_wrapper_compiles_lean_or_else_as_inductor_writes_it(tmp_path, monke
     inductor's own."""
     import torch._inductor.cpp_builder as cb
 
-    from model.compile import _compiles_beside_each_other, _lean_wrapper
+    from model.cxx import compiles_beside_each_other, lean_wrapper
 
     full = "g++ w.cpp -D CPU_CAPABILITY_AVX512 -Og -march=native -fPIC -Wall -std=c++20 -pedantic -fopenmp -mavx512f -mavx512vl -mfma -mamx-tile -c -o w.o"
-    assert _lean_wrapper(full) == "g++ w.cpp -D CPU_CAPABILITY_AVX512 -Og -fPIC -w -std=c++17 -fopenmp -c -o w.o"
+    assert lean_wrapper(full) == "g++ w.cpp -D CPU_CAPABILITY_AVX512 -Og -fPIC -w -std=c++17 -fopenmp -c -o w.o"
 
     ran = []
     real_run = cb.run_compile_cmd
@@ -523,11 +523,66 @@ def test_the_wrapper_compiles_lean_or_else_as_inductor_writes_it(tmp_path, monke
 
     def build(name: str) -> Path:
         builder = cb.CppBuilder(name=name, sources=[str(tmp_path / "x.cpp")], output_dir=str(tmp_path), BuildOption=cb.CppOptions(compile_only=True))
-        with _compiles_beside_each_other():
+        with compiles_beside_each_other():
             builder.build()
         return Path(builder.get_target_file_path())
 
     assert build("a.wrapper").is_file() and len(ran) == 1 and " -w " in ran[0]
     ran.clear()
-    monkeypatch.setattr("model.compile._lean_wrapper", lambda command: command + " -fno-such-flag-in-any-compiler")
+    monkeypatch.setattr("model.cxx.lean_wrapper", lambda command: command + " -fno-such-flag-in-any-compiler")
     assert build("b.wrapper").is_file() and len(ran) == 2 and "-fno-such-flag" in ran[0] and "-fno-such-flag" not in ran[1]
+
+
+def test_wrappers_share_the_interface_and_the_headers_compiled_once(tiny_models, tmp_path, monkeypatch):
+    """A first build compiles its C++ wrapper whole and keeps what every wrapper shares (the headers' names,
+    AOTInductor's runtime interface, the command); `prepare_headers` (attn pull) compiles those once; a later
+    build compiles only the block's own code, from the precompiled header, links the interface's object in, and
+    gives eager's tokens. A kept object that does not link sends the build back to the whole wrapper."""
+    import torch._inductor.cpp_builder as cb
+
+    from model.compile import CompileFailed, compile_decode_step
+    from model.cxx import prepare_headers
+
+    ran: list[str] = []
+    real_run = cb.run_compile_cmd
+
+    def run(cmd, cwd):
+        ran.append(cmd)
+        return real_run(cmd, cwd)
+
+    monkeypatch.setattr(cb, "run_compile_cmd", run)
+    path = tiny_models["llama"][0]
+    eager = packed_model(path)
+    prompt = prompt_for(eager)
+    shared = tmp_path / "cxx"
+    shared.mkdir()
+
+    def build(name: str) -> list[str]:
+        """The commands a build in a fresh package folder runs (its C++ parts: the shared folder)."""
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "cxx").symlink_to(shared, target_is_directory=True)
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / f"inductor-{name}"))  # nothing from inductor's cache
+        model = packed_model(path)
+        ran.clear()
+        try:
+            compile_decode_step(model, len(prompt) + 8, cache_dir=folder)
+        except CompileFailed as e:
+            pytest.skip(f"torch.compile unavailable here: {e}")
+        assert model.decode_step.built and greedy(model, prompt, 8) == greedy(eager, prompt, 8)
+        return [c for c in ran if ".wrapper" in c or ".own." in c or " -r " in c]
+
+    first = build("a")
+    assert any(".wrapper.cpp" in c for c in first) and not any(".own." in c for c in first)  # whole
+    (kept,) = shared.iterdir()
+    assert sorted(p.suffix for p in kept.iterdir()) == ["", ".cpp", ".h"]  # command, the interface, the headers
+    assert prepare_headers(shared) == 2 and prepare_headers(shared) == 0  # the object and the header, once
+    assert (kept / "aoti.h.gch").is_file() and len(list(kept.glob("interface-*.o"))) == 1
+
+    second = build("b")
+    assert not any(".wrapper.cpp" in c for c in second)  # only the block's own code, then the partial link
+    assert any(".own.cpp" in c for c in second) and any(" -r " in c and "interface-" in c for c in second)
+
+    next(kept.glob("interface-*.o")).write_bytes(b"not an object")
+    third = build("c")  # the link fails: the wrapper compiles whole
+    assert any(" -r " in c for c in third) and any(".wrapper.cpp" in c for c in third)
