@@ -394,10 +394,10 @@ def _foldable_head(model: Decoder) -> torch.Tensor | None:
     """The head's float weight, where the head can run inside the packages: a plain layer (as `unpack` leaves a
     packed one) stored (out, in) or (in, out) (model.quant.kernels.one_row_kernel), without a bias."""
     head = model.lm_head
-    W = getattr(head, "weight", None)
-    if isinstance(head, Linear) and head.bias is None and W.dtype == model.dtype and (W.t().is_contiguous() or W.is_contiguous()):
-        return W
-    return None
+    if not isinstance(head, Linear) or head.bias is not None:  # (a quantized head's `weight` would dequantize it)
+        return None
+    W = head.weight
+    return W if W.dtype == model.dtype and (W.t().is_contiguous() or W.is_contiguous()) else None
 
 
 def _tail_call(model: Decoder, logits: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

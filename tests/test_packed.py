@@ -140,3 +140,25 @@ def test_one_row_layout_choice_and_the_tiled_copy(monkeypatch):
         view = torch.randn(n_out, n_in).t()
         copy = in_out(view)
         assert copy.is_contiguous() and torch.equal(copy, view)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_unpacking_a_quantized_model_never_dequantizes_it(tiny_models, mode, monkeypatch):
+    """Readying a quantized model for the compiled step (unpack, then whether the head folds into the packages)
+    keeps its 4- and 8-bit layers as they are and never reads their dense `weight`, which dequantizes the whole
+    matrix (it once cost the default model's int4 step 2.4 s to load, against 0.06)."""
+    from model.compile import _foldable_head
+    from model.quant import quantize
+    from model.quant.int4 import BlockLinear
+
+    monkeypatch.setenv("ATTN_ONE_ROW", "blas")  # the layout pass that runs over every layer
+    model = load_model(tiny_models["llama"][0])
+    quantize(model, mode)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BlockLinear)}
+
+    def refuse(self):
+        raise AssertionError("dequantized")
+
+    monkeypatch.setattr(BlockLinear, "dense_weight", refuse)
+    unpack(model)
+    assert _foldable_head(model) is None and layers == {n: m for n, m in model.named_modules() if isinstance(m, BlockLinear)}

@@ -75,9 +75,9 @@ def unpack(model: Decoder) -> int:
     n = swap_linears(model, lambda name, layer: layer.to_linear(), PackedLinear)
     if one_row_kernel() == "blas":  # every float32 layer, unpacked or opened plain (deferred packing): (in, out) for BLAS
         for lin in model.modules():
-            W = getattr(lin, "weight", None)
-            if isinstance(lin, Linear) and W.dtype == torch.float32 and W.device.type == "cpu" and not W.is_contiguous() and W.t().is_contiguous():
-                lin.weight = nn.Parameter(in_out(lin.weight.detach()), requires_grad=False)
+            W = lin.weight if isinstance(lin, Linear) else None  # (a quantized layer's `weight` dequantizes it)
+            if W is not None and W.dtype == torch.float32 and W.device.type == "cpu" and not W.is_contiguous() and W.t().is_contiguous():
+                lin.weight = nn.Parameter(in_out(W.detach()), requires_grad=False)
     release_freed()
     return n
 
