@@ -85,7 +85,7 @@ def compiles_beside_each_other(shared: Path | None = None) -> Iterator[None]:
     def build(builder: CppBuilder) -> None:
         name = str(getattr(builder, "_name", ""))
         if getattr(builder, "_compile_only", False) and name.endswith((".wrapper", ".kernel")):
-            pending.append(pool.submit(_lean_build if name.endswith(".wrapper") else original, builder))
+            pending.append(pool.submit(_lean_build if name.endswith(".wrapper") else _kernels_build, builder))
             return
         while pending:
             pending.pop(0).result()
@@ -101,9 +101,13 @@ def compiles_beside_each_other(shared: Path | None = None) -> Iterator[None]:
             builder.get_command_line = full
             original(builder)
 
+    def _kernels_build(builder: CppBuilder) -> None:
+        if not _from_parts(builder):
+            original(builder)
+
     def _from_parts(builder: CppBuilder) -> bool:
-        """The wrapper compiled from the kept parts (True), or else to be compiled whole, its parts kept for
-        `prepare_headers`."""
+        """The wrapper or kernels compiled from the kept parts (True), or else to be compiled whole, the parts
+        kept for `prepare_headers`."""
         source, target = str(getattr(builder, "_sources_args", "")), str(getattr(builder, "_target_file", ""))
         try:
             parts = _Parts.of(source, target, builder.get_command_line(), shared) if shared is not None else None
@@ -111,7 +115,7 @@ def compiles_beside_each_other(shared: Path | None = None) -> Iterator[None]:
             return False
         if parts is None:
             return False
-        if parts.interface_object.exists():
+        if parts.ready():
             try:
                 parts.compile_own(source, target)
                 return True
@@ -143,30 +147,40 @@ def lean_wrapper(command: str) -> str:
 _INTERFACE = "// Definition of AOTI runtime interface functions"  # where AOTInductor's interface starts in a wrapper
 _INTERFACE_END = '\n} // extern "C"\n'  # and ends
 _SOURCE, _TARGET = "@SOURCE@", "@TARGET@"  # in a kept compile command, the paths it compiles from and to
+_KERNELS = "#include <torch/csrc/inductor/cpp_prefix.h>\n"  # what a package's kernels start with (after comments)
+_SHARED = Path(__file__).with_name("aoti_shared.h")  # what the block's code declares and the interface's object instantiates
 
 
 @dataclass
 class _Parts:
-    """A wrapper split into what every package shares (torch's headers, the runtime interface) and the block's own
-    code, with the folder where the shared parts are kept for this torch, command and headers."""
+    """A wrapper or kernels source split into what every package shares (torch's headers; a wrapper's runtime
+    interface) and the block's own code, with the folder where the shared parts are kept for this torch, command
+    and headers."""
 
     folder: Path
-    command: str  # the wrapper's compile command, its source and target replaced by _SOURCE and _TARGET
-    headers: str  # the #include lines before the block's own code: what the precompiled header holds
-    interface: str
-    own: str
+    command: str  # the compile command, its source and target replaced by _SOURCE and _TARGET
+    headers: str  # what the precompiled header holds
+    own: str  # the rest, from the precompiled header on
+    interface: str | None  # a wrapper's runtime interface (None: kernels)
 
     @staticmethod
     def of(source: str, target: str, command: str, shared: Path) -> _Parts | None:
+        if f" {source} " not in command or f" {target}" not in command:
+            return None
+        kept = command.replace(f" {source} ", f" {_SOURCE} ").replace(f" {target}", f" {_TARGET}")
         text = Path(source).read_text()
         start = text.find(_INTERFACE)
         end = text.find(_INTERFACE_END, max(start, 0))
-        if start < 0 or end < 0 or f" {source} " not in command or f" {target}" not in command:
+        if start >= 0 and end >= 0:  # a wrapper
+            end += len(_INTERFACE_END)
+            headers = _SHARED.read_text() + "".join(line + "\n" for line in text[:end].splitlines() if line.startswith("#include"))
+            own, interface = text[end:], text[:end]
+        elif _KERNELS in text and all(not line.strip() or line.startswith("//") for line in text[: text.index(_KERNELS)].splitlines()):  # kernels
+            headers, own, interface = _KERNELS, text.replace(_KERNELS, "", 1), None
+        else:
             return None
-        end += len(_INTERFACE_END)
-        kept = command.replace(f" {source} ", f" {_SOURCE} ").replace(f" {target}", f" {_TARGET}")
-        headers = "".join(line + "\n" for line in text[:end].splitlines() if line.startswith("#include"))
-        return _Parts(shared / _digest(torch.__version__, kept, headers), kept, headers, text[:end], text[end:])
+        folder = shared / _digest(torch.__version__, kept, headers)
+        return _Parts(folder, kept, headers, own, interface)
 
     @property
     def header(self) -> Path:
@@ -174,12 +188,21 @@ class _Parts:
 
     @property
     def interface_object(self) -> Path:
-        return self.folder / f"interface-{_digest(self.interface)}.o"
+        return self.folder / f"interface-{_digest(self.interface or '')}.o"
+
+    def ready(self) -> bool:
+        """Whether compiling from the parts saves time: a wrapper's interface is compiled (its headers may be
+        precompiled too), the kernels' headers are precompiled."""
+        return self.interface_object.exists() if self.interface is not None else self.header.with_name("aoti.h.gch").exists()
 
     def compile_own(self, source: str, target: str) -> None:
-        """The wrapper's object from the block's own code (on the precompiled headers, where built) and the kept interface."""
+        """The object from the block's own code (on the precompiled headers, where built) and, for a wrapper, the
+        kept interface's object, linked together."""
         own = Path(source).with_suffix(".own.cpp")
         own.write_text(f'#include "{self.header}"\n{self.own}')
+        if self.interface is None:
+            _run(self._command(str(own), target))
+            return
         _run(self._command(str(own), str(own.with_suffix(".o"))))
         _run(f"{self.command.split()[0]} -r -nostdlib {self.interface_object} {own.with_suffix('.o')} -o {target}")
 
@@ -189,7 +212,8 @@ class _Parts:
             self.folder.mkdir(parents=True, exist_ok=True)
             _write_atomically(self.header, self.headers)
             _write_atomically(self.folder / "command", self.command)
-            _write_atomically(self.interface_object.with_suffix(".cpp"), self.interface)
+            if self.interface is not None:
+                _write_atomically(self.interface_object.with_suffix(".cpp"), f"#define ATTN_REGEX_KIND template\n{_SHARED.read_text()}{self.interface}")
         except OSError:  # only a cache
             pass
 

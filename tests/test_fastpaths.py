@@ -533,11 +533,11 @@ def test_the_wrapper_compiles_lean_or_else_as_inductor_writes_it(tmp_path, monke
     assert build("b.wrapper").is_file() and len(ran) == 2 and "-fno-such-flag" in ran[0] and "-fno-such-flag" not in ran[1]
 
 
-def test_wrappers_share_the_interface_and_the_headers_compiled_once(tiny_models, tmp_path, monkeypatch):
-    """A first build compiles its C++ wrapper whole and keeps what every wrapper shares (the headers' names,
-    AOTInductor's runtime interface, the command); `prepare_headers` (attn pull) compiles those once; a later
-    build compiles only the block's own code, from the precompiled header, links the interface's object in, and
-    gives eager's tokens. A kept object that does not link sends the build back to the whole wrapper."""
+def test_packages_share_the_interface_and_the_headers_compiled_once(tiny_models, tmp_path, monkeypatch):
+    """A first build compiles its C++ wrapper and kernels whole and keeps what every package shares (the headers'
+    names, AOTInductor's runtime interface, the commands); `prepare_headers` (attn pull) compiles those once; a
+    later build compiles only the block's own code, from the precompiled headers, links the interface's object into
+    the wrapper's, and gives eager's tokens. A kept object that does not link sends the wrapper back to whole."""
     import torch._inductor.cpp_builder as cb
 
     from model.compile import CompileFailed, compile_decode_step
@@ -570,19 +570,20 @@ def test_wrappers_share_the_interface_and_the_headers_compiled_once(tiny_models,
         except CompileFailed as e:
             pytest.skip(f"torch.compile unavailable here: {e}")
         assert model.decode_step.built and greedy(model, prompt, 8) == greedy(eager, prompt, 8)
-        return [c for c in ran if ".wrapper" in c or ".own." in c or " -r " in c]
+        return [c for c in ran if ".wrapper" in c or ".kernel" in c or " -r " in c]
 
     first = build("a")
-    assert any(".wrapper.cpp" in c for c in first) and not any(".own." in c for c in first)  # whole
-    (kept,) = shared.iterdir()
-    assert sorted(p.suffix for p in kept.iterdir()) == ["", ".cpp", ".h"]  # command, the interface, the headers
-    assert prepare_headers(shared) == 2 and prepare_headers(shared) == 0  # the object and the header, once
-    assert (kept / "aoti.h.gch").is_file() and len(list(kept.glob("interface-*.o"))) == 1
+    assert any(".wrapper.cpp" in c for c in first) and any(".kernel.cpp" in c for c in first) and not any(".own." in c for c in first)
+    kept = {p.name: sorted(f.suffix for f in p.iterdir()) for p in shared.iterdir()}
+    assert sorted(kept.values()) == [["", ".cpp", ".h"], ["", ".h"]]  # the wrapper's: command, interface, headers; the kernels'
+    assert prepare_headers(shared) == 3 and prepare_headers(shared) == 0  # the interface's object and two headers, once
+    assert len(list(shared.glob("*/aoti.h.gch"))) == 2 and len(list(shared.glob("*/interface-*.o"))) == 1
 
     second = build("b")
-    assert not any(".wrapper.cpp" in c for c in second)  # only the block's own code, then the partial link
-    assert any(".own.cpp" in c for c in second) and any(" -r " in c and "interface-" in c for c in second)
+    assert not any(".wrapper.cpp" in c or ".kernel.cpp" in c for c in second)  # only the block's own code, then the link
+    assert any(".wrapper.own.cpp" in c for c in second) and any(".kernel.own.cpp" in c for c in second)
+    assert any(" -r " in c and "interface-" in c for c in second)
 
-    next(kept.glob("interface-*.o")).write_bytes(b"not an object")
+    next(shared.glob("*/interface-*.o")).write_bytes(b"not an object")
     third = build("c")  # the link fails: the wrapper compiles whole
     assert any(" -r " in c for c in third) and any(".wrapper.cpp" in c for c in third)
