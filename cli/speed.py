@@ -43,8 +43,8 @@ CompileOpt = Annotated[
         show_default=False,
         help=(
             "Compile the one-token step: on CPU each distinct block, with the final norm and a float head, ahead of time by "
-            "AOTInductor (≈ 11–16 s the first time for a model and mode; kept in $ATTN_HOME/aoti, later runs load it in well "
-            "under a second), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. On the "
+            "AOTInductor (the first time for a model and mode ≈ 6–13 s once `attn pull` has compiled the C++ every package "
+            "shares, 11–20 s before; kept in $ATTN_HOME/aoti, later runs load it in well under a second), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. On the "
             "CPU it decodes ≈ 1.6–2× faster than eager in float32 and with --quantize (README, Performance). "
             "[default: on the CPU, load the step when an earlier run (or `attn pull`, or the run that pulled the model) built it "
             "for this model and mode, else eager; --no-compile: always eager]"
@@ -90,7 +90,7 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(attn_home() / "inductor"))
 
     if build:
-        note("compiling the one-token step (CPU: ≈ 11–16 s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
+        note("compiling the one-token step (CPU: ≈ 6–20 s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
     try:
         seconds = compile_decode_step(m.model, max_len, cache_dir=attn_home() / "aoti", build=build)
     except CompileFailed as e:

@@ -2,16 +2,20 @@
 test builds side by side, the wrapper beside the kernels and with lean flags, and the parts every wrapper shares
 compiled once per machine.
 
-A package's C++ wrapper (≈ 2600 lines for a block of the default model) is three parts: torch's headers (about 40% of
-its g++ time), AOTInductor's runtime interface (the `extern "C"` functions a loader calls: ≈ 660 lines, the same text
-in every package; about 15%), and the block's own code. With a folder for them (`$ATTN_HOME/aoti/cxx`), a build that
-finds nothing there compiles its wrapper whole, as inductor writes it, and keeps the headers' names, the interface's
-text and the compile command; `prepare_headers` (`attn pull`, after building the float32 step) compiles the interface
-into an object and the headers into a precompiled header (GCC, ≈ 124 MB) by that command. Every later build compiles
-only the block's own code, from the precompiled header, and links it with the interface's object into the wrapper's
-(`g++ -r`): on a 2-core Xeon, int4 first builds 12.7–14.4 s against 21.1–23.4 (busy hours). All of it is keyed by
-torch's version, the compile command and the headers' text. GCC passes over a precompiled header that does not fit
-(it parses the headers instead), and wherever this route fails the wrapper compiles whole, as before.
+A package's C++ is two sources, each mostly what every package shares. The wrapper (≈ 2600 lines for a block of the
+default model): torch's headers, AOTInductor's runtime interface (the `extern "C"` functions a loader calls: ≈ 660
+lines, the same text in every package), and the block's own code, whose g++ time went half to libstdc++'s std::regex
+(AOTInductor's model base parses its device name with it: model/aoti_shared.h). The kernels: torch's vectorized
+headers (`cpp_prefix.h`, three quarters of their g++ time) and the block's fused loops. With a folder for the shared
+parts (`$ATTN_HOME/aoti/cxx`), a build that finds nothing there compiles both sources whole, as inductor writes them,
+and keeps the headers' names, the interface's text and the compile commands; `prepare_headers` (`attn pull`, after
+building the float32 step) compiles the interface into an object (with std::regex instantiated) and the headers into
+precompiled headers (GCC, ≈ 124 and 148 MB). Every later build compiles only the block's own code, from the
+precompiled headers, and links the wrapper's with the interface's object (`g++ -r`). On a 2-core Xeon, int4 in-process:
+7.3–7.9 s against 12.3–14.1 s whole (alternating builds), the wrapper 1.7 s against 4.4–9.6, the kernels 1.0 s against
+2.8–5. All of it is keyed by torch's version, the compile command and the headers' text. GCC passes over a
+precompiled header that does not fit (it parses the headers instead), and wherever this route fails a source
+compiles whole, as before.
 """
 
 from __future__ import annotations
@@ -222,9 +226,9 @@ class _Parts:
 
 
 def prepare_headers(shared: Path) -> int:
-    """Compile what the wrappers built here share, where their first builds kept it and it is not compiled yet: each
-    runtime interface's object and the precompiled headers (GCC, ≈ 124 MB), side by side (2-core Xeon: 4.5–7 s and
-    5–13 s of g++). How many files were compiled."""
+    """Compile what the packages built here share, where their first builds kept it and it is not compiled yet:
+    each wrapper's runtime interface into an object, and the wrappers' and kernels' headers into precompiled headers
+    (GCC, ≈ 124 and 148 MB), two at a time (2-core Xeon: 7–17 s in all). How many files were compiled."""
     jobs = []
     for kept in sorted(Path(shared).glob("*/command")):
         command = kept.read_text()
