@@ -108,7 +108,7 @@ def prepare_step(spec: str, quiet: bool = False) -> None:
     """`attn pull`'s last stage: the model's float32 step for this CPU (the default mode of `generate` and `bench`)
     built ahead of time, so that later runs load it; nothing when it is built already."""
     from model.compile import CompileFailed, compile_decode_step
-    from model.cxx import prepare_headers
+    from model.cxx import prepare_headers, sharing_first
     from weights.files import attn_home
 
     try:
@@ -120,9 +120,10 @@ def prepare_step(spec: str, quiet: bool = False) -> None:
     try:
         compile_decode_step(m.model, 8, cache_dir=attn_home() / "aoti", build=False)
     except CompileFailed:  # not built yet (nothing was changed)
-        seconds = apply_speed_options(m, True, 8, quiet)
+        with sharing_first():  # the C++ later builds share is compiled below anyway: first, and this build uses it
+            seconds = apply_speed_options(m, True, 8, quiet)
         if seconds is not None:
-            note(f"one-token step built for this CPU in {seconds:.1f} s; later runs load it from $ATTN_HOME/aoti (--no-compile: eager)", quiet)
+            note(f"one-token step built for this CPU in {seconds:.1f} s (with, once per machine, the C++ later builds share); later runs load it from $ATTN_HOME/aoti (--no-compile: eager)", quiet)
     t0 = time.perf_counter()
     if prepare_headers(attn_home() / "aoti" / "cxx"):  # once per machine (and torch): later builds compile less
         note(f"compiled the C++ that later step builds share (headers, AOTInductor's interface) in {time.perf_counter() - t0:.1f} s", quiet)

@@ -54,8 +54,8 @@ def pull_cmd(
             "--compile/--no-compile",
             envvar="ATTN_COMPILE",
             show_default=False,
-            help="Also build the model's float32 one-token step for this CPU ahead of time (≈ 11–20 s, once), which later "
-            "`generate` and `bench` runs load by default, and compile the C++ that later step builds share (≈ 8–17 s, once). [default: on where there is no CUDA device]",
+            help="Also build the model's float32 one-token step for this CPU ahead of time, which later `generate` and `bench` "
+            "runs load by default, after the C++ that every step build shares (≈ 18–25 s for both on a machine's first pull, once). [default: on where there is no CUDA device]",
         ),
     ] = None,
 ) -> None:

@@ -8,8 +8,8 @@ lines, the same text in every package), and the block's own code, whose g++ time
 (AOTInductor's model base parses its device name with it: model/aoti_shared.h). The kernels: torch's vectorized
 headers (`cpp_prefix.h`, three quarters of their g++ time) and the block's fused loops. With a folder for the shared
 parts (`$ATTN_HOME/aoti/cxx`), a build that finds nothing there compiles both sources whole, as inductor writes them,
-and keeps the headers' names, the interface's text and the compile commands; `prepare_headers` (`attn pull`, after
-building the float32 step) compiles the interface into an object (with std::regex instantiated) and the headers into
+and keeps the headers' names, the interface's text and the compile commands; `prepare_headers` (or a build inside
+`sharing_first`: `attn pull`'s float32 step, before its own code) compiles the interface into an object (with std::regex instantiated) and the headers into
 precompiled headers (GCC, ≈ 124 and 148 MB). Every later build compiles only the block's own code, from the
 precompiled headers, and links the wrapper's with the interface's object (`g++ -r`). On a 2-core Xeon, int4 in-process:
 7.3–7.9 s against 12.3–14.1 s whole (alternating builds), the wrapper 1.7 s against 4.4–9.6, the kernels 1.0 s against
@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def compiles_beside_each_other(shared: Path | None = None) -> Iterator[None]:
 
     original = CppBuilder.build
     pending: list[Future] = []
+    first = _SHARE_FIRST.get()
 
     def build(builder: CppBuilder) -> None:
         name = str(getattr(builder, "_name", ""))
@@ -111,7 +113,7 @@ def compiles_beside_each_other(shared: Path | None = None) -> Iterator[None]:
 
     def _from_parts(builder: CppBuilder) -> bool:
         """The wrapper or kernels compiled from the kept parts (True), or else to be compiled whole, the parts
-        kept for `prepare_headers`."""
+        kept for `prepare_headers`; inside `sharing_first`, the parts compiled first where they are not yet."""
         source, target = str(getattr(builder, "_sources_args", "")), str(getattr(builder, "_target_file", ""))
         try:
             parts = _Parts.of(source, target, builder.get_command_line(), shared) if shared is not None else None
@@ -119,14 +121,18 @@ def compiles_beside_each_other(shared: Path | None = None) -> Iterator[None]:
             return False
         if parts is None:
             return False
-        if parts.ready():
-            try:
-                parts.compile_own(source, target)
-                return True
-            except Exception:  # whole, as before
+        if not parts.ready():
+            parts.keep()
+            if not first:
                 return False
-        parts.keep()
-        return False
+            _compile_kept([parts.folder])
+            if not parts.ready():
+                return False
+        try:
+            parts.compile_own(source, target)
+            return True
+        except Exception:  # whole, as before
+            return False
 
     with ThreadPoolExecutor(2) as pool:
         CppBuilder.build = build
@@ -225,17 +231,36 @@ class _Parts:
         return self.command.replace(_SOURCE, source).replace(_TARGET, target)
 
 
+_SHARE_FIRST: ContextVar[bool] = ContextVar("share_first", default=False)
+
+
+@contextmanager
+def sharing_first() -> Iterator[None]:
+    """Builds inside compile the shared parts first where they are not compiled yet (as `prepare_headers` would
+    after them), then only their own code, instead of compiling whole: `attn pull`, which prepares the shared
+    parts anyway, so saves the whole compile (a build that does not go on to prepare would wait longer)."""
+    token = _SHARE_FIRST.set(True)
+    try:
+        yield
+    finally:
+        _SHARE_FIRST.reset(token)
+
+
 def prepare_headers(shared: Path) -> int:
     """Compile what the packages built here share, where their first builds kept it and it is not compiled yet:
     each wrapper's runtime interface into an object, and the wrappers' and kernels' headers into precompiled headers
     (GCC, ≈ 124 and 148 MB), two at a time (2-core Xeon: 7–17 s in all). How many files were compiled."""
+    return _compile_kept([kept.parent for kept in sorted(Path(shared).glob("*/command"))])
+
+
+def _compile_kept(folders: list[Path]) -> int:
     jobs = []
-    for kept in sorted(Path(shared).glob("*/command")):
-        command = kept.read_text()
-        header = kept.parent / "aoti.h"
+    for folder in folders:
+        command = (folder / "command").read_text()
+        header = folder / "aoti.h"
         if header.exists() and not header.with_name("aoti.h.gch").exists():
             jobs.append((command, f"-x c++-header {header}", header.with_name("aoti.h.gch")))
-        jobs += [(command, str(source), source.with_suffix(".o")) for source in kept.parent.glob("interface-*.cpp") if not source.with_suffix(".o").exists()]
+        jobs += [(command, str(source), source.with_suffix(".o")) for source in folder.glob("interface-*.cpp") if not source.with_suffix(".o").exists()]
 
     def compile_one(command: str, source: str, target: Path) -> int:
         tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp")
