@@ -80,8 +80,8 @@ def compiles_beside_each_other(shared: Path | None = None) -> Iterator[None]:
     """inductor compiles a package's C++ wrapper and then its kernels, one after the other (5–6.5 s and 2.3–3 s here):
     while this is open, those two compile-only builds start in the background, so the kernels compile on the
     other core beside the wrapper; the next build (the weights' object, then the link) waits for both and
-    raises their errors. Builds of other names run as before. The wrapper compiles with lean flags, and from the
-    parts kept in `shared` where they are there (the module's docstring)."""
+    raises their errors. Builds of other names run as before. The wrapper compiles with lean flags, and both from
+    the parts kept in `shared` where they are there (the module's docstring)."""
     from torch._inductor.cpp_builder import CppBuilder
 
     original = CppBuilder.build
@@ -256,6 +256,8 @@ def prepare_headers(shared: Path) -> int:
 def _compile_kept(folders: list[Path]) -> int:
     jobs = []
     for folder in folders:
+        if not (folder / "command").exists():  # (keeping it failed: nothing to compile)
+            continue
         command = (folder / "command").read_text()
         header = folder / "aoti.h"
         if header.exists() and not header.with_name("aoti.h.gch").exists():
