@@ -272,8 +272,7 @@ class AotStep(BuiltStep):
         head = _foldable_head(model)
         tail = _Tail(model, head) if head is not None else None
         runners: dict[str, Callable] = {}
-        steps = []
-        self.logits: list[torch.Tensor] = []  # the last block's package leaves the step's logits here
+        calls = []
         for i, block in enumerate(model.layers):
             names, tensors = _block_tensors(block)
             if tail is not None:  # the last block's package multiplies by the head, the others by a stand-in of 2 rows
@@ -282,11 +281,10 @@ class AotStep(BuiltStep):
             if key not in runners:
                 self.packages.append(self.cache_dir / f"{key}.pt2")
                 runners[key] = self._load_or_build(self.packages[-1], block, names, tensors, rope, tail)
-            last = tail is not None and i == len(model.layers) - 1
-            steps.append(partial(_aot_call, runners[key], block, tensors, self.logits if last else None))
-        self.marker = torch.empty(model.cache_len)
-        model.block_steps = [partial(step, self.marker) for step in steps]
-        model.tail_step = partial(_tail_call, model, self.logits) if tail is not None else None
+            calls.append((runners[key], tensors))
+        blocks = _AotBlocks(model, calls, torch.empty(model.cache_len), tail is not None)
+        model.block_steps = [blocks]  # one Python call a token runs every package
+        model.tail_step = blocks.tail if tail is not None else None
         model.step(self.ids, 2)
 
     def _load_or_build(
@@ -400,37 +398,42 @@ def _foldable_head(model: Decoder) -> torch.Tensor | None:
     return W if W.dtype == model.dtype and (W.t().is_contiguous() or W.is_contiguous()) else None
 
 
-def _tail_call(model: Decoder, logits: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The step's logits: those the last block's package left, else (that block ran eagerly: a batch) the norm and head."""
-    if logits:
-        return logits.pop()
-    return model.lm_head.forward(model.norm.forward(x))
+class _AotBlocks:
+    """Every block of a step through its package, in one call from `Decoder.step` (≈ 30 µs of Python a block
+    otherwise): the inputs every block shares (the position's marker, the rope rows) are put together once a
+    token. A batch's rows at their own positions, or a chunk of tokens, go through the blocks eagerly."""
+
+    def __init__(self, model: Decoder, calls: list[tuple[Callable, list[torch.Tensor]]], marker: torch.Tensor, folds_tail: bool) -> None:
+        self.model, self.calls, self.marker, self.folds_tail = model, calls, marker, folds_tail
+        self.logits: torch.Tensor | None = None  # what the last package computed with the head folded in
+
+    def __call__(self, x: torch.Tensor, span: Span, rope: tuple | None) -> torch.Tensor:
+        self.logits = None
+        if isinstance(span.start, torch.Tensor) or span.row or x.shape[:2] != (1, 1) or span.start < 1:
+            for block in self.model.layers:
+                x = block.forward(x, span, rope, None)
+            return x
+        shared = [self.marker[: span.start + 1], *_flat_rope(rope)]
+        x = x.contiguous()
+        for run, tensors in self.calls:
+            out = run([x, *shared, *tensors])
+            x = out[0]
+        if self.folds_tail:
+            self.logits = out[1]
+        return x
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The step's logits: those the last package left, else (the blocks ran eagerly) the final norm and head."""
+        logits, self.logits = self.logits, None
+        if logits is not None:
+            return logits
+        return self.model.lm_head.forward(self.model.norm.forward(x))
 
 
 def _load_package(path: Path) -> Callable:
     """The package's runner, loaded by torch's C++ loader: `aoti_load_package` would import inductor (≈ 2.7 s)
     and parse the package's call spec again on every call."""
     return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).run
-
-
-def _aot_call(
-    runner: Callable,
-    block: Block,
-    tensors: list[torch.Tensor],
-    logits: list[torch.Tensor] | None,
-    marker: torch.Tensor,
-    x: torch.Tensor,
-    span: Span,
-    rope: tuple | None,
-) -> torch.Tensor:
-    if logits is not None:
-        logits.clear()
-    if isinstance(span.start, torch.Tensor) or span.row or x.shape[:2] != (1, 1) or span.start < 1:
-        return block.forward(x, span, rope, None)  # a batch's rows at their own positions: eager
-    out = runner([x.contiguous(), marker[: span.start + 1], *_flat_rope(rope), *tensors])
-    if logits is not None:  # the last block, with the head folded in
-        logits.append(out[1])
-    return out[0]
 
 
 def _flat_rope(rope: tuple | None) -> list[torch.Tensor]:

@@ -379,7 +379,7 @@ def test_ahead_of_time_step_is_built_once_and_gives_the_same_tokens(tiny_models,
     except CompileFailed as e:
         pytest.skip(f"torch.compile unavailable here: {e}")
     step = model.decode_step
-    assert isinstance(step, AotStep) and len(step.built) == 1 and len(model.block_steps) == len(model.layers)
+    assert isinstance(step, AotStep) and len(step.built) == 1 and len(model.block_steps) == 1  # one call runs every package
     assert model.tail_step is not None  # the tied head, in the last block's package
     assert step.built[0].parent == aot_dir and step.built[0].is_file()
     assert greedy(model, prompt, 16) == greedy(eager, prompt, 16)
