@@ -85,6 +85,8 @@ def test_int4_int8_q8_layers_match_a_float_reference(n_in, n_out, rows, bias, se
         bound = sum(bf16_bound(x, w_part) for w_part in kernel_products(q))
         assert ((y - ref).abs() <= bound + 1e-4).all(), cls.__name__
         assert torch.equal(q.columns(torch.tensor([0, n_out - 1])), dense.t()[[0, n_out - 1]])
+        for i in {0, n_out // 2, n_out - 1}:  # one id (a decode step's embedding): its own path, no gather
+            assert torch.equal(q.columns(torch.tensor([[i]]))[0, 0], dense.t()[i])
 
 
 @pytest.mark.parametrize("cls", [Int4Linear, Q8Linear])

@@ -95,10 +95,11 @@ class BlockLinear(nn.Module):
     def _dequantize(self, codes: torch.Tensor, rows: torch.Tensor | None, zero: int) -> torch.Tensor:
         """d·(q − zero) (no offset) or d·q + m, per group, for codes (n, K') of `rows` (None: all)."""
         pick = slice(None) if rows is None else rows
-        d = self.scale16[pick].float().repeat_interleave(GROUP, dim=1)
-        if self.offset16 is None:
-            return d * (codes.float() - zero)
-        return d * codes.float() + self.offset16[pick].float().repeat_interleave(GROUP, dim=1)
+        n, K = codes.shape
+        q = codes.view(n, K // GROUP, GROUP).float()
+        d = self.scale16[pick].float()[..., None]  # (n, K/32, 1): broadcast over each group, not repeated
+        w = d * (q - zero) if self.offset16 is None else d * q + self.offset16[pick].float()[..., None]
+        return w.view(n, K)
 
     def dense_weight(self) -> torch.Tensor:
         """W (in, out) in the model's dtype, from the kept codes and float16 scales (exactly the blocks' weight)."""
@@ -166,6 +167,9 @@ def unpack_row_ids(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """pack_rows's codes of some rows only: (N, K/2) bytes, rows (n,) → (n, K) uint8."""
     N, half = packed.shape
     tiles = packed.view(N // ROWS, half * 2, ROWS // 2)  # (tiles, K, 32)
+    if rows.numel() == 1 and rows.device.type == "cpu":  # a decode step's embedding row: a view, not a gather (≈ 4× less time)
+        r = int(rows)
+        return (tiles[r // ROWS, :, r % (ROWS // 2)] >> (4 * (r % ROWS // (ROWS // 2)))).unsqueeze(0) & 15
     within = rows % ROWS
     byte = tiles[rows // ROWS, :, within % (ROWS // 2)]  # (n, K)
     return (byte >> (4 * (within // (ROWS // 2)))[:, None]) & 15
