@@ -43,7 +43,7 @@ CompileOpt = Annotated[
         show_default=False,
         help=(
             "Compile the one-token step: on CPU each distinct block, with the final norm and a float head, ahead of time by "
-            "AOTInductor (the first time for a model and mode ≈ 6–13 s once `attn pull` has compiled the C++ every package "
+            "AOTInductor (the first time for a model and mode ≈ 7–15 s once `attn pull` has compiled the C++ every package "
             "shares, 11–20 s before; kept in $ATTN_HOME/aoti, later runs load it in well under a second), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. On the "
             "CPU it decodes ≈ 1.6–2× faster than eager in float32 and with --quantize (README, Performance). "
             "[default: on the CPU, load the step when an earlier run (or `attn pull`, or the run that pulled the model) built it "
