@@ -14,6 +14,8 @@ Only the step generation repeats hundreds of times is compiled: `Decoder.step`, 
   milliseconds and compiles nothing. The block's weights and cache are the package's inputs, so one package serves every block alike.
   A build that succeeds leaves a `ready-*.json` beside the packages, keyed by the model as it is opened, so that
   a later run can tell before changing anything whether it only has to load (`build=False`: the CLI's default).
+  For int4/int8 models on CPUs with AMX tiles, the same build also makes (in a second process, beside it) the package
+  that runs the blocks' MLP at 8 rows and more, the prefill, through inductor's AMX template (model/prefill.py).
 - CUDA: one token's work is ≈ 600 small kernels, and launching them costs more than running
   them. The step runs in its static-shape form (the position is a device tensor, the whole cache
   is read with a mask: `Decoder.step`), is compiled by inductor with static shapes, and is
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model import prefill
 from model.cxx import BUILD_OPTIONS, compiles_beside_each_other, probe_vector_isa
 from model.decoder import Block, Decoder, Linear, Span
 from model.quant import cpu_features, pack, unpack
@@ -263,9 +266,22 @@ class AotStep(BuiltStep):
         self.build_missing = build  # False: only load (a package not there fails the step)
         self.packages: list[Path] = []  # the packages the last build uses, one per kind of block
         self.built: list[Path] = []  # those of them it compiled (not loaded from the folder)
+        self.prefill_built = False  # whether it also compiled the MLP package for many rows (model/prefill.py)
         super().__init__(model)
 
     def build(self) -> None:
+        # The MLP package for many rows (model/prefill.py) builds in a child process beside the blocks' packages.
+        pending = _start_prefill(self.model, self.cache_dir, self.build_missing)
+        try:
+            self._build_blocks()
+        except BaseException:
+            if pending is not None:
+                pending.cancel()
+            raise
+        if pending is not None:
+            self.prefill_built = pending.finish()
+
+    def _build_blocks(self) -> None:
         model = self.model
         self.packages, self.built = [], []
         rope = _flat_rope(model.rope_at(2, 1) if model.cfg.positions == "rope" else None)
@@ -430,6 +446,15 @@ class _AotBlocks:
         return self.model.lm_head.forward(self.model.norm.forward(x))
 
 
+def _start_prefill(model: Decoder, cache_dir: Path, build: bool) -> prefill.Pending | None:
+    """Attach the MLP package for many rows kept for this model's MLPs, or start building it (model/prefill.py)."""
+    if not prefill.available(model):
+        return None
+    mlp = model.layers[0].mlp
+    names, tensors = _block_tensors(mlp)
+    return prefill.start(model, cache_dir, _package_key(mlp, names, tensors, [], None, prefill.key_extra()), build)
+
+
 def _load_package(path: Path) -> Callable:
     """The package's runner, loaded by torch's C++ loader: `aoti_load_package` would import inductor (≈ 2.7 s)
     and parse the package's call spec again on every call."""
@@ -445,7 +470,9 @@ def _block_tensors(block: Block) -> tuple[list[str], list[torch.Tensor]]:
     return [n for n, _ in named], [t for _, t in named]
 
 
-def _package_key(block: Block, names: list[str], tensors: list[torch.Tensor], rope: list[torch.Tensor], tail: _Tail | None) -> str:
+def _package_key(
+    block: nn.Module, names: list[str], tensors: list[torch.Tensor], rope: list[torch.Tensor], tail: _Tail | None, extra: list | None = None
+) -> str:
     """What a package's code depends on: torch, the CPU, attn's source for the block's parts (and the tail's, and this file's),
     each part's settings (a window, an eps, a kernel), and the shapes, strides and dtypes of its inputs (the cache's
     length and the head's vocabulary aside): a weight in (out, in) storage is multiplied by other code than one in (in, out)."""
@@ -457,7 +484,7 @@ def _package_key(block: Block, names: list[str], tensors: list[torch.Tensor], ro
     shapes = [(n, list(t.shape), t.stride(), str(t.dtype)) for n, t in zip(names, tensors) if n not in free]
     shapes += [(n, list(t.shape[: free[n]]), str(t.dtype), t.is_contiguous()) for n, t in zip(names, tensors) if n in free]
     shapes += [("rope", list(t.shape), str(t.dtype)) for t in rope]
-    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, code, settings, shapes], default=str)
+    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, code, settings, shapes, *(extra or [])], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

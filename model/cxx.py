@@ -220,10 +220,10 @@ class _Parts:
         """Keep the headers, the interface's text and the command, for `prepare_headers` to compile."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            _write_atomically(self.header, self.headers)
-            _write_atomically(self.folder / "command", self.command)
+            write_atomically(self.header, self.headers)
+            write_atomically(self.folder / "command", self.command)
             if self.interface is not None:
-                _write_atomically(self.interface_object.with_suffix(".cpp"), f"#define ATTN_REGEX_KIND template\n{_SHARED.read_text()}{self.interface}")
+                write_atomically(self.interface_object.with_suffix(".cpp"), f"#define ATTN_REGEX_KIND template\n{_SHARED.read_text()}{self.interface}")
         except OSError:  # only a cache
             pass
 
@@ -285,7 +285,7 @@ def _run(command: str) -> None:
     run_compile_cmd(command, cwd=os.getcwd())
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     if not path.exists() or path.read_text() != text:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
         tmp.write_text(text)

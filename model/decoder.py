@@ -508,8 +508,11 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[cfg.act]
         self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=cfg.mlp_bias)  # fused [gate | up]
         self.down = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+        self._fused = None  # many rows at once through a compiled MLP, where one is built (model/prefill.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None and x.numel() >= self._fused.min_rows * x.shape[-1]:
+            return self._fused(x)
         gate, up = self.gate_up.forward(x).split(self.hidden, dim=-1)
         return self.down.forward(self.act(gate) * up)
 

@@ -13,6 +13,9 @@ import torch
 # The suite runs eagerly unless a test says otherwise (--compile, or ATTN_COMPILE in its env): by default the CLI
 # loads a compiled step an earlier run built into $ATTN_HOME/aoti, and `attn pull` builds one.
 os.environ["ATTN_COMPILE"] = "0"
+# Steps compiled for int4/int8 on AMX CPUs also build a package for the MLP's prefill rows, in a child process
+# (model/prefill.py, ≈ 10 s): tests/test_prefill.py covers it; elsewhere the prefill stays eager.
+os.environ["ATTN_PREFILL"] = "eager"
 
 try:  # the real default model, pulled once per machine (tests/realmodel.py)
     from tests.realmodel import real_model_dir  # noqa: F401
