@@ -92,7 +92,10 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(attn_home() / "inductor"))
 
     if build:
-        note("compiling the one-token step (CPU: ≈ 6–20 s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
+        from model import prefill
+
+        mlp = " and, beside it, the prompt's MLP for AMX" if prefill.available(m.model) else ""
+        note(f"compiling the one-token step{mlp} (CPU: ≈ 6–20 s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
     try:
         seconds = compile_decode_step(m.model, max_len, cache_dir=attn_home() / "aoti", build=build)
     except CompileFailed as e:
