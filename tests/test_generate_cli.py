@@ -308,6 +308,10 @@ def test_sigint_at_any_moment_exits_130_quietly(slow_model, delay):
     out, err = finish(p)
     if p.returncode == 1 and b"init_import_site" in err:  # a loaded machine: Python itself was still starting
         pytest.skip("SIGINT landed inside the interpreter's own start-up, before any of attn's code ran")
+    if p.returncode == -signal.SIGINT and err.strip().splitlines()[1:] == [b'  File "<string>", line 1, in <module>', b"KeyboardInterrupt"]:
+        # the import system was still finding or reading cli/main.py (its frames are hidden): no line of attn had run yet,
+        # and cli/main.py's first lines hold signals until main() runs (seen once in CI on a loaded machine, at 0.1 s)
+        pytest.skip("SIGINT landed while Python was still loading cli/main.py, before any of attn's code ran")
     assert p.returncode == 130, err
     assert b"Traceback" not in err and b"Aborted" not in err
     if out:  # once generation had begun, the JSON object is still written
