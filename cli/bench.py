@@ -46,7 +46,6 @@ from cli.models import Loaded, open_model, pick_device
 from cli.speed import CompileOpt, Quantize, QuantizeOpt, ThreadsOpt, apply_speed_options, set_threads
 from model.errors import AttnError, UsageError
 from model.engine import Generation, Request, run_batch
-from model import prefill
 from model.quant.kernels import cpu_features, cpuinfo
 from model.generate import generate
 from model.sampling import SamplingSettings
@@ -155,6 +154,8 @@ def bench_cmd(
     if max_len > m.cfg.max_len:
         raise AttnError(f"prompt ({max(prompt_lens)}) + generated ({n_gen}) tokens exceed the model's context ({m.cfg.max_len})")
     compile_s = apply_speed_options(m, compile_step, max_len, quiet)
+    from model import prefill  # (here: it imports the build's helpers, which a run of any other command need not)
+
     # Resident, quantized or not, as the timed runs hold them (packed for oneDNN when eager, plain under a compiled step;
     # with the MLP package for many rows, its re-blocked codes too: model/prefill.py); not the cache.
     weights_mb = (sum(t.numel() * t.element_size() for _, t in m.model.weights()) + prefill.resident_bytes(m.model)) / 2**20

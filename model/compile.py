@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model import prefill
 from model.cxx import BUILD_OPTIONS, compiles_beside_each_other, probe_vector_isa
 from model.decoder import Block, Decoder, Linear, Span
 from model.quant import cpu_features, pack, unpack
@@ -448,6 +447,8 @@ class _AotBlocks:
 
 def _start_prefill(model: Decoder, cache_dir: Path, build: bool) -> prefill.Pending | None:
     """Attach the MLP package for many rows kept for this model's MLPs, or start building it (model/prefill.py)."""
+    from model import prefill  # (here: generation imports this module at start-up, and most runs never get here)
+
     if not prefill.available(model):
         return None
     mlp = model.layers[0].mlp
