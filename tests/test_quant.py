@@ -14,6 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from model.decoder import Linear
+from model.errors import AttnError
 from model.loading import load_model
 from model.quant import Int4Linear, Q8Linear, quantize
 from model.quant.blocks import GROUP, Blocks, load_blocks, q4_1_rtn, q8_0_rtn, save_blocks, u8_rtn
@@ -158,6 +159,13 @@ def test_gguf_blocks_are_the_files_own_bit_for_bit(tmp_path, qtype):
     for i in range(2):  # and the codes are the file's own
         assert torch.equal(model.layers[i].attn.o.codes(), blocks[f"model.layers.{i}.self_attn.o_proj.weight"].codes)
         assert torch.equal(model.layers[i].mlp.down.codes(), blocks[f"model.layers.{i}.mlp.down_proj.weight"].codes)
+    # the 4-bit layers keep no exact scales resident (dense_weight read them from the file above); the 8-bit head does
+    assert all(m.scale16 is None and m.offset16 is None for m in model.modules() if isinstance(m, Int4Linear))
+    assert model.lm_head.scale16 is not None
+    # a blocks file changed since the model was loaded: one clear error, not other scales under these codes
+    (out / BLOCKS_FILE).write_bytes((out / BLOCKS_FILE).read_bytes())
+    with pytest.raises(AttnError, match="cannot read .*o_proj.weight's exact scales again .*changed since"):
+        model.layers[0].attn.o.dense_weight()
 
 
 def test_blocks_file_is_written_on_first_use_for_older_conversions(tmp_path):

@@ -9,9 +9,13 @@ float32: Q4_1 w = d·q + m, Q4_0 w = d·(q − 8), Q8_0 w = d·q. One kind is ou
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from model.errors import AttnError
 
 GROUP = 32  # every GGUF block type used here covers 32 consecutive weights of a row
 KINDS = ("q4_0", "q4_1", "q8_0", "u8")
@@ -25,6 +29,9 @@ class Blocks:
     codes: torch.Tensor  # (N, K): uint8 0..15 for q4_*, int8 for q8_0, uint8 0..255 for u8
     scale: torch.Tensor  # (N, K/32) float16: ggml's d
     offset: torch.Tensor | None = None  # (N, K/32) float16: Q4_1's (and u8's) m; None otherwise
+    # Reads scale and offset again from where they came (a blocks file: load_blocks), so that a layer that runs on
+    # its kernel's rounded copy need not keep these exact ones resident (int4.py); None: they are only here.
+    reread: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -48,7 +55,14 @@ class Blocks:
 
     def rows(self, index: torch.Tensor) -> "Blocks":
         """The blocks of some rows (e.g. llama.cpp's Q/K permutation undone, or one part of a fused weight)."""
-        return Blocks(self.kind, self.codes[index], self.scale[index], None if self.offset is None else self.offset[index])
+        reread, whole = None, self.reread  # (the closure holds the function only: not these blocks' codes)
+        if whole is not None:
+
+            def reread() -> tuple[torch.Tensor, torch.Tensor | None]:
+                scale, offset = whole()
+                return scale[index], None if offset is None else offset[index]
+
+        return Blocks(self.kind, self.codes[index], self.scale[index], None if self.offset is None else self.offset[index], reread)
 
     @staticmethod
     def cat(parts: list["Blocks"]) -> "Blocks":
@@ -57,7 +71,14 @@ class Blocks:
         if len(kinds) != 1:
             raise ValueError(f"cannot fuse blocks of kinds {sorted(kinds)}")
         offsets = None if parts[0].offset is None else torch.cat([p.offset for p in parts])
-        return Blocks(parts[0].kind, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), offsets)
+        reread, each = None, [p.reread for p in parts]  # (the functions only: not the parts' codes)
+        if all(r is not None for r in each):
+
+            def reread() -> tuple[torch.Tensor, torch.Tensor | None]:
+                scales, offsets = zip(*[r() for r in each])
+                return torch.cat(scales), None if offsets[0] is None else torch.cat(offsets)
+
+        return Blocks(parts[0].kind, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), offsets, reread)
 
 
 def q4_1_rtn(w: torch.Tensor) -> Blocks:
@@ -114,10 +135,11 @@ def save_blocks(blocks: dict[str, Blocks], path) -> None:
 
 
 def load_blocks(path) -> dict[str, Blocks]:
-    """The blocks `save_blocks` wrote."""
+    """The blocks `save_blocks` wrote, each able to read its scale and offset again from the file (`reread`)."""
     from safetensors import safe_open
 
     out = {}
+    stamp = _stamp(path)
     with safe_open(str(path), framework="pt") as f:
         kinds = json.loads(f.metadata()["kinds"])
         names = set(f.keys())
@@ -126,5 +148,27 @@ def load_blocks(path) -> dict[str, Blocks]:
             if kind.startswith("q4"):
                 codes = torch.stack([codes & 15, codes >> 4], dim=-1).view(codes.shape[0], -1)
             offset = f.get_tensor(f"{name}.offset") if f"{name}.offset" in names else None
-            out[name] = Blocks(kind, codes, f.get_tensor(f"{name}.scale"), offset)
+            out[name] = Blocks(kind, codes, f.get_tensor(f"{name}.scale"), offset, _reader(path, name, offset is not None, stamp))
     return out
+
+
+def _stamp(path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _reader(path, name: str, has_offset: bool, stamp: tuple[int, int, int]) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+    """Reads one weight's scale (and offset) from the blocks file again, as it was when the codes were loaded."""
+
+    def reread() -> tuple[torch.Tensor, torch.Tensor | None]:
+        from safetensors import safe_open
+
+        try:
+            if _stamp(path) != stamp:
+                raise OSError("the file changed since the model was loaded")
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(f"{name}.scale"), f.get_tensor(f"{name}.offset") if has_offset else None
+        except OSError as e:
+            raise AttnError(f"{path}: cannot read {name}'s exact scales again ({e.strerror or e}); load the model again") from None
+
+    return reread

@@ -2,9 +2,10 @@
 
 W (out, in) = (q − 8)·s + z per group, the form ATen's `_weight_int4pack_mm_for_cpu` computes. A
 GGUF Q4_1 block (w = d·q + m) is that with s = d, z = m + 8d; Q4_0 (w = d·(q − 8)) with s = d, z = 0.
-From a GGUF the file's own codes are kept, with its float16 d and m (so `dense_weight` is exactly
-the file's weight); the kernel reads s and z rounded to bfloat16 (its activations' dtype) — the one
-rounding this path adds, shown in `attn bench --quality`. From float weights the groups are
+From a GGUF the file's own codes are kept, and its float16 d and m are read again from the model's blocks
+file whenever `dense_weight` asks (so it is exactly the file's weight; not kept resident: 13 MB on the
+default model, read only by the microscope); the kernel reads s and z rounded to bfloat16 (its
+activations' dtype) — the one rounding this path adds, shown in `attn bench --quality`. From float weights the groups are
 quantized round-to-nearest in Q4_1's form (blocks.q4_1_rtn).
 """
 
@@ -51,6 +52,7 @@ class BlockLinear(nn.Module):
     `Linear` (round-to-nearest by `rtn`). Subclasses: Int4Linear here, Q8Linear in q8.py."""
 
     KINDS: tuple[str, ...] = ()
+    REREAD = False  # whether the exact scales stay in the file where they can be read again (Blocks.reread)
     rtn: Callable[[torch.Tensor], Blocks]
 
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
@@ -62,9 +64,15 @@ class BlockLinear(nn.Module):
         self.dtype = dtype  # the model's float dtype: what dense_weight returns, what forward gives back
         self.kind = blocks.kind
         self.kernel = int4_kernel(device)
-        self.register_buffer("scale16", blocks.scale.to(device))  # (N, K/32) float16: the file's d
-        self.register_buffer("offset16", None if blocks.offset is None else blocks.offset.to(device))  # (N, K/32): m
+        self.k_padded = K  # the input's width with whole groups
+        # The exact float16 d (N, K/32) and m (or None), for dense_weight: kept here, or where the subclass runs on
+        # its kernel's rounded copy and the blocks can read them again from their file, read there when asked.
+        self.reread = blocks.reread if self.REREAD else None
+        exact = (None, None) if self.reread is not None else (blocks.scale.to(device), None if blocks.offset is None else blocks.offset.to(device))
+        self.register_buffer("scale16", exact[0])
+        self.register_buffer("offset16", exact[1])
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self._fused = None  # many rows at once through a compiled product, where one is built (model/prefill.py)
 
     @classmethod
     def from_linear(cls, lin: nn.Module) -> "BlockLinear":
@@ -76,8 +84,10 @@ class BlockLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None and x.numel() >= self._fused.min_rows * x.shape[-1]:
+            return self._fused(x)
         shape = x.shape
-        x2 = pad_input(x.reshape(-1, shape[-1]), self.scale16.shape[1] * GROUP)  # (M, K')
+        x2 = pad_input(x.reshape(-1, shape[-1]), self.k_padded)  # (M, K')
         y = self.product(x2)
         if y.shape[1] != self.n_out:  # rows padded to whole tiles
             y = y[:, : self.n_out]
@@ -97,8 +107,9 @@ class BlockLinear(nn.Module):
         pick = slice(None) if rows is None else rows
         n, K = codes.shape
         q = codes.view(n, K // GROUP, GROUP).float()
-        d = self.scale16[pick].float()[..., None]  # (n, K/32, 1): broadcast over each group, not repeated
-        w = d * (q - zero) if self.offset16 is None else d * q + self.offset16[pick].float()[..., None]
+        scale, offset = self.reread() if self.reread is not None else (self.scale16, self.offset16)
+        d = scale[pick].float()[..., None]  # (n, K/32, 1): broadcast over each group, not repeated
+        w = d * (q - zero) if offset is None else d * q + offset[pick].float()[..., None]
         return w.view(n, K)
 
     def dense_weight(self) -> torch.Tensor:
@@ -119,6 +130,7 @@ class Int4Linear(BlockLinear):
     """y = x @ Wᵀ (+ b) with W held as 4-bit blocks: a drop-in for `Linear` (forward, dense_weight, columns)."""
 
     KINDS = ("q4_0", "q4_1")
+    REREAD = True  # 13 MB of exact scales on the default model, read only by dense_weight (the microscope)
     rtn = staticmethod(q4_1_rtn)
 
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:

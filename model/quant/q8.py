@@ -47,7 +47,7 @@ class Q8Linear(BlockLinear):
 
     def _dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is None:
-            rows = torch.arange(self.n_out, device=self.scale16.device)
+            rows = torch.arange(self.n_out, device=self.q.packed.device)
         halves = self.q.codes(rows)  # (n, 2K') uint8: [hi | lo]
         K = halves.shape[1] // 2
         u = halves[:, :K] * 16 + halves[:, K:]  # (n, K') 0..255 (uint8: 16·hi + lo does not overflow)
