@@ -157,7 +157,7 @@ def bench_cmd(
     from model import prefill  # (here: it imports the build's helpers, which a run of any other command need not)
 
     # Resident, quantized or not, as the timed runs hold them (packed for oneDNN when eager, plain under a compiled step;
-    # with the MLP package for many rows, its re-blocked codes too: model/prefill.py); not the cache.
+    # with the packages for many rows, their re-blocked codes too: model/prefill.py); not the cache.
     weights_mb = (sum(t.numel() * t.element_size() for _, t in m.model.weights()) + prefill.resident_bytes(m.model)) / 2**20
     if compile_s is None:
         m.model.setup_cache(max_len)

@@ -46,8 +46,9 @@ CompileOpt = Annotated[
             "AOTInductor (the first time for a model and mode ≈ 7–15 s once `attn pull` has compiled the C++ every package "
             "shares, 11–20 s before; kept in $ATTN_HOME/aoti, later runs load it in well under a second), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. On the "
             "CPU it decodes ≈ 1.6–2× faster than eager in float32 and with --quantize (README, Performance). With --quantize on a CPU "
-            "with AMX tiles it also builds, beside the step (≈ 4–6 s more the first time), the MLP for 8 rows and more (the prompt) "
-            "through inductor's AMX template, ≈ 2× faster prefill; it rounds the dequantized weights to bfloat16 (ATTN_PREFILL=eager: not built or used). "
+            "with AMX tiles it also builds, beside the step (≈ 7 s more the first time), the MLP and attention products for 8 rows "
+            "and more (the prompt) through inductor's AMX template, ≈ 3× faster prefill; it rounds the dequantized weights to bfloat16 "
+            "(ATTN_PREFILL=eager: not built or used). "
             "[default: on the CPU, load the step when an earlier run (or `attn pull`, or the run that pulled the model) built it "
             "for this model and mode, else eager; --no-compile: always eager]"
         ),
@@ -94,7 +95,7 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
     if build:
         from model import prefill
 
-        mlp = " and, beside it, the prompt's MLP for AMX" if prefill.available(m.model) else ""
+        mlp = " and, beside it, the prompt's products for AMX" if prefill.available(m.model) else ""
         note(f"compiling the one-token step{mlp} (CPU: ≈ 6–20 s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
     try:
         seconds = compile_decode_step(m.model, max_len, cache_dir=attn_home() / "aoti", build=build)
@@ -103,9 +104,10 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
             note(f"warning: compiling failed, running eager ({e})", quiet)
         return None
     m.kernels = dict(layer_kernels(m.model))  # the compiled step multiplies plain weights where packed ones were
-    fused = sum(getattr(block.mlp, "_fused", None) is not None for block in m.model.layers)
-    if fused:  # 8 rows or more (the prefill) through inductor's AMX template (model/prefill.py)
-        m.kernels["GatedMLP:amx-template"] = fused
+    for fused in m.model.modules():  # 8 rows or more (the prefill) through inductor's AMX template (model/prefill.py)
+        if getattr(fused, "_fused", None) is not None:
+            name = f"{type(fused).__name__}:amx-template"
+            m.kernels[name] = m.kernels.get(name, 0) + 1
     plain = sum(isinstance(x, Linear) and x.weight.dtype == torch.float32 for x in m.model.modules())
     if plain and m.device.type == "cpu":  # how the compiled step multiplies one row by them (kernels.one_row_kernel)
         m.kernels[f"Linear:{one_row_kernel()}"] = plain

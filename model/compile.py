@@ -14,8 +14,9 @@ Only the step generation repeats hundreds of times is compiled: `Decoder.step`, 
   milliseconds and compiles nothing. The block's weights and cache are the package's inputs, so one package serves every block alike.
   A build that succeeds leaves a `ready-*.json` beside the packages, keyed by the model as it is opened, so that
   a later run can tell before changing anything whether it only has to load (`build=False`: the CLI's default).
-  For int4/int8 models on CPUs with AMX tiles, the same build also makes (in a second process, beside it) the package
-  that runs the blocks' MLP at 8 rows and more, the prefill, through inductor's AMX template (model/prefill.py).
+  For int4/int8 models on CPUs with AMX tiles, the same build also makes (in a second process, beside it) the packages
+  that run the blocks' MLP and attention products at 8 rows and more, the prefill, through inductor's AMX template
+  (model/prefill.py).
 - CUDA: one token's work is ≈ 600 small kernels, and launching them costs more than running
   them. The step runs in its static-shape form (the position is a device tensor, the whole cache
   is read with a mask: `Decoder.step`), is compiled by inductor with static shapes, and is
@@ -265,11 +266,11 @@ class AotStep(BuiltStep):
         self.build_missing = build  # False: only load (a package not there fails the step)
         self.packages: list[Path] = []  # the packages the last build uses, one per kind of block
         self.built: list[Path] = []  # those of them it compiled (not loaded from the folder)
-        self.prefill_built = False  # whether it also compiled the MLP package for many rows (model/prefill.py)
+        self.prefill_built = False  # whether it also compiled a package for many rows (model/prefill.py)
         super().__init__(model)
 
     def build(self) -> None:
-        # The MLP package for many rows (model/prefill.py) builds in a child process beside the blocks' packages.
+        # The packages for many rows (model/prefill.py) build in a child process beside the blocks' packages.
         pending = _start_prefill(self.model, self.cache_dir, self.build_missing)
         try:
             self._build_blocks()
@@ -446,14 +447,16 @@ class _AotBlocks:
 
 
 def _start_prefill(model: Decoder, cache_dir: Path, build: bool) -> prefill.Pending | None:
-    """Attach the MLP package for many rows kept for this model's MLPs, or start building it (model/prefill.py)."""
+    """Attach the packages for many rows kept for this model's blocks, or start building them (model/prefill.py)."""
     from model import prefill  # (here: generation imports this module at start-up, and most runs never get here)
 
     if not prefill.available(model):
         return None
-    mlp = model.layers[0].mlp
-    names, tensors = _block_tensors(mlp)
-    return prefill.start(model, cache_dir, _package_key(mlp, names, tensors, [], None, prefill.key_extra()), build)
+
+    def key(module: nn.Module) -> str:
+        return _package_key(module, *_block_tensors(module), [], None, prefill.key_extra())
+
+    return prefill.start(model, cache_dir, key, build)
 
 
 def _load_package(path: Path) -> Callable:
@@ -466,7 +469,7 @@ def _flat_rope(rope: tuple | None) -> list[torch.Tensor]:
     return [t for pair in rope for t in pair] if rope is not None else []
 
 
-def _block_tensors(block: Block) -> tuple[list[str], list[torch.Tensor]]:
+def _block_tensors(block: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
     named = [*block.named_parameters(), *block.named_buffers()]
     return [n for n, _ in named], [t for _, t in named]
 

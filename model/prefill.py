@@ -1,22 +1,25 @@
-"""Many rows through a block's MLP at once (a prompt's prefill; a batch of 8 rows or more) for int4 and int8 models
-on CPUs with AMX tiles, through inductor's AMX GEMM template for 4-bit weights.
+"""Many rows through a block's products at once (a prompt's prefill; a batch of 8 rows or more) for int4 and int8
+models on CPUs with AMX tiles, through inductor's AMX GEMM template for 4-bit weights.
 
 Eagerly, ATen's `_weight_int4pack_mm_for_cpu` runs the 64 rows of the default model's MLP in 4.4–6.4 ms (2-core
-Xeon with AMX); inductor's max-autotune CPU template for the same op (`CppWoqInt4GemmTemplate`, its AMX
-micro-kernel) in 0.9 ms. The template only takes a weight that is a constant of the graph, so the MLP (gate|up,
-the activation, down) is built ahead of time into one AOTInductor package with layer 0's weights as its constants
-and the number of rows a symbolic size, kept beside the step's packages in `$ATTN_HOME/aoti`, and every layer runs
-it with its own constants swapped in (`load_constants(..., user_managed=True)`: the loader reads our tensors, no
-copy). Among the constants inductor folds at build time are the codes re-blocked for the micro-kernel: each
-layer's are made once as the package loads (`blocked`) and kept beside the int4pack codes (+40 MB on the default
-model's int4 MLPs). Which folded constant is which is found at build time by shape and kept beside the package
-(`<key>.json`); a build is used only after a second layer's product through it matched the eager one.
+Xeon with AMX), its qkv product in 0.9–1.5 ms, its o product in 0.45–0.75 ms; inductor's max-autotune CPU template
+for the same op (`CppWoqInt4GemmTemplate`, its AMX micro-kernel) in 0.9, 0.21–0.24 and 0.12–0.14 ms. The template
+only takes a weight that is a constant of the graph, so two modules are built ahead of time into AOTInductor
+packages, with layer 0's weights as their constants and the number of rows a symbolic size, kept beside the step's
+packages in `$ATTN_HOME/aoti`: the MLP (gate|up, the activation, down: "mlp") and the attention's qkv product
+("attn"). Every layer runs them with its own constants swapped in (`load_constants(..., user_managed=True)`: the
+loader reads our tensors, no copy). The o product runs through the qkv's package too (one package less to build):
+as a weight of the qkv's shape, its own rows then rows of zero scale, whose products are zeros and are cut.
+Among the constants inductor folds at build time are the codes re-blocked for the micro-kernel: each layer's are
+made once as the packages load (`blocked`) and kept beside the int4pack codes (+53 MB on the default model's int4
+layers, which no longer keep their exact float16 scales: model/quant/int4.py). Which folded constant is which is
+found at build time by shape and kept beside each package (`<key>.json`); a build is used only after a second
+layer's products through it matched the eager ones.
 
-The build runs in a child process, from the MLP exported here, beside the step's own build in this one
-(model/compile.py): both are mostly one thread of Python, so on two cores they overlap. Measured on the default
-model (int4, empty caches, the shared C++ that `attn pull` compiles already there: the template's kernels share
-the step's compile command): the child alone 10.4–10.7 s in a quiet hour, 19–21 s in a busy one; beside the step,
-a first `--compile` took 4–5.5 s longer than the step alone (alternating runs). Where it fails, the prefill stays eager.
+The MLP's package is built in a child process, from the module exported here, beside the step's own build in this
+one (model/compile.py): both are mostly one thread of Python, so on two cores they overlap; the attention's is built
+here once the step is, while the child still compiles. Where one fails, its products stay eager. Measured: README,
+Performance.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.cxx import write_atomically
@@ -41,15 +46,47 @@ from model.quant.q8 import Q8Linear
 MIN_ROWS = 8  # fewer rows run eagerly: at 1–4 rows the package is slower (350 against 290 µs), at 8 faster (305 against 813)
 TEMPLATE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "freezing": True}  # the template the only choice: nothing benchmarked
 TOLERANCE = 0.02  # a build's check: |package − eager| ≤ this × max |eager| (both read bfloat16 activations; measured ≤ 0.005)
+PACKAGES = ("mlp", "attn")  # the block's MLP; the attention's qkv product (and its o product, through the same package)
+
+
+def packages(model: Decoder) -> list[str]:
+    """Which packages the blocks can run: on a CPU with AMX tiles, "mlp" where every block's MLP is gated with int4pack
+    layers, "attn" where every block's qkv is an int4pack layer."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if not (amx and model.device.type == "cpu" and model.shard is None and os.environ.get("ATTN_PREFILL", "").strip().lower() != "eager"):
+        return []
+    mlp = all(isinstance(b.mlp, GatedMLP) and _int4pack(b.mlp.gate_up) and _int4pack(b.mlp.down) for b in model.layers)
+    attn = all(_int4pack(b.attn.qkv) for b in model.layers)
+    return [name for name, ok in zip(PACKAGES, (mlp, attn)) if ok]
 
 
 def available(model: Decoder) -> bool:
-    """Whether the MLPs can run through the template: a CPU with AMX tiles, every block's MLP gated with int4pack layers."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    mlps = [block.mlp for block in model.layers]
+    return bool(packages(model))
+
+
+def _int4pack(layer: nn.Module) -> bool:
+    return isinstance(layer, (Int4Linear, Q8Linear)) and layer.kernel == "int4pack"
+
+
+def _built_from(block: nn.Module, package: str) -> nn.Module:
+    """The module a package is exported from (layer 0's): the MLP, or the attention's qkv product."""
+    return block.mlp if package == "mlp" else block.attn.qkv
+
+
+def _runs(block: nn.Module, package: str) -> list[nn.Module]:
+    """The modules of a block that a package runs: the MLP; the qkv product, and the o product where it fits in."""
+    if package == "mlp":
+        return [block.mlp]
+    return [block.attn.qkv, *([block.attn.o] if _o_fits(block) else [])]
+
+
+def _o_fits(block: nn.Module) -> bool:
+    """Whether the o product runs through the qkv's package: same kind of layer and width in, no more rows out
+    (its own rows, then rows of zero scale up to the qkv's), no bias in either."""
+    qkv, o = block.attn.qkv, block.attn.o
     return (
-        amx and model.device.type == "cpu" and model.shard is None and os.environ.get("ATTN_PREFILL", "").strip().lower() != "eager"
-        and all(isinstance(m, GatedMLP) and all(isinstance(l, (Int4Linear, Q8Linear)) and l.kernel == "int4pack" for l in (m.gate_up, m.down)) for m in mlps)
+        _int4pack(o) and type(o) is type(qkv) and o.k_padded == qkv.k_padded and o.bias is None and qkv.bias is None
+        and o.q.packed.shape[0] <= qkv.q.packed.shape[0]
     )
 
 
@@ -62,27 +99,28 @@ def blocked(q: Packed4) -> torch.Tensor:
     return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).contiguous().view(N, K // 2)
 
 
-class _MlpOnly(nn.Module):
-    def __init__(self, mlp: GatedMLP) -> None:
+class _Only(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
         super().__init__()
-        self.mlp = mlp
+        self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp.forward(x)
+        return self.inner.forward(x)
 
 
 class ManyRows:
-    """One layer's MLP for x (…, D) of at least MIN_ROWS rows, through the package with that layer's constants;
-    GatedMLP.forward calls it (its `_fused`)."""
+    """One layer's module for x (…, D) of at least MIN_ROWS rows, through a package with that layer's constants (the
+    first `cols` columns of what it gives); GatedMLP.forward and BlockLinear.forward call it (their `_fused`)."""
 
     min_rows = MIN_ROWS
 
-    def __init__(self, runner: "_Package", constants: dict[str, torch.Tensor], held: list[torch.Tensor]) -> None:
-        self.runner, self.constants = runner, constants
-        self.held = held  # of the constants, those the model does not hold itself (the re-blocked codes)
+    def __init__(self, runner: "_Package", constants: dict[str, torch.Tensor], held: list[torch.Tensor], cols: int | None = None) -> None:
+        self.runner, self.constants, self.cols = runner, constants, cols
+        self.held = held  # of the constants, those the model does not hold itself (re-blocked codes, padded scales)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.runner(self.constants, x)
+        y = self.runner(self.constants, x)
+        return y if self.cols is None else y[..., : self.cols]
 
 
 class _Package:
@@ -98,118 +136,200 @@ class _Package:
         return self.loader.run([x.reshape(-1, shape[-1]).contiguous()])[0].view(*shape[:-1], -1)
 
 
-def attach(model: Decoder, path: Path, which: dict[str, str] | None = None) -> int:
-    """Load the package at `path` and give every block's MLP its ManyRows; how many. `which`: folded constant → the
-    Packed4 it re-blocks (kept beside the package where not given). Raises where it cannot load."""
+def attach(model: Decoder, package: str, path: Path, which: dict[str, str] | None = None) -> int:
+    """Load the package at `path` and give the modules it runs in every block their ManyRows; how many blocks. `which`:
+    folded constant → the Packed4 it re-blocks (kept beside the package where not given). Raises where it cannot load."""
     torch.cpu._init_amx()  # the kernel grants the AMX tiles per process; without this the first product dies of SIGILL
     if which is None:
         which = json.loads(path.with_suffix(".json").read_text())["blocked"]
     runner = _Package(path)
     own = set(runner.loader.get_constant_fqns())
     for block in model.layers:
-        mlp = block.mlp
-        tensors = {f"mlp.{n}": t for n, t in [*mlp.named_parameters(), *mlp.named_buffers()] if f"mlp.{n}" in own}
-        codes = {name: blocked(mlp.get_submodule(q)) for name, q in which.items()}
-        mlp._fused = ManyRows(runner, tensors | codes, list(codes.values()))
+        module = _built_from(block, package)
+        tensors = {f"inner.{n}": t for n, t in [*module.named_parameters(), *module.named_buffers()] if f"inner.{n}" in own}
+        if package == "mlp" or not _o_fits(block):
+            codes = {name: blocked(module.get_submodule(q)) for name, q in which.items()}
+            module._fused = ManyRows(runner, tensors | codes, list(codes.values()))
+            continue
+        # qkv, and o through the same package: o's codes re-blocked just before the qkv's, so that o's with the qkv's
+        # first rows after them are a weight of the qkv's shape, those rows given zero scales (they give zeros)
+        ((name, q),) = which.items()  # (the qkv's one product)
+        o, rows = block.attn.o, block.attn.o.q.packed.shape[0]
+        both = torch.cat([blocked(o.q), blocked(module.get_submodule(q))])
+        module._fused = ManyRows(runner, tensors | {name: both[rows:]}, [both])
+        sz = F.pad(o.q.sz, (0, 0, 0, module.q.sz.shape[1] - rows))
+        extra = {"inner.q.sz": sz, "inner.q.packed": module.q.packed}  # (packed: the kernel reads the re-blocked codes)
+        extra = {k: v for k, v in extra.items() if k in own}
+        o._fused = ManyRows(runner, tensors | extra | {name: both[: module.q.packed.shape[0]]}, [sz], cols=o.n_out)
     return len(model.layers)
 
 
 def resident_bytes(model: Decoder) -> int:
-    """What the MLPs' ManyRows hold beside the model's own tensors: the re-blocked codes."""
-    mlps = [block.mlp for block in model.layers if getattr(block.mlp, "_fused", None) is not None]
-    return sum(t.numel() * t.element_size() for m in mlps for t in m._fused.held)
+    """What the packages' ManyRows hold beside the model's own tensors: re-blocked codes, padded scales."""
+    held = {t.data_ptr(): t for m in model.modules() if getattr(m, "_fused", None) is not None for t in m._fused.held}
+    return sum(t.numel() * t.element_size() for t in held.values())
 
 
-def detach(model: Decoder) -> None:
+def detach(model: Decoder, package: str | None = None) -> None:
+    """The modules a package runs (every package's: None) eager again."""
     for block in model.layers:
-        if isinstance(block.mlp, GatedMLP):
-            block.mlp._fused = None
+        for name in [package] if package else PACKAGES:
+            for m in [block.mlp] if name == "mlp" else [block.attn.qkv, block.attn.o]:
+                if hasattr(m, "_fused"):
+                    m._fused = None
+
+
+class _Build:
+    """One package to build: where it goes, where it lies meanwhile, and what it is built from (a file the child reads;
+    or, built in this process, the exported module itself)."""
+
+    def __init__(self, package: str, path: Path, tmp: Path) -> None:
+        self.package, self.path, self.tmp = package, path, tmp
+        self.program: Path | None = None
+        self.exported: torch.export.ExportedProgram | None = None
+
+    def clean(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+        if self.program is not None:
+            self.program.unlink(missing_ok=True)
 
 
 class Pending:
-    """A build of the MLP package running in a child process (`start`), finished by `finish`."""
+    """Packages being built (`start`): the first by a child process, any other here once the step is built, while
+    the child still compiles (on two cores the step's build and the child's overlap; then this one would wait idle).
+    Finished by `finish`."""
 
-    def __init__(self, model: Decoder, path: Path, child: subprocess.Popen, tmp: Path, program: Path) -> None:
-        self.model, self.path, self.child, self.tmp, self.program = model, path, child, tmp, program
+    def __init__(self, model: Decoder, shared: Path, child: subprocess.Popen, builds: list[_Build]) -> None:
+        self.model, self.shared, self.child, self.builds = model, shared, child, builds
 
     def cancel(self) -> None:
         """Stop the child (the export or the step's own build failed: nothing of this is kept)."""
         self.child.kill()
         self.child.wait()
-        self.tmp.unlink(missing_ok=True)
-        self.program.unlink(missing_ok=True)
+        for b in self.builds:
+            b.clean()
 
     def finish(self) -> bool:
-        """Wait for the child; where it built the package, identify its folded constants, check it, keep it and
-        attach it. Whether the MLPs now run through it (a failure leaves them eager, and nothing kept)."""
+        """Build this process's share, wait for the child; for each package built, identify its folded constants, check
+        it, keep it and attach it. Whether any now runs (a failure leaves that package's modules eager, nothing of it kept)."""
         try:
             try:
+                for b in self.builds:
+                    if b.exported is not None:
+                        _compile_here(b, self.shared)
                 self.child.wait()
             except BaseException:  # interrupted: the child goes too
                 self.child.kill()
                 raise
-            if self.child.returncode != 0 or not self.tmp.exists():
+            return sum(self._finish(b) for b in self.builds) > 0
+        finally:
+            for b in self.builds:
+                b.clean()
+
+    def _finish(self, b: _Build) -> bool:
+        try:
+            if not b.tmp.exists() or b.tmp.stat().st_size == 0:
                 return False
-            which = _identify(self.tmp, self.model.layers[0].mlp)
-            attach(self.model, self.tmp, which)  # (the loader unpacks the package: it may move after)
-            if not _agrees(self.model):
-                detach(self.model)
+            which = _identify(b.tmp, _built_from(self.model.layers[0], b.package))
+            attach(self.model, b.package, b.tmp, which)  # (the loader unpacks the package: it may move after)
+            if not _agrees(self.model, b.package):
+                detach(self.model, b.package)
                 return False
-            write_atomically(self.path.with_suffix(".json"), json.dumps({"blocked": which}))
-            os.replace(self.tmp, self.path)
+            write_atomically(b.path.with_suffix(".json"), json.dumps({"blocked": which}))
+            os.replace(b.tmp, b.path)
             return True
         except Exception:  # any failure here only means an eager prefill
-            detach(self.model)
+            detach(self.model, b.package)
             return False
-        finally:
-            self.tmp.unlink(missing_ok=True)
-            self.program.unlink(missing_ok=True)
 
 
-def start(model: Decoder, cache_dir: Path, key: str, build: bool) -> Pending | None:
-    """Attach the MLP package kept under `key`, or (with `build`) start building it in a child process: the Pending
-    build to finish; None when there is nothing to wait for (attached, not available, or not to be built)."""
-    if not available(model) or getattr(model.layers[0].mlp, "_fused", None) is not None:
+def start(model: Decoder, cache_dir: Path, key: Callable[[nn.Module], str], build: bool) -> Pending | None:
+    """Attach the packages kept for this model (under `key` of the module each is built from), or (with `build`) start
+    building those missing: the Pending builds to finish; None when there is nothing to wait for."""
+    missing = []
+    for package in packages(model):
+        module = _built_from(model.layers[0], package)
+        if getattr(module, "_fused", None) is not None:
+            continue
+        path = cache_dir / f"{package}-{key(module)}.pt2"
+        if path.exists() and path.with_suffix(".json").exists():
+            try:
+                attach(model, package, path)
+                continue
+            except Exception:  # cut short, from another torch: built again
+                detach(model, package)
+        if build:
+            missing.append((package, module, path))
+    if not missing:
         return None
-    path = cache_dir / f"mlp-{key}.pt2"
-    if path.exists() and path.with_suffix(".json").exists():
-        try:
-            attach(model, path)
-            return None
-        except Exception:  # cut short, from another torch: built again
-            detach(model)
-    if not build:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, program = tempfile.mkstemp(dir=path.parent, suffix=".ep.pt2")
-    os.close(fd)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2")
-    os.close(fd)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    builds = [_Build(package, path, Path(_temporary(cache_dir, ".pt2"))) for package, _, path in missing]
+    first = builds[0]
+    first.program = Path(_temporary(cache_dir, ".ep.pt2"))
     try:
-        # The child starts first: its imports (torch and inductor, ≈ 3 s) run while the MLP is exported here.
+        # The child starts first: its imports (torch and inductor, ≈ 3 s) run while its module is exported here.
         child = subprocess.Popen(
-            [sys.executable, "-m", "model.prefill", tmp, str(cache_dir / "cxx")], cwd=Path(__file__).resolve().parents[1],
+            [sys.executable, "-m", "model.prefill", str(first.tmp), str(cache_dir / "cxx")], cwd=Path(__file__).resolve().parents[1],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
     except OSError:
-        Path(program).unlink(missing_ok=True)
-        Path(tmp).unlink(missing_ok=True)
+        for b in builds:
+            b.clean()
         return None
-    pending = Pending(model, path, child, Path(tmp), Path(program))
+    pending = Pending(model, cache_dir / "cxx", child, builds)
     try:
         with torch.inference_mode(False), torch.no_grad():
             rows = torch.export.Dim("M", min=2, max=1 << 20)
-            x = torch.zeros(MIN_ROWS, model.cfg.dim, dtype=model.dtype)
-            exported = torch.export.export(_MlpOnly(model.layers[0].mlp), (x,), dynamic_shapes=({0: rows},), strict=False)
-            torch.export.save(exported, program)
-        child.stdin.write(f"{program}\n".encode())
-        child.stdin.close()
+            for b, (_, module, _) in zip(builds, missing):
+                x = torch.zeros(MIN_ROWS, _width(module), dtype=model.dtype)
+                b.exported = torch.export.export(_Only(module), (x,), dynamic_shapes=({0: rows},), strict=False)
+                if b is first:  # the child's, on its stdin
+                    torch.export.save(b.exported, b.program)
+                    b.exported = None
+                    child.stdin.write(f"{b.program}\n".encode())
+                    child.stdin.close()
     except BaseException as e:
         pending.cancel()
         if not isinstance(e, Exception):
             raise
         return None
     return pending
+
+
+def _compile_here(b: _Build, shared: Path) -> None:
+    """Compile a build in this process (what warnings inductor gives, unseen, as in the child); a failure leaves its
+    package empty."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _compile(b.exported, b.tmp, shared)
+    except Exception:
+        b.tmp.write_bytes(b"")
+    finally:
+        b.exported = None
+
+
+def _compile(exported: torch.export.ExportedProgram, out: Path, shared: Path) -> None:
+    import torch._inductor
+    import torch._inductor.config as inductor
+
+    from model.cxx import BUILD_OPTIONS, compiles_beside_each_other
+
+    with inductor.patch(BUILD_OPTIONS | TEMPLATE), compiles_beside_each_other(shared):
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(out))
+
+
+def _temporary(folder: Path, suffix: str) -> str:
+    fd, path = tempfile.mkstemp(dir=folder, suffix=suffix)
+    os.close(fd)
+    return path
+
+
+def _width(module: nn.Module) -> int:
+    """How wide a row the module takes."""
+    return module.gate_up.n_in if isinstance(module, GatedMLP) else module.n_in
 
 
 def _die_with_parent() -> None:
@@ -228,8 +348,8 @@ def key_extra() -> list:
     return [hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), TEMPLATE]
 
 
-def _identify(package: Path, mlp: GatedMLP) -> dict[str, str]:
-    """Which of the package's folded constants re-blocks which Packed4 of `mlp`: by shape and dtype, from the package's
+def _identify(package: Path, module: nn.Module) -> dict[str, str]:
+    """Which of the package's folded constants re-blocks which Packed4 of `module`: by shape and dtype, from the package's
     own library (a gate|up and a down never share a shape; the values are not compared: the package's own, folded by
     inductor from layer 0's codes, came out wrong in some builds here, and each layer's are given at load anyway).
     Any other folded constant must be a scalar (a group size), which every layer shares; else ValueError."""
@@ -238,8 +358,8 @@ def _identify(package: Path, mlp: GatedMLP) -> dict[str, str]:
             (so,) = [n for n in z.namelist() if n.endswith(".so")]
             library = z.extract(so, folder)
         constants = torch._C._aoti.AOTIModelContainerRunnerCpu(library, 1).extract_constants_map(False)
-    own = {f"mlp.{n}" for n, _ in [*mlp.named_parameters(), *mlp.named_buffers()]}
-    candidates = {name: q.packed for name, q in mlp.named_modules() if isinstance(q, Packed4)}
+    own = {f"inner.{n}" for n, _ in [*module.named_parameters(), *module.named_buffers()]}
+    candidates = {name: q.packed for name, q in module.named_modules() if isinstance(q, Packed4)}
     which = {}
     for name, value in constants.items():
         if name in own:
@@ -254,37 +374,34 @@ def _identify(package: Path, mlp: GatedMLP) -> dict[str, str]:
     return which
 
 
-def _agrees(model: Decoder) -> bool:
-    """A second layer's MLP (where there is one) through the package against the same eagerly, on random rows."""
-    mlp = model.layers[min(1, len(model.layers) - 1)].mlp
+def _agrees(model: Decoder, package: str) -> bool:
+    """A second layer's modules (where there is one) through the package against the same eagerly, on random rows."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2 * MIN_ROWS, model.cfg.dim, generator=gen).to(model.dtype)
-    with torch.inference_mode():
-        got = mlp._fused(x)
-        fused, mlp._fused = mlp._fused, None
-        try:
-            want = mlp.forward(x)
-        finally:
-            mlp._fused = fused
-    return got.shape == want.shape and bool((got.float() - want.float()).abs().max() <= TOLERANCE * want.float().abs().max())
+    for m in _runs(model.layers[min(1, len(model.layers) - 1)], package):
+        x = torch.randn(2 * MIN_ROWS, _width(m), generator=gen).to(model.dtype)
+        with torch.inference_mode():
+            got = m._fused(x)
+            fused, m._fused = m._fused, None
+            try:
+                want = m.forward(x)
+            finally:
+                m._fused = fused
+        if got.shape != want.shape or not bool((got.float() - want.float()).abs().max() <= TOLERANCE * want.float().abs().max()):
+            return False
+    return True
 
 
 def _build(out: str, shared: str) -> None:
-    """The child's work: import inductor, then compile the MLP exported to the path that comes on stdin into a package
-    at `out`, the template the only choice (nothing comes: the parent gave up, and so does the child)."""
+    """The child's work: import inductor, then compile the module exported to the path that comes on stdin into a
+    package at `out`, the template the only choice (nothing comes: the parent gave up, and so does the child)."""
     import torch._inductor
     import torch._inductor.codegen.cpp_wrapper_cpu  # noqa: F401 (what the build imports anyway, while the parent exports)
     import torch._inductor.compile_fx  # noqa: F401
-    import torch._inductor.config as inductor
-
-    from model.cxx import BUILD_OPTIONS, compiles_beside_each_other
 
     program = sys.stdin.readline().strip()
     if not program:
         sys.exit(1)
-    exported = torch.export.load(program)
-    with inductor.patch(BUILD_OPTIONS | TEMPLATE), compiles_beside_each_other(Path(shared)):
-        torch._inductor.aoti_compile_and_package(exported, package_path=out)
+    _compile(torch.export.load(program), Path(out), Path(shared))
 
 
 if __name__ == "__main__":
