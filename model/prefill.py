@@ -174,8 +174,8 @@ def detach(model: Decoder, package: str | None = None) -> None:
     """The modules a package runs (every package's: None) eager again."""
     for block in model.layers:
         for name in [package] if package else PACKAGES:
-            for m in [block.mlp] if name == "mlp" else [block.attn.qkv, block.attn.o]:
-                if hasattr(m, "_fused"):
+            for m in _runs(block, name):
+                if hasattr(m, "_fused"):  # (a plain MLP has none)
                     m._fused = None
 
 
