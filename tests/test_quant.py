@@ -18,7 +18,7 @@ from model.errors import AttnError
 from model.loading import load_model
 from model.quant import Int4Linear, Q8Linear, quantize
 from model.quant.blocks import GROUP, Blocks, load_blocks, q4_1_rtn, q8_0_rtn, save_blocks, u8_rtn
-from model.quant.int4 import pack_rows, unpack_rows
+from model.quant.int4 import layout, pack_rows, unpack_row_ids, unpack_rows
 from tests.test_gguf import hf_to_gguf_tensors, model_metadata, tiny_hf_model, train_tokenizer, write_gguf
 from weights.gguf import BLOCKS_FILE, blocks_file, convert_gguf
 
@@ -106,7 +106,55 @@ def test_generic_kernel_gives_what_the_packed_one_gives(monkeypatch, cls):
 def test_packed_layout_is_the_kernels_own():
     codes = torch.randint(0, 16, (192, 96), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert layout() is not None
     assert torch.equal(pack_rows(codes), packed) and torch.equal(unpack_rows(packed), codes.to(torch.uint8))
+
+
+@pytest.mark.parametrize("tiles", [(64, True), (32, True), (32, False), (16, False)])
+def test_every_layout_packs_as_it_says_and_back(tiles):
+    tile, split = tiles
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.uint8)
+    packed = pack_rows(codes, tiles)
+    low, high = (0, tile // 2) if split else (0, 1)  # byte 0 of tile 0, column 0: these two rows
+    assert packed[0, 0] == codes[low, 0] | codes[high, 0] << 4
+    assert torch.equal(unpack_rows(packed, tiles), codes)
+    rows = torch.tensor([0, 1, tile // 2, tile - 1, tile, 127])
+    assert torch.equal(unpack_row_ids(packed, rows, tiles), codes[rows])
+    for r in rows.tolist():
+        assert torch.equal(unpack_row_ids(packed, torch.tensor([r]), tiles)[0], codes[r])
+
+
+# What each vector ISA's kernel makes of the layers (its packed layout differs: 64-row tiles with AVX-512, 32 with AVX2,
+# pairs of adjacent rows with none), each in a process started at that level: the layers against their dense weights.
+ISA_CHECK = """
+import torch
+from model.decoder import Linear
+from model.quant import Int4Linear, Q8Linear
+from model.quant.int4 import layout
+torch.manual_seed(0)
+lin = Linear(96, 130, True)
+with torch.no_grad():
+    lin.weight.copy_(torch.randn(96, 130) * 0.1)
+x = torch.randn(3, 96)
+for cls in (Int4Linear, Q8Linear):
+    q = cls.from_linear(lin)
+    ref = x @ q.dense_weight() + lin.bias
+    err = (q(x) - ref).abs().max().item()
+    assert q.kernel == "int4pack" and err < 0.05 * ref.abs().max().item(), (cls.__name__, err)
+print(torch.backends.cpu.get_cpu_capability(), layout())
+"""
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_the_layers_are_right_at_every_vector_isa(isa):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}
+    run = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[0] == isa.upper()
 
 
 def test_blocks_round_trip_through_their_file(tmp_path):
@@ -266,3 +314,14 @@ def test_cpu_features_name_amx_where_torch_finds_its_tiles(monkeypatch, amx):
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert cpu_features() == torch.backends.cpu.get_cpu_capability() + (" + AMX" if amx else "")
+
+
+def test_a_kernel_whose_layout_attn_does_not_know_is_not_used(monkeypatch):
+    import model.quant.int4 as int4
+
+    lin = float_linear(96, 130, True, 5)
+    monkeypatch.setattr(int4, "layout", lambda: None)
+    q = Int4Linear.from_linear(lin)
+    assert q.kernel == "generic"
+    x = torch.randn(2, 96)
+    assert torch.allclose(q(x), x @ q.dense_weight() + lin.bias, atol=1e-4)

@@ -12,6 +12,7 @@ quantized round-to-nearest in Q4_1's form (blocks.q4_1_rtn).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch import nn
 from model.quant.blocks import GROUP, Blocks, q4_1_rtn
 from model.quant.kernels import int4_kernel
 
-ROWS = 64  # output rows per tile of the packed layout (the kernel's own tiling when N is a multiple of 64)
+ROWS = 64  # output rows are padded to a multiple of this: whole tiles of every layout the kernel has (`layout`)
 
 
 class Packed4(nn.Module):
@@ -158,30 +159,62 @@ def pad_input(x: torch.Tensor, K: int) -> torch.Tensor:
     return x if x.shape[1] == K else F.pad(x, (0, K - x.shape[1]))
 
 
-def pack_rows(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes, N a multiple of 64 → (N, K/2) bytes in `_convert_weight_to_int4pack_for_cpu`'s layout:
-    per tile of 64 rows, column by column, 32 bytes, byte i holding row i (low nibble) and row i + 32 (high)."""
+@lru_cache(maxsize=1)
+def layout() -> tuple[int, bool] | None:
+    """How `_convert_weight_to_int4pack_for_cpu` lays out codes in this process: (rows per tile, split), read off the
+    kernel's own packing of a probe. Per tile, column by column, B/2 bytes, each holding two rows' codes: with split,
+    byte i holds rows i (low nibble) and i + B/2 (high); else rows 2i and 2i + 1. It follows ATen's vector ISA
+    (Vectorized<float>::size() × 4 rows): AVX-512 (64, split), AVX2 (32, split), no vector ISA (32, not split).
+    None where no known layout matches (or there is no such kernel): the int4 layers then run the generic kernel."""
+    convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    if convert is None:
+        return None
+    probe = torch.randint(0, 16, (2 * ROWS, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        packed = convert(probe, 1)
+    except RuntimeError:
+        return None
+    for tile in (64, 32, 16, 8):
+        for split in (True, False):
+            if torch.equal(pack_rows(probe, (tile, split)), packed):
+                return tile, split
+    return None
+
+
+def _tiles(layout_: tuple[int, bool] | None) -> tuple[int, bool]:
+    return layout_ or layout() or (ROWS, True)  # (with no kernel, any layout will do: this one)
+
+
+def pack_rows(codes: torch.Tensor, layout_: tuple[int, bool] | None = None) -> torch.Tensor:
+    """(N, K) codes, N a multiple of 64 → (N, K/2) bytes in `_convert_weight_to_int4pack_for_cpu`'s layout here
+    (`layout()`, or the one given)."""
+    tile, split = _tiles(layout_)
     N, K = codes.shape
-    t = codes.to(torch.uint8).view(N // ROWS, 2, ROWS // 2, K)  # (tiles, 2, 32, K)
-    byte = t[:, 0] | (t[:, 1] << 4)  # (tiles, 32, K)
+    c = codes.to(torch.uint8)
+    pairs = c.view(N // tile, 2, tile // 2, K) if split else c.view(N // tile, tile // 2, 2, K).transpose(1, 2)  # (tiles, low|high, B/2, K)
+    byte = pairs[:, 0] | (pairs[:, 1] << 4)  # (tiles, B/2, K)
     return byte.transpose(1, 2).contiguous().view(N, K // 2)
 
 
-def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+def unpack_rows(packed: torch.Tensor, layout_: tuple[int, bool] | None = None) -> torch.Tensor:
     """The inverse of pack_rows: (N, K/2) bytes → (N, K) uint8 codes."""
+    tile, split = _tiles(layout_)
     N, half = packed.shape
     K = half * 2
-    byte = packed.view(N // ROWS, K, ROWS // 2).transpose(1, 2)  # (tiles, 32, K)
-    return torch.stack([byte & 15, byte >> 4], dim=1).reshape(N, K)  # (tiles, 2, 32, K) → (N, K)
+    byte = packed.view(N // tile, K, tile // 2).transpose(1, 2)  # (tiles, B/2, K)
+    pairs = torch.stack([byte & 15, byte >> 4], dim=1)  # (tiles, low|high, B/2, K)
+    return (pairs if split else pairs.transpose(1, 2)).reshape(N, K)
 
 
-def unpack_row_ids(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def unpack_row_ids(packed: torch.Tensor, rows: torch.Tensor, layout_: tuple[int, bool] | None = None) -> torch.Tensor:
     """pack_rows's codes of some rows only: (N, K/2) bytes, rows (n,) → (n, K) uint8."""
+    tile, split = _tiles(layout_)
     N, half = packed.shape
-    tiles = packed.view(N // ROWS, half * 2, ROWS // 2)  # (tiles, K, 32)
+    tiles = packed.view(N // tile, half * 2, tile // 2)  # (tiles, K, B/2)
     if rows.numel() == 1 and rows.device.type == "cpu":  # a decode step's embedding row: a view, not a gather (≈ 4× less time)
-        r = int(rows)
-        return (tiles[r // ROWS, :, r % (ROWS // 2)] >> (4 * (r % ROWS // (ROWS // 2)))).unsqueeze(0) & 15
-    within = rows % ROWS
-    byte = tiles[rows // ROWS, :, within % (ROWS // 2)]  # (n, K)
-    return (byte >> (4 * (within // (ROWS // 2)))[:, None]) & 15
+        r, w = divmod(int(rows), tile)
+        byte, high = (w % (tile // 2), w // (tile // 2)) if split else divmod(w, 2)
+        return (tiles[r, :, byte] >> (4 * high)).unsqueeze(0) & 15
+    within = rows % tile
+    byte, high = (within % (tile // 2), within // (tile // 2)) if split else (within // 2, within % 2)
+    return (tiles[rows // tile, :, byte] >> (4 * high)[:, None]) & 15

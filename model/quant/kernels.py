@@ -2,7 +2,8 @@
 
 - int4: ATen's `_weight_int4pack_mm_for_cpu` (4-bit codes in its packed layout, a bfloat16 scale and
   zero per group of 32, bfloat16 activations; with float32 or float16 activations it takes a path
-  measured 20–40× slower). Vectorised for AVX2 and AVX-512; PyTorch ≥ 2.5.
+  measured 20–40× slower). Vectorised for AVX2 and AVX-512; PyTorch ≥ 2.5. Its packed layout differs by vector ISA
+  (64-row tiles with AVX-512, 32 with AVX2): int4.layout() reads it off the kernel's own packing.
 - 8-bit groups (q8.py, `--quantize int8` and the int4 mode's head): the same kernel once, over the
   high and the low 4 bits of each code side by side along the input (twice the input length).
 - generic: dequantize to the activations' dtype, then a dense product. Correct everywhere, slow;
@@ -31,7 +32,9 @@ def forced_generic() -> bool:
 
 
 def int4_kernel(device: torch.device) -> str:
-    if device.type == "cpu" and not forced_generic() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+    from model.quant.int4 import layout  # (int4.py holds the codes in the kernel's layout, read off the kernel)
+
+    if device.type == "cpu" and not forced_generic() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and layout() is not None:
         return "int4pack"
     return GENERIC
 
