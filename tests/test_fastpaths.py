@@ -46,6 +46,21 @@ def recompute_greedy(model, prompt: list[int], n: int = 24) -> list[int]:
     return ids[len(prompt) :]
 
 
+def assert_same_greedy_but_for_ties(model, prompt: list[int], rel: float) -> None:
+    """Cached decoding gives full recompute's greedy tokens, except where the two picks' logits (full recompute's)
+    lie within `rel` of each other — a tie in the dtype's rounding — after which the two sequences may go apart."""
+    cached, full = greedy(model, prompt), recompute_greedy(model, prompt)
+    first = next((i for i, (a, b) in enumerate(zip(cached, full)) if a != b), None)
+    if first is None:
+        return
+    ids = prompt + full[:first]
+    with torch.inference_mode():
+        model.setup_cache(len(ids))
+        logits = model(torch.tensor([ids]), 0)[0, -1].float()
+    a, b = logits[cached[first]].item(), logits[full[first]].item()
+    assert abs(a - b) <= rel * max(abs(a), abs(b)), (first, cached[first], full[first], a, b)
+
+
 def top1_agreement(a, b, ids: torch.Tensor) -> float:
     with torch.inference_mode():
         a.setup_cache(ids.shape[1])
@@ -79,8 +94,10 @@ def test_bfloat16_top1_agreement_and_own_decoding(tiny_models, kind):
     bf = load_model(path, torch.bfloat16)
     ids = torch.tensor([prompt_for(ref, T=48, seed=5)])
     assert top1_agreement(bf, ref, ids) >= 0.9
-    prompt = prompt_for(ref)
-    assert greedy(bf, prompt) == recompute_greedy(bf, prompt)
+    # The one-row products and the many-row ones round differently in bfloat16 (without AVX-512's bfloat16 they take
+    # other kernels: on an AVX2 Zen3, gpt2's step 10 picks 164 at 2.359 where full recompute picks 271 at 2.375, one
+    # bfloat16 step apart; float32 has them 0.002 apart): a pick two bfloat16 steps (2⁻⁷ relative) apart or closer is a tie.
+    assert_same_greedy_but_for_ties(bf, prompt_for(ref), rel=2**-6)
 
 
 def test_int8_linear_dense_weight_and_tied_embedding(tiny_models):

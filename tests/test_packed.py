@@ -32,7 +32,9 @@ def test_packed_layer_matches_a_float64_reference(n_in, n_out, rows, bias, seed)
     for got in (layer(x), torch.stack([layer(x[0]), layer(x[1])]), layer(x.transpose(0, 1)).transpose(0, 1)):  # 3-D, 2-D, strided
         assert got.shape == (2, rows, n_out) and got.dtype == torch.float32
         assert ((got.double() - want).abs() <= 1e-6 * scale + 1e-6).all()
-    # bfloat16 weights and activations: within bfloat16's rounding of the float64 product
+    # bfloat16 weights and activations: within bfloat16's rounding of the float64 product, where oneDNN has bfloat16
+    if not packs(torch.device("cpu"), torch.bfloat16):
+        return
     lin16 = float_linear(n_in, n_out, bias, seed).to(torch.bfloat16)
     got16 = PackedLinear.from_linear(lin16)(x.to(torch.bfloat16))
     w16 = lin16.weight.detach().float()
@@ -114,7 +116,8 @@ def test_models_open_packed_on_the_cpu_unless_told_otherwise(tiny_llama, monkeyp
     m = open_model(str(tiny_llama), "cpu", Dtype.float32, quiet=True)
     n = sum(isinstance(x, PackedLinear) for x in m.model.modules())
     assert n > 0 and m.kernels == {"PackedLinear:onednn": n}
-    assert open_model(str(tiny_llama), "cpu", Dtype.bfloat16, quiet=True).kernels == {"PackedLinear:onednn": n}
+    bf16 = open_model(str(tiny_llama), "cpu", Dtype.bfloat16, quiet=True)
+    assert bf16.kernels == ({"PackedLinear:onednn": n} if packs(torch.device("cpu"), torch.bfloat16) else {})
     # float16, quantized layers and ATTN_KERNELS=generic keep their own products
     assert not any(isinstance(x, PackedLinear) for x in open_model(str(tiny_llama), "cpu", Dtype.float16, quiet=True).model.modules())
     assert "PackedLinear:onednn" not in open_model(str(tiny_llama), "cpu", Dtype.float32, quiet=True, quantize="int8").kernels
@@ -162,3 +165,19 @@ def test_unpacking_a_quantized_model_never_dequantizes_it(tiny_models, mode, mon
     monkeypatch.setattr(BlockLinear, "dense_weight", refuse)
     unpack(model)
     assert _foldable_head(model) is None and layers == {n: m for n, m in model.named_modules() if isinstance(m, BlockLinear)}
+
+
+def test_bfloat16_stays_plain_where_onednn_has_no_bfloat16_path(monkeypatch, tiny_llama):
+    """An AVX2 CPU (a Zen3): oneDNN refuses to pack bfloat16 weights there; the layers keep their plain products."""
+    from cli.common import Dtype
+    from cli.models import open_model
+    from model import quant
+
+    monkeypatch.setattr(quant.packed, "onednn_bf16", lambda: False)
+    assert packs(torch.device("cpu"), torch.float32) and not packs(torch.device("cpu"), torch.bfloat16)
+    m = open_model(str(tiny_llama), "cpu", Dtype.bfloat16, quiet=True)
+    assert m.kernels == {} and not any(isinstance(x, PackedLinear) for x in m.model.modules())
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.inference_mode():
+        m.model.setup_cache(4)
+        assert torch.isfinite(m.model(ids, 0).float()).all()

@@ -135,6 +135,7 @@ torch.manual_seed(0)
 lin = Linear(96, 130, True)
 with torch.no_grad():
     lin.weight.copy_(torch.randn(96, 130) * 0.1)
+    lin.bias.copy_(torch.randn(130))
 x = torch.randn(3, 96)
 for cls in (Int4Linear, Q8Linear):
     q = cls.from_linear(lin)

@@ -25,9 +25,16 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 def packs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether float linear layers on `device` in `dtype` run packed: the CPU, float32 or bfloat16, oneDNN
+    """Whether float linear layers on `device` in `dtype` run packed: the CPU, float32 or bfloat16 (where oneDNN has
+    a bfloat16 path on this CPU: AVX-512 or AVX-NE-CONVERT; an AVX2 Zen3 has none, and packing there fails), oneDNN
     built in, and not ATTN_KERNELS=generic (which keeps the plain products)."""
-    return device.type == "cpu" and dtype in DTYPES and torch.backends.mkldnn.is_available() and not forced_generic()
+    if device.type != "cpu" or dtype not in DTYPES or not torch.backends.mkldnn.is_available() or forced_generic():
+        return False
+    return dtype != torch.bfloat16 or onednn_bf16()
+
+
+def onednn_bf16() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedLinear(nn.Module):
