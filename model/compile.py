@@ -44,8 +44,10 @@ from torch import nn
 
 from model.cxx import BUILD_OPTIONS, compiles_beside_each_other, probe_vector_isa
 from model.decoder import Block, Decoder, Linear, Span
-from model.quant import cpu_features, pack, unpack
-from model.quant.kernels import cpuinfo, one_row_kernel
+from model.quant import add_lanes, cpu_features, drop_lanes, pack, unpack
+from model.quant.int4 import BlockLinear
+from model.quant.kernels import cpuinfo, lanes_wanted, one_row_kernel
+from model.quant.lanes import INDUCTOR, Lanes, row_product
 
 
 class CompileFailed(RuntimeError):
@@ -73,9 +75,11 @@ def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = N
         if not build and (ready is None or not _is_ready(ready)):
             raise CompileFailed("not built for this model and mode")
         unpacked = unpack(model)  # oneDNN's packed weights are opaque to inductor: plain layers again
+        add_lanes(model)  # 8-bit codes again in the layout the step's one-row products read, where they are faster
         try:
             model.decode_step = step = _cpu_step(model, cache_dir, build)
         except CompileFailed:
+            drop_lanes(model)
             if unpacked:
                 pack(model)
             if not build and ready is not None:
@@ -107,7 +111,7 @@ def ready_file(model: Decoder, cache_dir: Path) -> Path:
     step no longer finds, and the first run that tries drops the record (compile_decode_step)."""
     modules = [(n, type(m).__qualname__, _settings(m)) for n, m in model.named_modules()]
     tensors = [(n, list(t.shape), str(t.dtype), t.is_contiguous()) for n, t in model.weights()]
-    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), one_row_kernel(), BUILD_OPTIONS, modules, tensors], default=str)
+    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), one_row_kernel(), lanes_wanted(model.device), BUILD_OPTIONS, modules, tensors], default=str)
     return Path(cache_dir) / f"ready-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 
 
@@ -205,7 +209,7 @@ class InductorStep(BuiltStep):
         # inductor's C++ wrapper calls the kernels from C++ instead of generated Python (12 vs 16 ms a token).
         torch._dynamo.reset()
         layers = self.model.layers
-        options = {"cpp_wrapper": True}
+        options = {"cpp_wrapper": True, **_lane_options(self.model)}
         if _alike(layers):
             # Every block holds tensors of the same shapes and dtypes (checked here), so checking them again
             # on every call only costs time (16 of a block's 42 µs of guards, measured).
@@ -322,13 +326,14 @@ class AotStep(BuiltStep):
             # inputs must not share storage (the rope rows are views of one table).
             x = torch.zeros(1, 1, self.model.cfg.dim, dtype=self.model.dtype)
             # The head itself, not the stand-in, is the example: inductor plans loops (which one the cores share) by it.
-            examples = (x, torch.empty(3), *[t.clone() for t in rope], *[(tail.head if n == _HEAD else t).clone() for n, t in zip(names, tensors)])
+            heads = dict(zip(tail.head_names, tail.tensors(last=True)[-len(tail.head_names) :])) if tail is not None else {}
+            examples = (x, torch.empty(3), *[t.clone() for t in rope], *[heads.get(n, t).clone() for n, t in zip(names, tensors)])
             # inductor's test builds for the CPU's vector extensions (≈ 1.8 s of g++, once per machine) run beside the export.
             probe = threading.Thread(target=probe_vector_isa, daemon=True)
             probe.start()
             S, L = torch.export.Dim("S", min=2, max=1 << 20), torch.export.Dim("L", min=3, max=1 << 20)
             V = torch.export.Dim("V", min=2, max=1 << 24)
-            sizes = {n: {2: L} for n in names if n.endswith(("cache.k", "cache.v"))} | {_HEAD: {1: V}}
+            sizes = {n: {2: L} for n in names if n.endswith(("cache.k", "cache.v"))} | {_HEAD: {1: V}} | {n: {0: V} for n in _LANE_HEAD}
             dims = (None, {0: S}, (*[None] * len(rope), *[sizes.get(n) for n in names]))  # *rest is one tuple
             program = torch.export.export(_OneBlock(block, names, len(rope), tail), examples, dynamic_shapes=dims, strict=False)
             probe.join()
@@ -336,7 +341,7 @@ class AotStep(BuiltStep):
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2")
             os.close(fd)
             try:
-                with torch._inductor.config.patch(BUILD_OPTIONS), compiles_beside_each_other(self.cache_dir / "cxx"):
+                with torch._inductor.config.patch({**BUILD_OPTIONS, **_lane_options(block, tail)}), compiles_beside_each_other(self.cache_dir / "cxx"):
                     torch._inductor.aoti_compile_and_package(program, package_path=tmp)
                 os.replace(tmp, path)  # whole or not at all: another run may be loading from the folder
             finally:
@@ -375,39 +380,51 @@ class _OneBlock(nn.Module):
 
 
 _HEAD = "tail.head.weight"  # the head's weight among a package's inputs (its vocabulary is a symbolic size)
+_LANE_HEAD = ("tail.head.words", "tail.head.a", "tail.head.b")  # or a quantized head's lanes copy (vocabulary / 8 the size)
 
 
 class _Tail:
-    """The final norm and a float head (W (in, out) over (out, in) storage, no bias) folded into each block's
-    package: the head is the step's largest product (the default model's 49152×576, 113 MB in float32), and
-    compiled it is the same reduction along each stored row as the blocks' products (eager: oneDNN's GEMV).
-    Each block's package computes it, the last one with the head, the others with a stand-in of two rows (one
-    package serves them all), so no second package is built."""
+    """The final norm and the head (no bias) folded into each block's package: the head is the step's largest product
+    (the default model's 49152×576, 113 MB in float32), and compiled it is the same reduction along each stored row as
+    the blocks' products (eager: oneDNN's GEMV). A float head is its weight (W (in, out) over (out, in) storage); an
+    8-bit one, its lanes copy (model/quant/lanes.py: its one-row product, 1.5 against 4.1 ms eagerly through int4pack
+    on an AVX2 Zen3). Each block's package computes it, the last one with the head, the others with a stand-in of two
+    rows (or two words of rows) of zeros (one package serves them all), so no second package is built."""
 
-    def __init__(self, model: Decoder, head: torch.Tensor) -> None:
+    def __init__(self, model: Decoder, head: torch.Tensor | Lanes) -> None:
         self.norm = model.norm
         named = [*model.norm.named_parameters(), *model.norm.named_buffers()]
-        self.names = [f"tail.norm.{n}" for n, _ in named] + [_HEAD]
         self.norm_tensors = [t for _, t in named]
         self.head = head
-        # (in, 2) stored as the head is, (2, in) or (in, 2): one package serves both
-        self.stand_in = torch.zeros(head.shape[0], 2, dtype=head.dtype) if head.is_contiguous() else torch.zeros(2, head.shape[0], dtype=head.dtype).t()
-        with torch.device("meta"):
-            self.layer = Linear(head.shape[0], 2, bias=False)  # its forward, with the head's weight as an input
+        if isinstance(head, Lanes):
+            self.head_names, self.head_tensors = list(_LANE_HEAD), [head.words, head.a, head.b]
+            self.stand_in = [torch.zeros(2, *t.shape[1:], dtype=t.dtype) for t in self.head_tensors]
+            self.layer = head  # (its code and settings go into the package's key)
+        else:
+            self.head_names, self.head_tensors = [_HEAD], [head]
+            # (in, 2) stored as the head is, (2, in) or (in, 2): one package serves both
+            self.stand_in = [torch.zeros(head.shape[0], 2, dtype=head.dtype) if head.is_contiguous() else torch.zeros(2, head.shape[0], dtype=head.dtype).t()]
+            with torch.device("meta"):
+                self.layer = Linear(head.shape[0], 2, bias=False)  # its forward, with the head's weight as an input
+        self.names = [f"tail.norm.{n}" for n, _ in named] + self.head_names
 
     def tensors(self, last: bool) -> list[torch.Tensor]:
-        return [*self.norm_tensors, self.head if last else self.stand_in]
+        return [*self.norm_tensors, *(self.head_tensors if last else self.stand_in)]
 
     def __call__(self, named: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         norm = {n.removeprefix("tail.norm."): t for n, t in named.items() if n.startswith("tail.norm.")}
         x = torch.func.functional_call(self.norm, norm, (y,))
+        if isinstance(self.head, Lanes):  # (1, 1, V') with V' the rows in whole words: _AotBlocks.tail cuts the padding
+            return row_product(x.reshape(1, -1).float(), *[named[n] for n in _LANE_HEAD], self.head.bits).view(1, 1, -1)
         return torch.func.functional_call(self.layer, {"weight": named[_HEAD]}, (x,))
 
 
-def _foldable_head(model: Decoder) -> torch.Tensor | None:
-    """The head's float weight, where the head can run inside the packages: a plain layer (as `unpack` leaves a
-    packed one) stored (out, in) or (in, out) (model.quant.kernels.one_row_kernel), without a bias."""
+def _foldable_head(model: Decoder) -> torch.Tensor | Lanes | None:
+    """What of the head can run inside the packages: a plain layer's float weight (as `unpack` leaves a packed one)
+    stored (out, in) or (in, out) (model.quant.kernels.one_row_kernel), or a quantized layer's lanes copy; no bias."""
     head = model.lm_head
+    if isinstance(head, BlockLinear):
+        return head.lanes if head.lanes is not None and head.bias is None and model.dtype == torch.float32 else None
     if not isinstance(head, Linear) or head.bias is not None:  # (a quantized head's `weight` would dequantize it)
         return None
     W = head.weight
@@ -442,7 +459,7 @@ class _AotBlocks:
         """The step's logits: those the last package left, else (the blocks ran eagerly) the final norm and head."""
         logits, self.logits = self.logits, None
         if logits is not None:
-            return logits
+            return logits[..., : self.model.cfg.vocab_size] if logits.shape[-1] != self.model.cfg.vocab_size else logits
         return self.model.lm_head.forward(self.model.norm.forward(x))
 
 
@@ -485,11 +502,23 @@ def _package_key(
     code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files if f)).hexdigest()
     settings = [(n, type(m).__qualname__, _settings(m)) for n, m in modules]
     free = {n: 2 for n in names if n.endswith(("cache.k", "cache.v"))} | {n: 1 for n in names if n == _HEAD}  # dims kept before a free size
-    shapes = [(n, list(t.shape), t.stride(), str(t.dtype)) for n, t in zip(names, tensors) if n not in free]
+    shapes = [(n, list(t.shape), t.stride(), str(t.dtype)) for n, t in zip(names, tensors) if n not in free and n not in _LANE_HEAD]
     shapes += [(n, list(t.shape[: free[n]]), str(t.dtype), t.is_contiguous()) for n, t in zip(names, tensors) if n in free]
+    shapes += [(n, list(t.shape[1:]), str(t.dtype)) for n, t in zip(names, tensors) if n in _LANE_HEAD]  # (the rows are free)
     shapes += [("rope", list(t.shape), str(t.dtype)) for t in rope]
-    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, code, settings, shapes, *(extra or [])], default=str)
+    options = {**BUILD_OPTIONS, **_lane_options(block, tail)}
+    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), options, code, settings, shapes, *(extra or [])], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _lane_options(*parts: nn.Module | _Tail | None) -> dict:
+    """inductor's settings for a build whose products read lanes copies (model/quant/lanes.py), else none."""
+    for part in parts:
+        if isinstance(part, _Tail) and isinstance(part.head, Lanes):
+            return INDUCTOR
+        if isinstance(part, nn.Module) and any(isinstance(m, Lanes) for m in part.modules()):
+            return INDUCTOR
+    return {}
 
 
 def _cpu_flags() -> str:

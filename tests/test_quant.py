@@ -326,3 +326,141 @@ def test_a_kernel_whose_layout_attn_does_not_know_is_not_used(monkeypatch):
     assert q.kernel == "generic"
     x = torch.randn(2, 96)
     assert torch.allclose(q(x), x @ q.dense_weight() + lin.bias, atol=1e-4)
+
+
+# --- the lanes layout: the compiled step's one-row products over 8-bit groups (model/quant/lanes.py) ---------
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows8=st.integers(1, 6), groups=st.integers(1, 5), bits=st.sampled_from([4, 8]), seed=st.integers(0, 99))
+def test_lanes_pack_and_unpack_every_code_where_the_layout_says(rows8, groups, bits, seed):
+    from model.quant.lanes import LANES, pack, per_word, unpack
+
+    N, K = rows8 * LANES, groups * GROUP
+    codes = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    words = pack(codes, bits)
+    P = per_word(bits)
+    assert words.dtype == torch.float32 and words.shape == (N // LANES, K // P, LANES)
+    assert torch.equal(unpack(words, bits), codes)
+    ids = torch.tensor([0, N - 1, N // 2])
+    assert torch.equal(unpack(words, bits, ids), codes[ids])
+    w = words.view(torch.int32)
+    for r, c, lane, j in [(0, 0, 0, 0), (N // LANES - 1, K // P - 1, LANES - 1, P - 1), (0, K // P - 1, 3, 1)]:  # word [r, c, l], code j
+        assert ((w[r, c, lane] >> (bits * j)) & ((1 << bits) - 1)).item() == codes[LANES * r + lane, P * c + j].item()
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "u8"])
+def test_a_layers_lanes_copy_is_its_exact_weight(kind):
+    """add_lanes keeps the layer's own codes and exact float16 scales as w = a·u + b: dequantized, bit for bit the
+    layer's dense weight; its one-row product (float32, eagerly) within float32 rounding of x @ that weight, the
+    padded rows cut by the layer."""
+    from model.quant.lanes import dense
+
+    w = torch.randn(37, 96, generator=torch.Generator().manual_seed(5)) * 0.1  # (out, in): 37 rows, not whole words
+    blocks = {"q4_0": lambda t: Blocks("q4_0", q4_1_rtn(t).codes, q4_1_rtn(t).scale), "q4_1": q4_1_rtn, "q8_0": q8_0_rtn, "u8": u8_rtn}[kind](w)
+    layer = (Int4Linear if kind.startswith("q4") else Q8Linear)(blocks, None, torch.float32, torch.device("cpu"))
+    layer.add_lanes()
+    lanes = layer.lanes
+    assert lanes.bits == (4 if kind.startswith("q4") else 8)
+    assert torch.equal(dense(lanes.words, lanes.a, lanes.b, lanes.bits)[:37], layer.dense_weight().t())
+    assert torch.equal(blocks.dequantize(), layer.dense_weight().t())
+    x = torch.randn(1, 96, generator=torch.Generator().manual_seed(6))
+    ref = x.double() @ blocks.dequantize().double().t()
+    got = lanes.row(x)[:, :37]
+    assert got.shape == (1, 37) and torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert layer(x).shape == (1, 37)  # eager: the int4pack products still (not compiling)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lanes_product_compiled_by_inductor_equals_the_eager_one(bits):
+    """What the compiled step runs: inductor's loop over the words (with lanes.INDUCTOR), a norm before it."""
+    from model.quant.lanes import INDUCTOR, Lanes, row_product
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (40, 64), dtype=torch.uint8, generator=g)
+    a, b = torch.rand(40, 2, generator=g) * 0.01, torch.randn(40, 2, generator=g) * 0.01
+    lanes = Lanes(codes, a, b, bits, torch.device("cpu"))
+
+    def normed(x, words, a, b):
+        return row_product(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5), words, a, b, bits)
+
+    x = torch.randn(1, 64, generator=g)
+    try:
+        compiled = torch.compile(normed, dynamic=False, options=INDUCTOR)
+        got = compiled(x, lanes.words, lanes.a, lanes.b)
+    except Exception as e:  # (no C++ compiler)
+        pytest.skip(f"torch.compile unavailable here: {e}")
+    assert torch.allclose(got, normed(x, lanes.words, lanes.a, lanes.b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("wanted", ["1", "0"])
+def test_lanes_are_added_where_wanted_and_only_to_8_bit_int4pack_layers(tiny_llama, monkeypatch, wanted):
+    from model.quant import add_lanes, drop_lanes, layer_kernels
+    from model.quant.kernels import lanes_wanted
+
+    monkeypatch.setenv("ATTN_LANES", wanted)
+    for mode, n in (("int8", None), ("int4", 1)):
+        model = load_model(tiny_llama)
+        quantize(model, mode)
+        q8 = sum(isinstance(m, Q8Linear) for m in model.modules())
+        added = add_lanes(model)
+        assert added == (0 if wanted == "0" else (n or q8))
+        kernels = layer_kernels(model)
+        assert kernels.get("Q8Linear:lanes+int4pack", 0) == added
+        drop_lanes(model)
+        assert "Q8Linear:lanes+int4pack" not in layer_kernels(model)
+    monkeypatch.setenv("ATTN_KERNELS", "generic")
+    monkeypatch.setenv("ATTN_LANES", "1")
+    assert not lanes_wanted(torch.device("cpu"))  # the generic kernel forced: nothing packed, no lanes either
+    monkeypatch.delenv("ATTN_KERNELS")
+    monkeypatch.delenv("ATTN_LANES")
+    assert lanes_wanted(torch.device("cpu")) == (torch.backends.cpu.get_cpu_capability() == "AVX2")
+    assert not lanes_wanted(torch.device("meta"))
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_compiled_step_through_lanes_follows_the_exact_weights(tiny_llama, monkeypatch, mode, tmp_path):
+    """With lanes (ATTN_LANES=1) the ahead-of-time step multiplies one row by the 8-bit layers' lanes copies (float32
+    activations, exact scales), the quantized head folded into the packages. int8 (every layer 8-bit): its logits
+    follow a float model holding exactly the quantized weights, closer than the eager int4pack path (bfloat16
+    activations and scales). Greedy tokens stay the eager ones."""
+    from model.compile import CompileFailed, compile_decode_step
+    from model.generate import generate
+    from model.sampling import SamplingSettings
+
+    monkeypatch.setenv("ATTN_LANES", "1")
+    greedy = SamplingSettings(temperature=0)
+    prompt = list(range(5, 13))
+    eager = load_model(tiny_llama)
+    quantize(eager, mode)
+    exact = load_model(tiny_llama)  # the same weights, dequantized exactly, as plain float layers
+    for name, q in eager.named_modules():
+        if isinstance(q, (Int4Linear, Q8Linear)):
+            exact.get_submodule(name).weight.data = q.dense_weight().float().contiguous()
+    want = [s.id for s in generate(eager, prompt, 12, greedy)]
+    model = load_model(tiny_llama)
+    quantize(model, mode)
+    try:
+        compile_decode_step(model, len(prompt) + 16, cache_dir=tmp_path)
+    except CompileFailed as e:
+        pytest.skip(f"torch.compile unavailable here: {e}")
+    assert model.tail_step is not None  # the 8-bit head runs in the packages through its lanes copy
+    assert all(m.lanes is not None for m in model.modules() if isinstance(m, Q8Linear))
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        for m in (model, eager, exact):
+            m.setup_cache(32)
+        model.forward(ids[:, :-1])  # the prompt eagerly; its keys and values then the same in all three
+        for other in (eager, exact):
+            for mine, theirs in zip(model.layers, other.layers):
+                theirs.attn.cache.k.copy_(mine.attn.cache.k)
+                theirs.attn.cache.v.copy_(mine.attn.cache.v)
+        step = model.decode_step(ids[:, -1:], len(prompt) - 1).float()
+        ref = exact.forward(ids[:, -1:], len(prompt) - 1, last_only=True).float()
+        bf16 = eager.forward(ids[:, -1:], len(prompt) - 1, last_only=True).float()
+    if mode == "int8":  # every layer through lanes
+        assert (step - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-5
+        assert (step - ref).abs().max() < (bf16 - ref).abs().max()
+    else:  # the blocks through int4pack as eagerly (bfloat16 activations), the head through lanes
+        assert (step - bf16).abs().max() <= 0.02 * bf16.abs().max()
+    assert [s.id for s in generate(model, prompt, 12, greedy)] == want

@@ -25,13 +25,13 @@ from model.decoder import Decoder, Linear
 from model.loading import weight_sources
 from model.quant.blocks import Blocks
 from model.quant.int4 import Int4Linear
-from model.quant.kernels import cpu_features, forced_generic, one_row_kernel
+from model.quant.kernels import cpu_features, forced_generic, lanes_wanted, one_row_kernel
 from model.quant.packed import PackedLinear, in_out, packs, release_freed
 from model.quant.q8 import Q8Linear
 
 MODES = ("int8", "int4")
 
-__all__ = ["MODES", "Blocks", "Int4Linear", "PackedLinear", "Q8Linear", "cpu_features", "forced_generic", "layer_kernels", "pack", "packs", "quantize", "quantize_int8", "swap_linears", "unpack"]
+__all__ = ["MODES", "Blocks", "Int4Linear", "PackedLinear", "Q8Linear", "add_lanes", "cpu_features", "drop_lanes", "forced_generic", "layer_kernels", "pack", "packs", "quantize", "quantize_int8", "swap_linears", "unpack"]
 
 
 def swap_linears(model: nn.Module, make: Callable[[str, nn.Module], nn.Module], kind: type = Linear) -> int:
@@ -82,6 +82,27 @@ def unpack(model: Decoder) -> int:
     return n
 
 
+def add_lanes(model: Decoder) -> int:
+    """Before the step is compiled: every 8-bit layer with int4pack codes (all of `--quantize int8`'s, the int4 mode's
+    head) keeps its codes a second time in the lanes layout for the step's one-row products, where `lanes_wanted`
+    (model/quant/lanes.py); how many. Eager rows (the prompt) go on through int4pack."""
+    if not lanes_wanted(model.device):
+        return 0
+    n = 0
+    for layer in model.modules():
+        if isinstance(layer, Q8Linear) and layer.kernel == "int4pack" and layer.lanes is None:
+            layer.add_lanes()
+            n += 1
+    return n
+
+
+def drop_lanes(model: Decoder) -> None:
+    """The lanes copies gone again (the step could not be built: it runs eagerly)."""
+    for layer in model.modules():
+        if isinstance(layer, (Int4Linear, Q8Linear)):
+            layer.lanes = None
+
+
 def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None) -> Counter:
     """Quantize every linear layer in place; `blocks` are a GGUF's quantized tensors by checkpoint key
     (weights/gguf.py), used as they are where they cover a layer. Returns how many layers run each
@@ -112,7 +133,10 @@ def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None)
 def layer_kernels(model: nn.Module) -> Counter:
     """How many linear layers run each "Class:kernel" (packed or quantized; plain ones are not counted),
     read off the model as it is now: for `attn bench` to say which path ran."""
-    return Counter(f"{type(m).__name__}:{m.kernel}" for m in model.modules() if isinstance(m, (PackedLinear, Int4Linear, Q8Linear)))
+    def kernel(m: nn.Module) -> str:
+        return f"lanes+{m.kernel}" if getattr(m, "lanes", None) is not None else m.kernel  # (one row, compiled + eager rows)
+
+    return Counter(f"{type(m).__name__}:{kernel(m)}" for m in model.modules() if isinstance(m, (PackedLinear, Int4Linear, Q8Linear)))
 
 
 def covered_by(cfg, blocks: dict[str, Blocks]) -> Callable[[str], bool]:

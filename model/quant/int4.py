@@ -20,6 +20,7 @@ from torch import nn
 
 from model.quant.blocks import GROUP, Blocks, q4_1_rtn
 from model.quant.kernels import int4_kernel
+from model.quant.lanes import Lanes
 
 ROWS = 64  # output rows are padded to a multiple of this: whole tiles of every layout the kernel has (`layout`)
 
@@ -54,6 +55,8 @@ class BlockLinear(nn.Module):
 
     KINDS: tuple[str, ...] = ()
     REREAD = False  # whether the exact scales stay in the file where they can be read again (Blocks.reread)
+    BITS = 4  # bits a code
+    ZERO = 8  # w = d·(u − ZERO) for blocks without an offset
     rtn: Callable[[torch.Tensor], Blocks]
 
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
@@ -74,6 +77,7 @@ class BlockLinear(nn.Module):
         self.register_buffer("offset16", exact[1])
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self._fused = None  # many rows at once through a compiled product, where one is built (model/prefill.py)
+        self.lanes: Lanes | None = None  # the codes again for the compiled step's one-row products, where added (add_lanes)
 
     @classmethod
     def from_linear(cls, lin: nn.Module) -> "BlockLinear":
@@ -89,7 +93,10 @@ class BlockLinear(nn.Module):
             return self._fused(x)
         shape = x.shape
         x2 = pad_input(x.reshape(-1, shape[-1]), self.k_padded)  # (M, K')
-        y = self.product(x2)
+        if self.lanes is not None and x2.shape[0] == 1 and torch.compiler.is_compiling():
+            y = self.lanes.row(x2)  # (eagerly 10–20× slower than int4pack: model/quant/lanes.py)
+        else:
+            y = self.product(x2)
         if y.shape[1] != self.n_out:  # rows padded to whole tiles
             y = y[:, : self.n_out]
         y = y.to(x.dtype).view(*shape[:-1], self.n_out)
@@ -102,6 +109,18 @@ class BlockLinear(nn.Module):
     def _dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of W (out, in') as float32, exactly as the blocks define them (all rows, or `rows`)."""
         raise NotImplementedError
+
+    def codes(self) -> torch.Tensor:
+        """The codes (N, K') as uint8: 0..15, or 0..255 for 8-bit blocks (Q8_0's q + 128)."""
+        raise NotImplementedError
+
+    def add_lanes(self) -> None:
+        """Keep the codes a second time in the lanes layout (model/quant/lanes.py), with the exact scales in the form
+        w = a·u + b, for the compiled step's one-row products."""
+        scale, offset = self.reread() if self.reread is not None else (self.scale16, self.offset16)
+        a = scale.float()
+        b = offset.float() if offset is not None else -self.ZERO * a
+        self.lanes = Lanes(self.codes(), a, b, self.BITS, a.device)
 
     def _dequantize(self, codes: torch.Tensor, rows: torch.Tensor | None, zero: int) -> torch.Tensor:
         """d·(q − zero) (no offset) or d·q + m, per group, for codes (n, K') of `rows` (None: all)."""

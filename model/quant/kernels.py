@@ -9,6 +9,11 @@
 - generic: dequantize to the activations' dtype, then a dense product. Correct everywhere, slow;
   used where no packed kernel exists, and forced with ATTN_KERNELS=generic (tests cover it).
 
+- lanes (lanes.py): the compiled step's one-row products over 8-bit groups read the codes again in a layout made
+  for inductor's loops, kept beside the int4pack ones (which eager rows, the prompt among them, still run): on CPUs
+  whose best vector ISA is AVX2, where int4pack at one row is slowest (measured: README, Performance).
+  ATTN_LANES=1|0 forces it on or off (tests cover both).
+
 - float32 at one row in a compiled step (`one_row_kernel`): BLAS (`x @ W`, one extern call in the package, W
   stored (in, out)) on Intel CPUs, where MKL streams the weights at 19–26 GB/s; inductor's own vectorized
   reduction along W stored (out, in) elsewhere (on a Zen4, MKL's one-row product ran on one thread and the
@@ -38,6 +43,14 @@ def int4_kernel(device: torch.device) -> str:
         return "int4pack"
     return GENERIC
 
+
+
+def lanes_wanted(device: torch.device) -> bool:
+    """Whether the compiled step multiplies one row by 8-bit groups through their lanes copy (lanes.py)."""
+    forced = os.environ.get("ATTN_LANES", "").strip()
+    if device.type != "cpu" or forced_generic() or forced == "0":
+        return False
+    return forced == "1" or torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def one_row_kernel() -> str:

@@ -28,6 +28,7 @@ class Q8Linear(BlockLinear):
     """y = x @ Wᵀ (+ b) with W (out, in) in 8-bit blocks: a drop-in for `Linear`."""
 
     KINDS = ("q8_0", "u8")
+    BITS, ZERO = 8, 128
     rtn = staticmethod(u8_rtn)
 
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
@@ -48,7 +49,12 @@ class Q8Linear(BlockLinear):
     def _dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is None:
             rows = torch.arange(self.n_out, device=self.q.packed.device)
-        halves = self.q.codes(rows)  # (n, 2K') uint8: [hi | lo]
+        return self._dequantize(self._codes(rows), rows, 128)
+
+    def codes(self) -> torch.Tensor:
+        return self._codes()[: self.n_out]
+
+    def _codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        halves = self.q.codes(rows)  # (n, 2K') uint8: [hi | lo] (all rows: unpacked whole, ≈ 30× faster than by ids)
         K = halves.shape[1] // 2
-        u = halves[:, :K] * 16 + halves[:, K:]  # (n, K') 0..255 (uint8: 16·hi + lo does not overflow)
-        return self._dequantize(u, rows, 128)
+        return halves[:, :K] * 16 + halves[:, K:]  # (n, K') 0..255 (uint8: 16·hi + lo does not overflow)

@@ -1,0 +1,116 @@
+"""One-row products over 4- and 8-bit codes in a layout inductor compiles into fast loops ("lanes"): the compiled
+step's products on CPUs whose int4pack kernel is slow at one row (AVX2 without AVX-512; model/quant/kernels.py).
+
+Eight consecutive output rows share a 32-bit word per position: word [r, c, l] holds row 8r + l's codes for inputs
+c·P … c·P + P − 1 (P = 8 codes of 4 bits, or 4 of 8 bits, the first in the lowest bits). Reduced along c with the
+eight rows as the vector's lanes, every load is a whole vector: the word, one input broadcast per code, a group's
+scales (a and b, w = a·u + b, stored (r, group, l)). The words are kept as float32 bit patterns, and the
+product reinterprets them: inductor's AVX2 loads of integer vectors go through a buffer (a store-forwarding stall
+per load: 3–5× slower loops), its float loads do not.
+
+Measured on a 2-core AMD EPYC (Zen3, AVX2), one row, kernels alone (torch.compile, less its ≈ 40 µs per call):
+4-bit 960×576 ≈ 35 µs against 59 for int4pack, 3072×576 ≈ 90 against 159; 8-bit 3072×576 ≈ 90 against 265 for
+int4pack over both halves of the codes, the 49152×576 head 1.5 ms against 4.1. Eagerly the same product is 10–20×
+slower than int4pack (one pass per operation): layers keep their int4pack codes for eager rows, and the compiled
+step's one-row products read these (model/quant/__init__.add_lanes). inductor fuses the unpacking into the
+reduction only with its "realize" thresholds raised (`INDUCTOR`): with its defaults it writes the unpacked
+products to memory first (2× slower).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.quant.blocks import GROUP
+
+LANES = 8  # rows a word position holds: Vectorized<float>'s width with AVX2
+# inductor settings for a build that contains these products: fuse the codes' unpacking into the reduction (its
+# opcount and reads thresholds raised), and keep an input read by several of its terms as a vector in memory (a
+# pointwise result read more than once and itself reading more than 2 buffers is stored: otherwise a norm before
+# the product is recomputed, square root and all, for every code; the 49152×576 head after the final norm 3.1 ms
+# against 1.3)
+INDUCTOR = {"realize_reads_threshold": 2, "realize_cpu_opcount_threshold": 400, "realize_cpu_acc_reads_threshold": 64}
+
+
+def per_word(bits: int) -> int:
+    return 32 // bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (N, K) (0..15 or 0..255; N a multiple of 8, K of 32) → words (N/8, K/P, 8) as float32 bit patterns
+    (a word's bytes in memory order, little-endian: its first code in the lowest bits)."""
+    N, K = codes.shape
+    P = per_word(bits)
+    c = codes.to(torch.uint8).view(N // LANES, LANES, K // P, P).permute(0, 2, 1, 3)  # (r, c, l, j)
+    if bits == 4:
+        c = c[..., 0::2] | (c[..., 1::2] << 4)  # (r, c, l, 4 bytes): codes 2m and 2m + 1 in byte m
+    return c.contiguous().view(torch.float32).view(N // LANES, K // P, LANES)
+
+
+def unpack(words: torch.Tensor, bits: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The codes (N, K) as uint8 (or those of `rows`): the inverse of `pack`."""
+    R, C, _ = words.shape
+    b = words.view(torch.uint8).view(R, C, LANES, 4)
+    if rows is not None:
+        b = b[rows // LANES, :, rows % LANES]  # (n, C, 4)
+    if bits == 4:
+        b = torch.stack([b & 15, b >> 4], dim=-1).flatten(-2)  # (…, 8): code 2m low, 2m + 1 high
+    if rows is not None:
+        return b.reshape(len(rows), -1)
+    return b.permute(0, 2, 1, 3).reshape(R * LANES, -1)
+
+
+def by_lanes(t: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-group values (N, G) → (N/8, G, 8) float32."""
+    N, G = t.shape
+    return t.float().view(N // LANES, LANES, G).transpose(1, 2).contiguous()
+
+
+def from_lanes(t: torch.Tensor) -> torch.Tensor:
+    R, G, _ = t.shape
+    return t.transpose(1, 2).reshape(R * LANES, G)
+
+
+def row_product(x: torch.Tensor, words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
+    """x (1, K) float32 @ Wᵀ → (1, N'), W = a·u + b per group of 32: the sum over each group of u·x, times a, plus b
+    times the group's sum of x. Written as P products of the whole words with one input each, so that inductor's
+    loop loads every word once (see the module docstring)."""
+    R, C, _ = words.shape
+    G = a.shape[1]
+    P, mask = per_word(bits), (1 << bits) - 1
+    w = words.view(torch.int32)
+    xc = x.reshape(C, P)
+    acc = (w & mask).float() * xc[:, 0].view(1, C, 1)
+    for j in range(1, P):
+        acc = acc + ((w >> (bits * j)) & mask).float() * xc[:, j].view(1, C, 1)
+    per_group = acc.view(R, G, C // G, LANES).sum(2)  # (r, g, l)
+    xs = x.reshape(G, GROUP).sum(-1).view(1, G, 1)
+    return (per_group * a + b * xs).sum(1).view(1, R * LANES)
+
+
+def dense(words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """W (N', K) in float32 (or its `rows`): a·u + b per group, exactly as the blocks define it."""
+    u = unpack(words, bits, rows).float()
+    n, K = u.shape
+    scale, offset = from_lanes(a), from_lanes(b)
+    if rows is not None:
+        scale, offset = scale[rows], offset[rows]
+    return (u.view(n, K // GROUP, GROUP) * scale[..., None] + offset[..., None]).view(n, K)
+
+
+class Lanes(nn.Module):
+    """A weight's codes in the lanes layout with its per-group a and b (w = a·u + b): `row` is the one-row product."""
+
+    def __init__(self, codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int, device: torch.device) -> None:
+        super().__init__()
+        pad = -codes.shape[0] % LANES  # zero rows up to whole words; their outputs are cut
+        self.bits = bits
+        self.register_buffer("words", pack(F.pad(codes, (0, 0, 0, pad)), bits).to(device))
+        self.register_buffer("a", by_lanes(F.pad(a.float(), (0, 0, 0, pad))).to(device))
+        self.register_buffer("b", by_lanes(F.pad(b.float(), (0, 0, 0, pad))).to(device))
+
+    def row(self, x: torch.Tensor) -> torch.Tensor:
+        """x (1, K) → (1, N') float32."""
+        return row_product(x.float(), self.words, self.a, self.b, self.bits)
