@@ -31,7 +31,9 @@ QuantizeOpt = Annotated[
             "Weight-only quantization of every linear layer (CPU): int8 (8-bit groups of 32 with a scale and an offset, "
             "round-to-nearest), or int4 "
             "(groups of 32 with a scale and an offset: a GGUF model's own Q4_0/Q4_1 codes, else round-to-nearest; "
-            "the head stays 8-bit; the kernel reads scales and activations in bfloat16), or none."
+            "the head stays 8-bit; eagerly the kernel reads scales and activations in bfloat16; on CPUs whose best vector "
+            "ISA is AVX2 the compiled step (--compile) reads the exact float16 scales and float32 activations instead, through "
+            "codes laid out for its loops, ATTN_LANES=0|1 to force), or none."
         ),
     ),
 ]
@@ -139,6 +141,29 @@ def prepare_step(spec: str, quiet: bool = False) -> None:
     t0 = time.perf_counter()
     if prepare_headers(attn_home() / "aoti" / "cxx"):  # once per machine (and torch): later builds compile less
         note(f"compiled the C++ that later step builds share (headers, AOTInductor's interface) in {time.perf_counter() - t0:.1f} s", quiet)
+    prepare_prompts(quiet)
+
+
+def prepare_prompts(quiet: bool = False) -> None:
+    """Where quantized steps read lanes codes (model/quant/lanes.py: AVX2 CPUs), the packages that multiply a prompt's
+    rows by them, for any model: built here once per machine, so that a first `--quantize ... --compile` need not."""
+    import torch
+
+    from model.compile import prompt_package
+    from model.quant.kernels import lanes_wanted
+    from weights.files import attn_home
+
+    if not lanes_wanted(torch.device("cpu")):
+        return
+    t0, built = time.perf_counter(), False
+    for bits in (4, 8):
+        try:
+            built |= prompt_package(attn_home() / "aoti", bits)[1]
+        except Exception as e:  # inductor raises many types; a quantized step's first build tries again
+            note(f"warning: the prompt's {bits}-bit package was not built ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})", quiet)
+            return
+    if built:
+        note(f"built the packages that multiply a prompt by 4- and 8-bit codes (--quantize, compiled) in {time.perf_counter() - t0:.1f} s", quiet)
 
 
 def set_threads(threads: int | None) -> None:

@@ -47,7 +47,7 @@ from model.decoder import Block, Decoder, Linear, Span
 from model.quant import add_lanes, cpu_features, drop_lanes, pack, unpack
 from model.quant.int4 import BlockLinear
 from model.quant.kernels import cpuinfo, lanes_wanted, one_row_kernel
-from model.quant.lanes import INDUCTOR, Lanes, row_product
+from model.quant.lanes import INDUCTOR, Lanes, Prompt, per_word, row_product
 
 
 class CompileFailed(RuntimeError):
@@ -302,10 +302,32 @@ class AotStep(BuiltStep):
                 self.packages.append(self.cache_dir / f"{key}.pt2")
                 runners[key] = self._load_or_build(self.packages[-1], block, names, tensors, rope, tail)
             calls.append((runners[key], tensors))
+        self._attach_prompts()
         blocks = _AotBlocks(model, calls, torch.empty(model.cache_len), tail is not None)
         model.block_steps = [blocks]  # one Python call a token runs every package
         model.tail_step = blocks.tail if tail is not None else None
         model.step(self.ids, 2)
+
+    def _attach_prompts(self) -> None:
+        """The layers that hold only lanes codes multiply many rows (a prompt, a batch) through a package made for any
+        such layer of their bits (model/quant/lanes.Prompt): inductor dequantizes the weight, BLAS multiplies
+        (measured on a 2-core Zen3 at 64 rows: about int4pack's time)."""
+        only = [m for m in self.model.modules() if isinstance(m, Lanes) and _lanes_only(self.model, m)]
+        for bits in sorted({m.bits for m in only}):
+            path, built = prompt_package(self.cache_dir, bits, self.build_missing)
+            try:
+                runner = _load_package(path)
+            except Exception:  # cut short, or from another build of torch: built again
+                if not self.build_missing or built:
+                    raise
+                path.unlink(missing_ok=True)
+                path, built = prompt_package(self.cache_dir, bits)
+                runner = _load_package(path)
+            self.packages.append(path)
+            self.built += [path] if built else []
+            for m in only:
+                if m.bits == bits:
+                    m._prompt = runner
 
     def _load_or_build(
         self, path: Path, block: Block, names: list[str], tensors: list[torch.Tensor], rope: list[torch.Tensor], tail: _Tail | None
@@ -508,6 +530,49 @@ def _package_key(
     shapes += [("rope", list(t.shape), str(t.dtype)) for t in rope]
     options = {**BUILD_OPTIONS, **_lane_options(block, tail)}
     text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), options, code, settings, shapes, *(extra or [])], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def prompt_package(cache_dir: Path, bits: int, build: bool = True) -> tuple[Path, bool]:
+    """The package that multiplies many rows by any layer's `bits`-bit lanes codes (model/quant/lanes.Prompt): kept in
+    `cache_dir`, built there where it is missing (`build`; else FileNotFoundError). Any model and size uses it, so
+    `attn pull` builds both ahead of time where the lanes are wanted (cli/speed.prepare_step). (path, whether built
+    now). Measured on a 2-core Zen3: ≈ 4–6 s to build, once per machine and torch."""
+    path = Path(cache_dir) / f"prompt{bits}-{_prompt_key(bits)}.pt2"
+    if path.exists():
+        return path, False
+    if not build:
+        raise FileNotFoundError(f"{path} is not built")
+    import torch._inductor.config
+
+    P = per_word(bits)
+    R, G, M = torch.export.Dim("R", min=1, max=1 << 24), torch.export.Dim("G", min=1, max=1 << 14), torch.export.Dim("M", min=1, max=1 << 20)
+    examples = (torch.zeros(4, 64), torch.zeros(3, 64 // P, 8), torch.zeros(3, 2, 8), torch.zeros(3, 2, 8))
+    dims = ({0: M, 1: 32 * G}, {0: R, 1: (32 // P) * G}, {0: R, 1: G}, {0: R, 1: G})
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(Prompt(bits), examples, dynamic_shapes=dims, strict=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2")
+        os.close(fd)
+        try:
+            with torch._inductor.config.patch({**BUILD_OPTIONS, **INDUCTOR}), compiles_beside_each_other(Path(cache_dir) / "cxx"):
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+            os.replace(tmp, path)  # whole or not at all: another run may be loading from the folder
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path, True
+
+
+def _lanes_only(model: Decoder, lanes: Lanes) -> bool:
+    return any(isinstance(m, BlockLinear) and m.lanes is lanes and m.q is None for m in model.modules())
+
+
+def _prompt_key(bits: int) -> str:
+    """What a prompt's package depends on: torch, the CPU, the build's settings and lanes.py (any model, any size)."""
+    code = Path(inspect.getsourcefile(Lanes)).read_bytes()
+    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, INDUCTOR, hashlib.sha256(code).hexdigest(), bits])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -20,6 +20,7 @@ ROWS = 24  # a prompt of this many tokens runs through the package (prefill.MIN_
 @pytest.fixture(autouse=True)
 def prefill_allowed(monkeypatch):
     monkeypatch.delenv("ATTN_PREFILL", raising=False)  # (tests/conftest.py turns it off for the rest of the suite)
+    monkeypatch.setenv("ATTN_LANES", "0")  # the AMX packages take int4pack layers (an AVX2 CPU would give lanes ones)
 
 
 def opened(path, mode):

@@ -394,21 +394,37 @@ def test_lanes_product_compiled_by_inductor_equals_the_eager_one(bits):
 
 
 @pytest.mark.parametrize("wanted", ["1", "0"])
-def test_lanes_are_added_where_wanted_and_only_to_8_bit_int4pack_layers(tiny_llama, monkeypatch, wanted):
+def test_lanes_replace_the_int4pack_codes_where_wanted_and_give_them_back(tiny_llama, monkeypatch, wanted):
+    """add_lanes: every int4pack layer's codes in the lanes layout instead (the head: beside them); drop_lanes: the
+    int4pack codes again, the same products as before."""
     from model.quant import add_lanes, drop_lanes, layer_kernels
     from model.quant.kernels import lanes_wanted
 
     monkeypatch.setenv("ATTN_LANES", wanted)
-    for mode, n in (("int8", None), ("int4", 1)):
+    x = torch.randn(3, 1, 512, generator=torch.Generator().manual_seed(0))
+    for mode, cls in (("int8", "Q8Linear"), ("int4", "Int4Linear")):
         model = load_model(tiny_llama)
         quantize(model, mode)
-        q8 = sum(isinstance(m, Q8Linear) for m in model.modules())
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, (Int4Linear, Q8Linear))}
+        before = {n: (m.dense_weight().clone(), m(x[..., : m.n_in])) for n, m in layers.items()}
         added = add_lanes(model)
-        assert added == (0 if wanted == "0" else (n or q8))
         kernels = layer_kernels(model)
-        assert kernels.get("Q8Linear:lanes+int4pack", 0) == added
+        if wanted == "0":
+            assert added == 0 and not any("lanes" in k for k in kernels)
+            continue
+        assert added == len(layers)
+        assert kernels["Q8Linear:lanes+int4pack"] == 1  # the head keeps int4pack for eager rows
+        assert kernels[f"{cls}:lanes"] == len(layers) - 1
+        for n, m in layers.items():
+            assert (m.q is None) == (n != "lm_head")
+            assert torch.equal(m.dense_weight(), before[n][0])  # from the lanes codes: the exact weight still
+            y = m(x[..., : m.n_in])  # many rows, eagerly: dequantized (no prompt package attached here)
+            assert torch.allclose(y, before[n][1], atol=float(bf16_bound(x[..., : m.n_in].reshape(3, -1), before[n][0].float()).max()))
         drop_lanes(model)
-        assert "Q8Linear:lanes+int4pack" not in layer_kernels(model)
+        assert all(m.q is not None and m.lanes is None and m.kernel == "int4pack" for m in layers.values())
+        for n, m in layers.items():
+            assert torch.equal(m.dense_weight(), before[n][0])
+            assert torch.equal(m(x[..., : m.n_in]), before[n][1])
     monkeypatch.setenv("ATTN_KERNELS", "generic")
     monkeypatch.setenv("ATTN_LANES", "1")
     assert not lanes_wanted(torch.device("cpu"))  # the generic kernel forced: nothing packed, no lanes either
@@ -420,10 +436,10 @@ def test_lanes_are_added_where_wanted_and_only_to_8_bit_int4pack_layers(tiny_lla
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_compiled_step_through_lanes_follows_the_exact_weights(tiny_llama, monkeypatch, mode, tmp_path):
-    """With lanes (ATTN_LANES=1) the ahead-of-time step multiplies one row by the 8-bit layers' lanes copies (float32
-    activations, exact scales), the quantized head folded into the packages. int8 (every layer 8-bit): its logits
-    follow a float model holding exactly the quantized weights, closer than the eager int4pack path (bfloat16
-    activations and scales). Greedy tokens stay the eager ones."""
+    """With lanes (ATTN_LANES=1) the ahead-of-time step multiplies one row by every quantized layer's lanes codes
+    (float32 activations, exact scales), the head folded into the packages, and the prompt's rows go through the
+    prompt's package: logits follow a float model holding exactly the quantized weights, closer than the eager
+    int4pack path (bfloat16 activations and scales). Greedy tokens stay the eager ones."""
     from model.compile import CompileFailed, compile_decode_step
     from model.generate import generate
     from model.sampling import SamplingSettings
@@ -445,12 +461,16 @@ def test_compiled_step_through_lanes_follows_the_exact_weights(tiny_llama, monke
     except CompileFailed as e:
         pytest.skip(f"torch.compile unavailable here: {e}")
     assert model.tail_step is not None  # the 8-bit head runs in the packages through its lanes copy
-    assert all(m.lanes is not None for m in model.modules() if isinstance(m, Q8Linear))
+    layers = [m for m in model.modules() if isinstance(m, (Int4Linear, Q8Linear))]
+    assert all(m.lanes is not None for m in layers)
+    assert all(m.lanes._prompt is not None for m in layers if m.q is None)  # many rows: the prompt's package
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         for m in (model, eager, exact):
             m.setup_cache(32)
-        model.forward(ids[:, :-1])  # the prompt eagerly; its keys and values then the same in all three
+        rows = model.forward(ids[:, :-1])  # the prompt; its keys and values then the same in all three
+        want_rows = exact.forward(ids[:, :-1])
+        assert (rows - want_rows).abs().max() <= 0.02 * want_rows.abs().max()  # (the head eagerly: int4pack, bfloat16)
         for other in (eager, exact):
             for mine, theirs in zip(model.layers, other.layers):
                 theirs.attn.cache.k.copy_(mine.attn.cache.k)
@@ -458,9 +478,6 @@ def test_compiled_step_through_lanes_follows_the_exact_weights(tiny_llama, monke
         step = model.decode_step(ids[:, -1:], len(prompt) - 1).float()
         ref = exact.forward(ids[:, -1:], len(prompt) - 1, last_only=True).float()
         bf16 = eager.forward(ids[:, -1:], len(prompt) - 1, last_only=True).float()
-    if mode == "int8":  # every layer through lanes
-        assert (step - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-5
-        assert (step - ref).abs().max() < (bf16 - ref).abs().max()
-    else:  # the blocks through int4pack as eagerly (bfloat16 activations), the head through lanes
-        assert (step - bf16).abs().max() <= 0.02 * bf16.abs().max()
+    assert (step - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-5
+    assert (step - ref).abs().max() < (bf16 - ref).abs().max()
     assert [s.id for s in generate(model, prompt, 12, greedy)] == want

@@ -83,24 +83,26 @@ def unpack(model: Decoder) -> int:
 
 
 def add_lanes(model: Decoder) -> int:
-    """Before the step is compiled: every 8-bit layer with int4pack codes (all of `--quantize int8`'s, the int4 mode's
-    head) keeps its codes a second time in the lanes layout for the step's one-row products, where `lanes_wanted`
-    (model/quant/lanes.py); how many. Eager rows (the prompt) go on through int4pack."""
+    """Before the step is compiled, where `lanes_wanted`: every quantized layer on int4pack codes gets its codes in the
+    lanes layout (model/quant/lanes.py) instead, for the step's one-row products and the prompt's package; the head
+    keeps its int4pack codes beside them, for the eager rows that end a prompt (its last row's logits) or a batch.
+    How many."""
     if not lanes_wanted(model.device):
         return 0
     n = 0
-    for layer in model.modules():
-        if isinstance(layer, Q8Linear) and layer.kernel == "int4pack" and layer.lanes is None:
-            layer.add_lanes()
+    for name, layer in model.named_modules():
+        if isinstance(layer, (Int4Linear, Q8Linear)) and layer.kernel == "int4pack" and layer.lanes is None:
+            layer.add_lanes(only=not name.startswith("lm_head"))
             n += 1
+    release_freed()
     return n
 
 
 def drop_lanes(model: Decoder) -> None:
-    """The lanes copies gone again (the step could not be built: it runs eagerly)."""
+    """The int4pack codes again, the lanes copies gone (the step could not be built: it runs eagerly)."""
     for layer in model.modules():
-        if isinstance(layer, (Int4Linear, Q8Linear)):
-            layer.lanes = None
+        if isinstance(layer, (Int4Linear, Q8Linear)) and layer.lanes is not None:
+            layer.drop_lanes()
 
 
 def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None) -> Counter:
@@ -133,8 +135,8 @@ def quantize(model: Decoder, mode: str, blocks: dict[str, Blocks] | None = None)
 def layer_kernels(model: nn.Module) -> Counter:
     """How many linear layers run each "Class:kernel" (packed or quantized; plain ones are not counted),
     read off the model as it is now: for `attn bench` to say which path ran."""
-    def kernel(m: nn.Module) -> str:
-        return f"lanes+{m.kernel}" if getattr(m, "lanes", None) is not None else m.kernel  # (one row, compiled + eager rows)
+    def kernel(m: nn.Module) -> str:  # (a head with both: lanes for the compiled step's one row, int4pack for eager rows)
+        return f"lanes+{m.kernel}" if getattr(m, "lanes", None) is not None and m.kernel != "lanes" else m.kernel
 
     return Counter(f"{type(m).__name__}:{kernel(m)}" for m in model.modules() if isinstance(m, (PackedLinear, Int4Linear, Q8Linear)))
 

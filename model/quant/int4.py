@@ -77,7 +77,8 @@ class BlockLinear(nn.Module):
         self.register_buffer("offset16", exact[1])
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self._fused = None  # many rows at once through a compiled product, where one is built (model/prefill.py)
-        self.lanes: Lanes | None = None  # the codes again for the compiled step's one-row products, where added (add_lanes)
+        self.q: Packed4 | None = None  # the int4pack product's codes (None where the lanes copy replaced them: add_lanes)
+        self.lanes: Lanes | None = None  # the codes in the lanes layout for the compiled step, where added (add_lanes)
 
     @classmethod
     def from_linear(cls, lin: nn.Module) -> "BlockLinear":
@@ -93,8 +94,8 @@ class BlockLinear(nn.Module):
             return self._fused(x)
         shape = x.shape
         x2 = pad_input(x.reshape(-1, shape[-1]), self.k_padded)  # (M, K')
-        if self.lanes is not None and x2.shape[0] == 1 and torch.compiler.is_compiling():
-            y = self.lanes.row(x2)  # (eagerly 10–20× slower than int4pack: model/quant/lanes.py)
+        if self.lanes is not None and (self.kernel == "lanes" or x2.shape[0] == 1 and torch.compiler.is_compiling()):
+            y = self.lanes.forward(x2)  # (its own codes only, or beside int4pack's for eager rows: add_lanes)
         else:
             y = self.product(x2)
         if y.shape[1] != self.n_out:  # rows padded to whole tiles
@@ -112,15 +113,42 @@ class BlockLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """The codes (N, K') as uint8: 0..15, or 0..255 for 8-bit blocks (Q8_0's q + 128)."""
+        return self._codes()[: self.n_out]
+
+    def _codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes of `rows` (all rows, padding too, where None) as uint8, from whichever layout the layer holds."""
+        if self.q is None:
+            return self.lanes.codes(rows)
+        return self._packed_codes(rows)
+
+    def _packed_codes(self, rows: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def add_lanes(self) -> None:
-        """Keep the codes a second time in the lanes layout (model/quant/lanes.py), with the exact scales in the form
-        w = a·u + b, for the compiled step's one-row products."""
-        scale, offset = self.reread() if self.reread is not None else (self.scale16, self.offset16)
+    def _packed(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, device: torch.device) -> "Packed4":
+        """The int4pack product's codes and scales for codes (N, K') 0..2^BITS − 1 and the float16 scale and offset."""
+        raise NotImplementedError
+
+    def _exact(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.reread() if self.reread is not None else (self.scale16, self.offset16)
+
+    def add_lanes(self, only: bool = False) -> None:
+        """Keep the codes in the lanes layout (model/quant/lanes.py), with the exact scales in the form w = a·u + b, for
+        the compiled step's products: beside the int4pack codes (eager rows keep running those), or `only` (its one
+        row product compiled into the step, many rows through `Lanes.forward`)."""
+        scale, offset = self._exact()
         a = scale.float()
         b = offset.float() if offset is not None else -self.ZERO * a
         self.lanes = Lanes(self.codes(), a, b, self.BITS, a.device)
+        if only:
+            self.q, self.kernel = None, "lanes"
+
+    def drop_lanes(self) -> None:
+        """The int4pack codes again (made from the lanes copy where they were dropped), the lanes copy gone."""
+        if self.q is None:
+            scale, offset = self._exact()
+            self.q = self._packed(self.codes(), scale, offset, self.lanes.words.device)
+            self.kernel = "int4pack"
+        self.lanes = None
 
     def _dequantize(self, codes: torch.Tensor, rows: torch.Tensor | None, zero: int) -> torch.Tensor:
         """d·(q − zero) (no offset) or d·q + m, per group, for codes (n, K') of `rows` (None: all)."""
@@ -155,21 +183,23 @@ class Int4Linear(BlockLinear):
 
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(blocks, bias, dtype, device)
-        s = blocks.scale.float()
-        z = blocks.offset.float() + 8 * s if blocks.offset is not None else torch.zeros_like(s)
-        self.q = Packed4(blocks.codes, s, z, device)
+        self.q = self._packed(blocks.codes, blocks.scale, blocks.offset, device)
+
+    def _packed(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, device: torch.device) -> Packed4:
+        s = scale.float()
+        z = offset.float() + 8 * s if offset is not None else torch.zeros_like(s)
+        return Packed4(codes, s, z, device)
 
     def product(self, x2: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int4pack":
             return self.q.forward(x2)  # (not through Module.__call__: ≈ 3 µs a call, 121 calls a token)
         return x2.to(self.dtype) @ self._dense_rows().t().to(self.dtype)
 
-    def codes(self) -> torch.Tensor:
-        """The 4-bit codes (N, K) as uint8 0..15."""
-        return self.q.codes()[: self.n_out]
+    def _packed_codes(self, rows: torch.Tensor | None) -> torch.Tensor:
+        return self.q.codes(rows)
 
     def _dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.q.codes()[: self.n_out] if rows is None else self.q.codes(rows)
+        q = self.codes() if rows is None else self._codes(rows)
         return self._dequantize(q, rows, 8)
 
 

@@ -100,6 +100,31 @@ def dense(words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int, rows
     return (u.view(n, K // GROUP, GROUP) * scale[..., None] + offset[..., None]).view(n, K)
 
 
+def dense_t(words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
+    """Wᵀ (K, N') in float32, as `dense` (the same values), written so that inductor's loop runs along the rows of a
+    word position, every load a whole vector: what the prompt's package computes before its matrix product."""
+    R, C, _ = words.shape
+    G = a.shape[1]
+    P, mask = per_word(bits), (1 << bits) - 1
+    shifts = torch.arange(P, dtype=torch.int32, device=words.device).view(1, 1, P, 1) * bits
+    u = ((words.view(torch.int32).unsqueeze(2) >> shifts) & mask).float()  # (r, c, j, l)
+    per_code = (R, G, C // G, P, LANES)
+    a_, b_ = (t.view(R, G, 1, 1, LANES).expand(per_code).reshape(R, C, P, LANES) for t in (a, b))
+    return (u * a_ + b_).permute(1, 2, 0, 3).reshape(C * P, R * LANES)
+
+
+class Prompt(nn.Module):
+    """What a prompt's package computes for any layer with `bits`-bit lanes: x (M, K) @ W (N', K)ᵀ, the weight
+    dequantized by inductor's loop (model/compile.py builds it once per machine, every size a symbolic one)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor, words: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return x @ dense_t(words, a, b, self.bits)
+
+
 class Lanes(nn.Module):
     """A weight's codes in the lanes layout with its per-group a and b (w = a·u + b): `row` is the one-row product."""
 
@@ -110,7 +135,21 @@ class Lanes(nn.Module):
         self.register_buffer("words", pack(F.pad(codes, (0, 0, 0, pad)), bits).to(device))
         self.register_buffer("a", by_lanes(F.pad(a.float(), (0, 0, 0, pad))).to(device))
         self.register_buffer("b", by_lanes(F.pad(b.float(), (0, 0, 0, pad))).to(device))
+        self._prompt = None  # the prompt's package (Prompt, built ahead of time), attached by model/compile.py
 
     def row(self, x: torch.Tensor) -> torch.Tensor:
         """x (1, K) → (1, N') float32."""
         return row_product(x.float(), self.words, self.a, self.b, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) → (M, N') float32: one row compiled into a step, `row`; else through the prompt's package where
+        one is attached, or eagerly (the weight dequantized, then BLAS)."""
+        x = x.float()
+        if torch.compiler.is_compiling():
+            return self.row(x) if x.shape[0] == 1 else x @ dense_t(self.words, self.a, self.b, self.bits)
+        if self._prompt is not None:
+            return self._prompt([x.contiguous(), self.words, self.a, self.b])[0]
+        return x @ dense(self.words, self.a, self.b, self.bits).t()
+
+    def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return unpack(self.words, self.bits, rows)

@@ -34,10 +34,14 @@ class Q8Linear(BlockLinear):
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(blocks, bias, dtype, device)
         u = blocks.codes.to(torch.int16) + (128 if blocks.kind == "q8_0" else 0)  # (N, K) 0..255
-        a = blocks.scale.float()
-        b = -128 * a if blocks.offset is None else blocks.offset.float()
+        self.q = self._packed(u, blocks.scale, blocks.offset, device)
+
+    def _packed(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, device: torch.device) -> Packed4:
+        u = codes.to(torch.int16)
+        a = scale.float()
+        b = -128 * a if offset is None else offset.float()
         halves = torch.cat([u >> 4, u & 15], dim=1)  # (N, 2K): [hi | lo]
-        self.q = Packed4(halves, torch.cat([16 * a, a], dim=1), torch.cat([torch.zeros_like(a), b + 136 * a], dim=1), device)
+        return Packed4(halves, torch.cat([16 * a, a], dim=1), torch.cat([torch.zeros_like(a), b + 136 * a], dim=1), device)
 
     def product(self, x2: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int4pack":
@@ -47,14 +51,9 @@ class Q8Linear(BlockLinear):
         return torch.cat([xf @ self._dense_rows(torch.arange(a, min(a + CHUNK, self.n_out), device=x2.device)).t() for a in range(0, self.n_out, CHUNK)], dim=1)
 
     def _dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        if rows is None:
-            rows = torch.arange(self.n_out, device=self.q.packed.device)
-        return self._dequantize(self._codes(rows), rows, 128)
+        return self._dequantize(self.codes() if rows is None else self._codes(rows), rows, 128)
 
-    def codes(self) -> torch.Tensor:
-        return self._codes()[: self.n_out]
-
-    def _codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _packed_codes(self, rows: torch.Tensor | None) -> torch.Tensor:
         halves = self.q.codes(rows)  # (n, 2K') uint8: [hi | lo] (all rows: unpacked whole, ≈ 30× faster than by ids)
         K = halves.shape[1] // 2
         return halves[:, :K] * 16 + halves[:, K:]  # (n, K') 0..255 (uint8: 16·hi + lo does not overflow)
