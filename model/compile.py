@@ -309,10 +309,10 @@ class AotStep(BuiltStep):
         model.step(self.ids, 2)
 
     def _attach_prompts(self) -> None:
-        """The layers that hold only lanes codes multiply many rows (a prompt, a batch) through a package made for any
-        such layer of their bits (model/quant/lanes.Prompt): inductor dequantizes the weight, BLAS multiplies
-        (measured on a 2-core Zen3 at 64 rows: about int4pack's time)."""
-        only = [m for m in self.model.modules() if isinstance(m, Lanes) and _lanes_only(self.model, m)]
+        """The layers with lanes codes multiply many rows (a prompt, a batch) through a package made for any such layer
+        of their bits (model/quant/lanes.Prompt): inductor dequantizes the weight, BLAS multiplies (measured on a 2-core
+        Zen3 at 64 rows: about int4pack's time; exact float32, where int4pack rounds to bfloat16)."""
+        only = [m for m in self.model.modules() if isinstance(m, Lanes)]  # (the head's too: its eager rows, where many)
         for bits in sorted({m.bits for m in only}):
             path, built = prompt_package(self.cache_dir, bits, self.build_missing)
             try:
@@ -563,10 +563,6 @@ def prompt_package(cache_dir: Path, bits: int, build: bool = True) -> tuple[Path
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return path, True
-
-
-def _lanes_only(model: Decoder, lanes: Lanes) -> bool:
-    return any(isinstance(m, BlockLinear) and m.lanes is lanes and m.q is None for m in model.modules())
 
 
 def _prompt_key(bits: int) -> str:

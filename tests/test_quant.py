@@ -463,14 +463,14 @@ def test_compiled_step_through_lanes_follows_the_exact_weights(tiny_llama, monke
     assert model.tail_step is not None  # the 8-bit head runs in the packages through its lanes copy
     layers = [m for m in model.modules() if isinstance(m, (Int4Linear, Q8Linear))]
     assert all(m.lanes is not None for m in layers)
-    assert all(m.lanes._prompt is not None for m in layers if m.q is None)  # many rows: the prompt's package
+    assert all(m.lanes._prompt is not None for m in layers)  # many rows: the prompt's package
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         for m in (model, eager, exact):
             m.setup_cache(32)
         rows = model.forward(ids[:, :-1])  # the prompt; its keys and values then the same in all three
         want_rows = exact.forward(ids[:, :-1])
-        assert (rows - want_rows).abs().max() <= 0.02 * want_rows.abs().max()  # (the head eagerly: int4pack, bfloat16)
+        assert (rows - want_rows).abs().max() <= 1e-4 * want_rows.abs().max() + 1e-5  # (the head's too: many rows)
         for other in (eager, exact):
             for mine, theirs in zip(model.layers, other.layers):
                 theirs.attn.cache.k.copy_(mine.attn.cache.k)
