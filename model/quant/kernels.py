@@ -9,10 +9,10 @@
 - generic: dequantize to the activations' dtype, then a dense product. Correct everywhere, slow;
   used where no packed kernel exists, and forced with ATTN_KERNELS=generic (tests cover it).
 
-- lanes (lanes.py): the compiled step's one-row products over 8-bit groups read the codes again in a layout made
-  for inductor's loops, kept beside the int4pack ones (which eager rows, the prompt among them, still run): on CPUs
-  whose best vector ISA is AVX2, where int4pack at one row is slowest (measured: README, Performance).
-  ATTN_LANES=1|0 forces it on or off (tests cover both).
+- lanes (lanes.py): a compiled int4/int8 step's layers hold their codes in a layout made for inductor's loops
+  instead (the head: beside its int4pack codes), its one-row products compiled into the step, many rows through a
+  package built once per machine: on CPUs whose best vector ISA is AVX2, where int4pack at one row is slowest
+  (measured: README, Performance). ATTN_LANES=1|0 forces it on or off (tests cover both).
 
 - float32 at one row in a compiled step (`one_row_kernel`): BLAS (`x @ W`, one extern call in the package, W
   stored (in, out)) on Intel CPUs, where MKL streams the weights at 19–26 GB/s; inductor's own vectorized
@@ -46,7 +46,7 @@ def int4_kernel(device: torch.device) -> str:
 
 
 def lanes_wanted(device: torch.device) -> bool:
-    """Whether the compiled step multiplies one row by 8-bit groups through their lanes copy (lanes.py)."""
+    """Whether a compiled step's quantized layers hold their codes in the lanes layout (lanes.py, model/compile.py)."""
     forced = os.environ.get("ATTN_LANES", "").strip()
     if device.type != "cpu" or forced_generic() or forced == "0":
         return False

@@ -1,5 +1,5 @@
-"""One-row products over 4- and 8-bit codes in a layout inductor compiles into fast loops ("lanes"): the compiled
-step's products on CPUs whose int4pack kernel is slow at one row (AVX2 without AVX-512; model/quant/kernels.py).
+"""Products over 4- and 8-bit codes in a layout inductor compiles into fast loops ("lanes"): a compiled int4/int8
+step's layers on CPUs whose int4pack kernel is slow at one row (AVX2 without AVX-512; model/quant/kernels.py).
 
 Eight consecutive output rows share a 32-bit word per position: word [r, c, l] holds row 8r + l's codes for inputs
 c·P … c·P + P − 1 (P = 8 codes of 4 bits, or 4 of 8 bits, the first in the lowest bits). Reduced along c with the
@@ -11,8 +11,9 @@ per load: 3–5× slower loops), its float loads do not.
 Measured on a 2-core AMD EPYC (Zen3, AVX2), one row, kernels alone (torch.compile, less its ≈ 40 µs per call):
 4-bit 960×576 ≈ 35 µs against 59 for int4pack, 3072×576 ≈ 90 against 159; 8-bit 3072×576 ≈ 90 against 265 for
 int4pack over both halves of the codes, the 49152×576 head 1.5 ms against 4.1. Eagerly the same product is 10–20×
-slower than int4pack (one pass per operation): layers keep their int4pack codes for eager rows, and the compiled
-step's one-row products read these (model/quant/__init__.add_lanes). inductor fuses the unpacking into the
+slower than int4pack (one pass per operation), so only a compiled step's layers take these codes
+(model/quant/__init__.add_lanes): one row inside the step's packages, many rows (a prompt) through `Prompt`, a
+package built once per machine (inductor dequantizes, BLAS multiplies). inductor fuses the unpacking into the
 reduction only with its "realize" thresholds raised (`INDUCTOR`): with its defaults it writes the unpacked
 products to memory first (2× slower).
 """
