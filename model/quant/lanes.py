@@ -31,8 +31,9 @@ LANES = 8  # rows a word position holds: Vectorized<float>'s width with AVX2
 # opcount and reads thresholds raised), and keep an input read by several of its terms as a vector in memory (a
 # pointwise result read more than once and itself reading more than 2 buffers is stored: otherwise a norm before
 # the product is recomputed, square root and all, for every code; the 49152×576 head after the final norm 3.1 ms
-# against 1.3)
-INDUCTOR = {"realize_reads_threshold": 2, "realize_cpu_opcount_threshold": 400, "realize_cpu_acc_reads_threshold": 64}
+# against 1.3); and leave a group's few words a loop rather than unrolled (the int4 step's first build 11.7–12.8 s
+# against 13.5–14.3, A/B on a 2-core Zen3; a token the same 10.1–10.3 ms)
+INDUCTOR = {"realize_reads_threshold": 2, "realize_cpu_opcount_threshold": 400, "realize_cpu_acc_reads_threshold": 64, "unroll_reductions_threshold": 1}
 
 
 def per_word(bits: int) -> int:
