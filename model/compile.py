@@ -16,7 +16,9 @@ Only the step generation repeats hundreds of times is compiled: `Decoder.step`, 
   a later run can tell before changing anything whether it only has to load (`build=False`: the CLI's default).
   For int4/int8 models on CPUs with AMX tiles, the same build also makes (in a second process, beside it) the packages
   that run the blocks' MLP and attention products at 8 rows and more, the prefill, through inductor's AMX template
-  (model/prefill.py).
+  (model/prefill.py). On CPUs whose best vector ISA is AVX2 the quantized layers first take their codes in the lanes
+  layout (model/quant/lanes.py: one row inside the packages, the quantized head too; many rows through a package
+  built once per machine for any layer of 4 or 8 bits, `prompt_package`).
 - CUDA: one token's work is ≈ 600 small kernels, and launching them costs more than running
   them. The step runs in its static-shape form (the position is a device tensor, the whole cache
   is read with a mask: `Decoder.step`), is compiled by inductor with static shapes, and is
@@ -75,7 +77,7 @@ def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = N
         if not build and (ready is None or not _is_ready(ready)):
             raise CompileFailed("not built for this model and mode")
         unpacked = unpack(model)  # oneDNN's packed weights are opaque to inductor: plain layers again
-        add_lanes(model)  # 8-bit codes again in the layout the step's one-row products read, where they are faster
+        add_lanes(model)  # quantized codes in the layout the step's loops read, where that is faster (AVX2 CPUs)
         try:
             model.decode_step = step = _cpu_step(model, cache_dir, build)
         except CompileFailed:

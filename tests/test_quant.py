@@ -481,3 +481,27 @@ def test_compiled_step_through_lanes_follows_the_exact_weights(tiny_llama, monke
     assert (step - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-5
     assert (step - ref).abs().max() < (bf16 - ref).abs().max()
     assert [s.id for s in generate(model, prompt, 12, greedy)] == want
+
+
+@pytest.mark.parametrize("wanted", ["1", "0"])
+def test_pull_builds_the_prompt_packages_where_lanes_are_wanted(monkeypatch, tmp_path, wanted):
+    """`attn pull`'s last stage builds the two prompt packages (4 and 8 bits, any model) where a compiled quantized step
+    would read lanes codes, so that a first `--quantize … --compile` need not; a failure is one warning line."""
+    import model.compile
+    from cli import speed
+
+    monkeypatch.setenv("ATTN_LANES", wanted)
+    monkeypatch.setenv("ATTN_HOME", str(tmp_path))
+    asked = []
+    monkeypatch.setattr(model.compile, "prompt_package", lambda folder, bits: asked.append((folder, bits)) or (folder / f"p{bits}", True))
+    speed.prepare_prompts(quiet=True)
+    assert asked == ([(tmp_path / "aoti", 4), (tmp_path / "aoti", 8)] if wanted == "1" else [])
+
+    def fails(folder, bits):
+        raise RuntimeError("no C++ compiler\nmore")
+
+    monkeypatch.setattr(model.compile, "prompt_package", fails)
+    notes = []
+    monkeypatch.setattr(speed, "note", lambda text, quiet=False: notes.append(text))
+    speed.prepare_prompts()
+    assert notes == (["warning: the prompt's 4-bit package was not built (no C++ compiler)"] if wanted == "1" else [])
