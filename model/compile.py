@@ -314,8 +314,8 @@ class AotStep(BuiltStep):
         """The layers with lanes codes multiply many rows (a prompt, a batch) through a package made for any such layer
         of their bits (model/quant/lanes.Prompt): inductor dequantizes the weight, BLAS multiplies (measured on a 2-core
         Zen3 at 64 rows: about int4pack's time; exact float32, where int4pack rounds to bfloat16)."""
-        only = [m for m in self.model.modules() if isinstance(m, Lanes)]  # (the head's too: its eager rows, where many)
-        for bits in sorted({m.bits for m in only}):
+        lanes = [m for m in self.model.modules() if isinstance(m, Lanes)]  # (the head's too: its eager rows, where many)
+        for bits in sorted({m.bits for m in lanes}):
             path, built = prompt_package(self.cache_dir, bits, self.build_missing)
             try:
                 runner = _load_package(path)
@@ -327,7 +327,7 @@ class AotStep(BuiltStep):
                 runner = _load_package(path)
             self.packages.append(path)
             self.built += [path] if built else []
-            for m in only:
+            for m in lanes:
                 if m.bits == bits:
                     m._prompt = runner
 
@@ -342,8 +342,6 @@ class AotStep(BuiltStep):
                     raise
         if not self.build_missing:
             raise FileNotFoundError(f"{path} is not built")
-        import torch._inductor.config  # (not loaded by the load path above)
-
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # Fresh copies as the example inputs: the block's own tensors are inference tensors, and two
@@ -361,16 +359,7 @@ class AotStep(BuiltStep):
             dims = (None, {0: S}, (*[None] * len(rope), *[sizes.get(n) for n in names]))  # *rest is one tuple
             program = torch.export.export(_OneBlock(block, names, len(rope), tail), examples, dynamic_shapes=dims, strict=False)
             probe.join()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2")
-            os.close(fd)
-            try:
-                with torch._inductor.config.patch({**BUILD_OPTIONS, **_lane_options(block, tail)}), compiles_beside_each_other(self.cache_dir / "cxx"):
-                    torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-                os.replace(tmp, path)  # whole or not at all: another run may be loading from the folder
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            _package_atomically(program, path, _lane_options(block, tail))
         self.built.append(path)
         return _load_package(path)
 
@@ -483,7 +472,7 @@ class _AotBlocks:
         """The step's logits: those the last package left, else (the blocks ran eagerly) the final norm and head."""
         logits, self.logits = self.logits, None
         if logits is not None:
-            return logits[..., : self.model.cfg.vocab_size] if logits.shape[-1] != self.model.cfg.vocab_size else logits
+            return logits[..., : self.model.cfg.vocab_size]  # (a lanes head's rows are padded to whole words)
         return self.model.lm_head.forward(self.model.norm.forward(x))
 
 
@@ -545,8 +534,6 @@ def prompt_package(cache_dir: Path, bits: int, build: bool = True) -> tuple[Path
         return path, False
     if not build:
         raise FileNotFoundError(f"{path} is not built")
-    import torch._inductor.config
-
     P = per_word(bits)
     R, G, M = torch.export.Dim("R", min=1, max=1 << 24), torch.export.Dim("G", min=1, max=1 << 14), torch.export.Dim("M", min=1, max=1 << 20)
     examples = (torch.zeros(4, 64), torch.zeros(3, 64 // P, 8), torch.zeros(3, 2, 8), torch.zeros(3, 2, 8))
@@ -554,17 +541,25 @@ def prompt_package(cache_dir: Path, bits: int, build: bool = True) -> tuple[Path
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(Prompt(bits), examples, dynamic_shapes=dims, strict=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2")
-        os.close(fd)
-        try:
-            with torch._inductor.config.patch({**BUILD_OPTIONS, **INDUCTOR}), compiles_beside_each_other(Path(cache_dir) / "cxx"):
-                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-            os.replace(tmp, path)  # whole or not at all: another run may be loading from the folder
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _package_atomically(program, path, INDUCTOR)
     return path, True
+
+
+def _package_atomically(program: torch.export.ExportedProgram, path: Path, options: dict) -> None:
+    """AOTInductor's package of `program` at `path` (its folder's `cxx` holding the C++ packages share), built with
+    BUILD_OPTIONS and `options`, whole or not at all: another run may be loading from the folder."""
+    import torch._inductor.config  # (not loaded by the load paths)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2")
+    os.close(fd)
+    try:
+        with torch._inductor.config.patch({**BUILD_OPTIONS, **options}), compiles_beside_each_other(path.parent / "cxx"):
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _prompt_key(bits: int) -> str:

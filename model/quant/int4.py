@@ -163,7 +163,7 @@ class BlockLinear(nn.Module):
         pick = slice(None) if rows is None else rows
         n, K = codes.shape
         q = codes.view(n, K // GROUP, GROUP).float()
-        scale, offset = self.reread() if self.reread is not None else (self.scale16, self.offset16)
+        scale, offset = self._exact()
         d = scale[pick].float()[..., None]  # (n, K/32, 1): broadcast over each group, not repeated
         w = d * (q - zero) if offset is None else d * q + offset[pick].float()[..., None]
         return w.view(n, K)

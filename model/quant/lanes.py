@@ -92,13 +92,11 @@ def row_product(x: torch.Tensor, words: torch.Tensor, a: torch.Tensor, b: torch.
     return (per_group * a + b * xs).sum(1).view(1, R * LANES)
 
 
-def dense(words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """W (N', K) in float32 (or its `rows`): a·u + b per group, exactly as the blocks define it."""
-    u = unpack(words, bits, rows).float()
+def dense(words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
+    """W (N', K) in float32: a·u + b per group, exactly as the blocks define it."""
+    u = unpack(words, bits).float()
     n, K = u.shape
     scale, offset = from_lanes(a), from_lanes(b)
-    if rows is not None:
-        scale, offset = scale[rows], offset[rows]
     return (u.view(n, K // GROUP, GROUP) * scale[..., None] + offset[..., None]).view(n, K)
 
 
