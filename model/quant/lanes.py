@@ -31,9 +31,11 @@ LANES = 8  # rows a word position holds: Vectorized<float>'s width with AVX2
 # opcount and reads thresholds raised), and keep an input read by several of its terms as a vector in memory (a
 # pointwise result read more than once and itself reading more than 2 buffers is stored: otherwise a norm before
 # the product is recomputed, square root and all, for every code; the 49152×576 head after the final norm 3.1 ms
-# against 1.3); and leave a group's few words a loop rather than unrolled (the int4 step's first build 11.7–12.8 s
-# against 13.5–14.3, A/B on a 2-core Zen3; a token the same 10.1–10.3 ms)
-INDUCTOR = {"realize_reads_threshold": 2, "realize_cpu_opcount_threshold": 400, "realize_cpu_acc_reads_threshold": 64, "unroll_reductions_threshold": 1}
+# against 1.3); leave a reduction's few words a loop rather than unrolled (the int4 step's first build 11.7–12.8 s
+# against 13.5–14.3, A/B on a 2-core Zen3; a token the same); and let the C++ compiler fuse a multiply and an add
+# into one FMA (inductor's default is -ffp-contract=off: two instructions; with the per-word form of `row_product`,
+# a token 7.9–8.9 ms against 8.3–8.7 without)
+INDUCTOR = {"cpp.enable_floating_point_contract_flag": "fast", "realize_reads_threshold": 2, "realize_cpu_opcount_threshold": 400, "realize_cpu_acc_reads_threshold": 64, "unroll_reductions_threshold": 1}
 
 
 def per_word(bits: int) -> int:
@@ -76,20 +78,21 @@ def from_lanes(t: torch.Tensor) -> torch.Tensor:
 
 
 def row_product(x: torch.Tensor, words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
-    """x (1, K) float32 @ Wᵀ → (1, N'), W = a·u + b per group of 32: the sum over each group of u·x, times a, plus b
-    times the group's sum of x. Written as P products of the whole words with one input each, so that inductor's
-    loop loads every word once (see the module docstring)."""
+    """x (1, K) float32 @ Wᵀ → (1, N'), W = a·u + b per group of 32: per word, a times the sum of its codes u times
+    their inputs, plus b times the sum of those inputs; summed over the words. One reduction over a row's words
+    (inductor's loop loads each word once and keeps one accumulator), each word's P products added as a tree (a
+    short chain of dependent additions)."""
     R, C, _ = words.shape
     G = a.shape[1]
     P, mask = per_word(bits), (1 << bits) - 1
     w = words.view(torch.int32)
     xc = x.reshape(C, P)
-    acc = (w & mask).float() * xc[:, 0].view(1, C, 1)
-    for j in range(1, P):
-        acc = acc + ((w >> (bits * j)) & mask).float() * xc[:, j].view(1, C, 1)
-    per_group = acc.view(R, G, C // G, LANES).sum(2)  # (r, g, l)
-    xs = x.reshape(G, GROUP).sum(-1).view(1, G, 1)
-    return (per_group * a + b * xs).sum(1).view(1, R * LANES)
+    terms = [((w >> (bits * j)) & mask if j else w & mask).float() * xc[:, j].view(1, C, 1) for j in range(P)]
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
+    per_word_ = (R, G, C // G, LANES)
+    a_, b_ = (t.view(R, G, 1, LANES).expand(per_word_).reshape(R, C, LANES) for t in (a, b))
+    return (terms[0] * a_ + b_ * xc.sum(1).view(1, C, 1)).sum(1).view(1, R * LANES)
 
 
 def dense(words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
