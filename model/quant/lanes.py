@@ -27,6 +27,7 @@ from torch import nn
 from model.quant.blocks import GROUP
 
 LANES = 8  # rows a word position holds: Vectorized<float>'s width with AVX2
+RUN = 16  # codes a row's product scales at once (a group of 32 holds two runs)
 # inductor settings for a build that contains these products: fuse the codes' unpacking into the reduction (its
 # opcount and reads thresholds raised), and keep an input read by several of its terms as a vector in memory (a
 # pointwise result read more than once and itself reading more than 2 buffers is stored: otherwise a norm before
@@ -78,21 +79,24 @@ def from_lanes(t: torch.Tensor) -> torch.Tensor:
 
 
 def row_product(x: torch.Tensor, words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
-    """x (1, K) float32 @ Wᵀ → (1, N'), W = a·u + b per group of 32: per word, a times the sum of its codes u times
-    their inputs, plus b times the sum of those inputs; summed over the words. One reduction over a row's words
-    (inductor's loop loads each word once and keeps one accumulator), each word's P products added as a tree (a
-    short chain of dependent additions)."""
+    """x (1, K) float32 @ Wᵀ → (1, N'), W = a·u + b per group of 32: for each run of 16 codes (two words of 4 bits,
+    four of 8), a times the sum of the codes u times their inputs, plus b times the sum of those inputs; summed over
+    the runs. One reduction over a row's runs (inductor's loop loads each word once and keeps one accumulator), each
+    run's products added as a tree (a short chain of dependent additions). Per word instead of per run, and the
+    products added in a chain: a token 8.5–10.6 ms (int4, int8) against 7.5–9.4 (Zen3, A/B)."""
     R, C, _ = words.shape
     G = a.shape[1]
     P, mask = per_word(bits), (1 << bits) - 1
-    w = words.view(torch.int32)
-    xc = x.reshape(C, P)
-    terms = [((w >> (bits * j)) & mask if j else w & mask).float() * xc[:, j].view(1, C, 1) for j in range(P)]
+    n = RUN // P  # words to a run
+    w = words.view(torch.int32).view(R, C // n, n, LANES)
+    xc = x.reshape(C // n, n, P)
+    terms = [((w[:, :, i] >> (bits * j)) & mask if j else w[:, :, i] & mask).float() * xc[:, i, j].view(1, -1, 1) for i in range(n) for j in range(P)]
     while len(terms) > 1:
         terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
-    per_word_ = (R, G, C // G, LANES)
-    a_, b_ = (t.view(R, G, 1, LANES).expand(per_word_).reshape(R, C, LANES) for t in (a, b))
-    return (terms[0] * a_ + b_ * xc.sum(1).view(1, C, 1)).sum(1).view(1, R * LANES)
+    runs = C // n
+    per_run = (R, G, runs // G, LANES)
+    a_, b_ = (t.view(R, G, 1, LANES).expand(per_run).reshape(R, runs, LANES) for t in (a, b))
+    return (terms[0] * a_ + b_ * xc.sum((1, 2)).view(1, runs, 1)).sum(1).view(1, R * LANES)
 
 
 def dense(words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
