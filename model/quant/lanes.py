@@ -27,16 +27,15 @@ from torch import nn
 from model.quant.blocks import GROUP
 
 LANES = 8  # rows a word position holds: Vectorized<float>'s width with AVX2
-RUN = 16  # codes a row's product scales at once (a group of 32 holds two runs)
+RUN = 8  # codes a row's product scales at once (a group of 32 holds four runs)
 # inductor settings for a build that contains these products: fuse the codes' unpacking into the reduction (its
 # opcount and reads thresholds raised), and keep an input read by several of its terms as a vector in memory (a
 # pointwise result read more than once and itself reading more than 2 buffers is stored: otherwise a norm before
 # the product is recomputed, square root and all, for every code; the 49152×576 head after the final norm 3.1 ms
 # against 1.3); leave a reduction's few words a loop rather than unrolled (the int4 step's first build 11.7–12.8 s
-# against 13.5–14.3, A/B on a 2-core Zen3; a token the same); and let the C++ compiler fuse a multiply and an add
-# into one FMA (inductor's default is -ffp-contract=off: two instructions; with the per-word form of `row_product`,
-# a token 7.9–8.9 ms against 8.3–8.7 without)
-INDUCTOR = {"cpp.enable_floating_point_contract_flag": "fast", "realize_reads_threshold": 2, "realize_cpu_opcount_threshold": 400, "realize_cpu_acc_reads_threshold": 64, "unroll_reductions_threshold": 1}
+# against 13.5–14.3, A/B on a 2-core Zen3; a token the same). (Every build also fuses a multiply and an add into
+# one FMA: model/cxx.BUILD_OPTIONS.)
+INDUCTOR = {"realize_reads_threshold": 2, "realize_cpu_opcount_threshold": 400, "realize_cpu_acc_reads_threshold": 64, "unroll_reductions_threshold": 1}
 
 
 def per_word(bits: int) -> int:
@@ -79,11 +78,13 @@ def from_lanes(t: torch.Tensor) -> torch.Tensor:
 
 
 def row_product(x: torch.Tensor, words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
-    """x (1, K) float32 @ Wᵀ → (1, N'), W = a·u + b per group of 32: for each run of 16 codes (two words of 4 bits,
-    four of 8), a times the sum of the codes u times their inputs, plus b times the sum of those inputs; summed over
+    """x (1, K) float32 @ Wᵀ → (1, N'), W = a·u + b per group of 32: for each run of `RUN` codes (one word of 4 bits,
+    two of 8), a times the sum of the codes u times their inputs, plus b times the sum of those inputs; summed over
     the runs. One reduction over a row's runs (inductor's loop loads each word once and keeps one accumulator), each
-    run's products added as a tree (a short chain of dependent additions). Per word instead of per run, and the
-    products added in a chain: a token 8.5–10.6 ms (int4, int8) against 7.5–9.4 (Zen3, A/B)."""
+    run's products added as a tree (a short chain of dependent additions). Against the sum over a group first, then
+    a second pass applying a and b: a token 9.0–10.0 → 7.8–8.6 ms (int4), 10.6–11.7 → 8.7–9.6 (int8), 2-core Zen3.
+    Runs of 16 codes: about 3% faster again, but the step's first build takes 16 s against 12 (inductor's code
+    generation grows with the terms in a loop)."""
     R, C, _ = words.shape
     G = a.shape[1]
     P, mask = per_word(bits), (1 << bits) - 1
@@ -93,10 +94,10 @@ def row_product(x: torch.Tensor, words: torch.Tensor, a: torch.Tensor, b: torch.
     terms = [((w[:, :, i] >> (bits * j)) & mask if j else w[:, :, i] & mask).float() * xc[:, i, j].view(1, -1, 1) for i in range(n) for j in range(P)]
     while len(terms) > 1:
         terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
-    runs = C // n
-    per_run = (R, G, runs // G, LANES)
-    a_, b_ = (t.view(R, G, 1, LANES).expand(per_run).reshape(R, runs, LANES) for t in (a, b))
-    return (terms[0] * a_ + b_ * xc.sum((1, 2)).view(1, runs, 1)).sum(1).view(1, R * LANES)
+    per_group = C // n // G  # runs
+    s = terms[0].view(R, G, per_group, LANES)
+    xs = xc.sum((1, 2)).view(1, G, per_group, 1)
+    return (s * a.view(R, G, 1, LANES) + b.view(R, G, 1, LANES) * xs).sum((1, 2)).view(1, R * LANES)
 
 
 def dense(words: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
