@@ -8,9 +8,10 @@ scales (a and b, w = a·u + b, stored (r, group, l)). The words are kept as floa
 product reinterprets them: inductor's AVX2 loads of integer vectors go through a buffer (a store-forwarding stall
 per load: 3–5× slower loops), its float loads do not.
 
-Measured on a 2-core AMD EPYC (Zen3, AVX2), one row, kernels alone (torch.compile, less its ≈ 40 µs per call):
-4-bit 960×576 ≈ 35 µs against 59 for int4pack, 3072×576 ≈ 90 against 159; 8-bit 3072×576 ≈ 90 against 265 for
-int4pack over both halves of the codes, the 49152×576 head 1.5 ms against 4.1. Eagerly the same product is 10–20×
+Measured on a 2-core AMD EPYC (Zen3, AVX2), one row, kernels alone (torch.compile, less its ≈ 40 µs per call; the
+first form of `row_product`, a group's sum then a second pass): 4-bit 960×576 ≈ 35 µs against 59 for int4pack,
+3072×576 ≈ 90 against 159; 8-bit 3072×576 ≈ 90 against 265 for int4pack over both halves of the codes, the
+49152×576 head 1.5 ms against 4.1 (the present form: a token 15–20% faster again, see `row_product`). Eagerly the same product is 10–20×
 slower than int4pack (one pass per operation), so only a compiled step's layers take these codes
 (model/quant/__init__.add_lanes): one row inside the step's packages, many rows (a prompt) through `Prompt`, a
 package built once per machine (inductor dequantizes, BLAS multiplies). inductor fuses the unpacking into the
