@@ -11,8 +11,8 @@ per load: 3–5× slower loops), its float loads do not.
 Measured on a 2-core AMD EPYC (Zen3, AVX2), one row, kernels alone (torch.compile, less its ≈ 40 µs per call; the
 first form of `row_product`, a group's sum then a second pass): 4-bit 960×576 ≈ 35 µs against 59 for int4pack,
 3072×576 ≈ 90 against 159; 8-bit 3072×576 ≈ 90 against 265 for int4pack over both halves of the codes, the
-49152×576 head 1.5 ms against 4.1 (the present form: a token 15–20% faster again, see `row_product`). Eagerly the same product is 10–20×
-slower than int4pack (one pass per operation), so only a compiled step's layers take these codes
+49152×576 head 1.5 ms against 4.1 (the present form: a token 10–20% faster again, see `row_product`). Eagerly the
+same product is 10–20× slower than int4pack (one pass per operation), so only a compiled step's layers take these codes
 (model/quant/__init__.add_lanes): one row inside the step's packages, many rows (a prompt) through `Prompt`, a
 package built once per machine (inductor dequantizes, BLAS multiplies). inductor fuses the unpacking into the
 reduction only with its "realize" thresholds raised (`INDUCTOR`): with its defaults it writes the unpacked
@@ -83,7 +83,7 @@ def row_product(x: torch.Tensor, words: torch.Tensor, a: torch.Tensor, b: torch.
     two of 8), a times the sum of the codes u times their inputs, plus b times the sum of those inputs; summed over
     the runs. One reduction over a row's runs (inductor's loop loads each word once and keeps one accumulator), each
     run's products added as a tree (a short chain of dependent additions). Against the sum over a group first, then
-    a second pass applying a and b: a token 9.0–10.0 → 7.8–8.6 ms (int4), 10.6–11.7 → 8.7–9.6 (int8), 2-core Zen3.
+    a second pass applying a and b: a token 9.0–10.0 → 7.8–9.0 ms (int4), 10.6–11.7 → 8.7–9.7 (int8), 2-core Zen3.
     Runs of 16 codes: about 3% faster again, but the step's first build takes 16 s against 12 (inductor's code
     generation grows with the terms in a loop)."""
     R, C, _ = words.shape
@@ -93,7 +93,7 @@ def row_product(x: torch.Tensor, words: torch.Tensor, a: torch.Tensor, b: torch.
     w = words.view(torch.int32).view(R, C // n, n, LANES)
     xc = x.reshape(C // n, n, P)
     terms = [((w[:, :, i] >> (bits * j)) & mask if j else w[:, :, i] & mask).float() * xc[:, i, j].view(1, -1, 1) for i in range(n) for j in range(P)]
-    while len(terms) > 1:
+    while len(terms) > 1:  # (RUN a power of 2)
         terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
     per_group = C // n // G  # runs
     s = terms[0].view(R, G, per_group, LANES)
