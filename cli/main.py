@@ -107,6 +107,7 @@ def _debug() -> bool:
 
 
 _terminated = False
+_interrupted = False
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -118,6 +119,8 @@ def _on_sigterm(signum, frame) -> None:
 def _on_sigint(signum, frame) -> None:
     """Ctrl-C (and SIGTERM): raise KeyboardInterrupt, and leave a flag that generation checks between tokens
     (`common.SIGNALLED`), in case the exception lands inside a library that swallows it."""
+    global _interrupted
+    _interrupted = True  # for cli.common, should it not be imported yet
     common = sys.modules.get("cli.common")
     if common is not None:
         common.SIGNALLED = True
@@ -125,8 +128,20 @@ def _on_sigint(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _unraisable(info) -> None:
+    """Python's hook for an exception it cannot raise (a weakref or __del__ callback, e.g. importlib's
+    module-lock cleanup): Ctrl-C landing there is not lost, since `_on_sigint` left the flag that
+    generation checks, so it stays quiet; anything else is reported as Python would."""
+    if info.exc_type is KeyboardInterrupt:
+        return
+    sys.__unraisablehook__(info)
+
+
 def main() -> None:
     """Console-script entry point: run the app, map every failure to one stderr line and an exit code."""
+    global _interrupted
+    _interrupted = False
+    sys.unraisablehook = _unraisable
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, _on_sigint)
     try:
@@ -134,7 +149,7 @@ def main() -> None:
         from cli import common
 
         common.VERBOSE = False  # one run per process from the console script; tests run many
-        common.SIGNALLED = False
+        common.SIGNALLED = _interrupted  # a Ctrl-C already lost inside an import's callback still counts
         code = app(prog_name="attn", standalone_mode=False)
         code = code if isinstance(code, int) else 0
     except typer.TyperException as e:  # typer's own usage errors (bad flag, bad value, missing argument)
