@@ -508,3 +508,78 @@ def test_pull_builds_the_prompt_packages_where_lanes_are_wanted(monkeypatch, tmp
     monkeypatch.setattr(speed, "note", lambda text, quiet=False: notes.append(text))
     speed.prepare_prompts()
     assert notes == (["warning: the prompt's 4-bit package was not built (no C++ compiler)"] if wanted == "1" else [])
+
+
+# --- CUDA: int4 through ATen's tinygemm; int8 refused there ------------------------------------------
+
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="tinygemm needs a GPU (run on the device machine)")
+
+
+def test_int4_on_cuda_chooses_tinygemm_and_the_generic_kernel_when_forced(monkeypatch):
+    from model.quant.kernels import int4_kernel
+
+    assert int4_kernel(torch.device("cuda")) == ("tinygemm" if hasattr(torch.ops.aten, "_weight_int4pack_mm") else "generic")
+    use_kernels(monkeypatch, "generic")
+    assert int4_kernel(torch.device("cuda")) == "generic"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_on_cuda_runs_int4_only(attn, tiny_llama, monkeypatch, mode):
+    """int8 is refused on CUDA with one line (ATen's 8-bit products measured 8× slower than bfloat16's on an H200);
+    int4 gets past that check (and runs where there is a GPU; without one it fails where the weights go to the device)."""
+    import cli.models
+
+    monkeypatch.setattr(cli.models, "pick_device", lambda spec: torch.device("cuda"))
+    r = attn(["generate", "-m", str(tiny_llama), "--device", "cuda", "--quantize", mode, "-n", "2", "hi"])
+    if mode == "int4" and torch.cuda.is_available():
+        assert r.code == 0, r.err
+        return
+    assert r.code == 1 and r.out == ""
+    refused = "error: --quantize int8 runs on the CPU and, int4 only, on CUDA; on cuda use --dtype bfloat16 (faster there)"
+    assert (refused in r.err) == (mode == "int8"), r.err
+    assert len(r.err.strip().splitlines()) == 1
+
+
+@on_gpu
+@pytest.mark.parametrize("cls", [Int4Linear, Q8Linear])
+def test_cuda_layers_multiply_by_their_own_codes(cls):
+    lin = float_linear(200, 130, True, 5).to("cuda")
+    q = cls.from_linear(lin)
+    assert q.kernel == "tinygemm" and q.q.tiles is not None
+    x = torch.randn(3, 200, device="cuda")
+    for rows in (x[:1], x):
+        ref = rows @ kernel_weight(q) + lin.bias.detach()
+        bound = sum(bf16_bound(rows, w) for w in kernel_products(q))
+        assert ((q(rows) - ref).abs() <= bound + 1e-4).all()
+    dense = q.dense_weight().float()
+    assert torch.equal(q.columns(torch.tensor([[0]], device="cuda"))[0, 0], dense.t()[0])
+
+
+@on_gpu
+def test_cuda_int4_model_follows_the_cpu_one_and_its_graph_step_the_eager_tokens(tiny_llama):
+    from model.compile import compile_decode_step
+    from model.generate import generate
+    from model.sampling import SamplingSettings
+
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    cpu = load_model(tiny_llama)
+    quantize(cpu, "int4")
+    cpu.setup_cache(32)
+    want = cpu(ids, 0)
+
+    def gpu_model():
+        m = load_model(tiny_llama, torch.bfloat16, torch.device("cuda"))
+        quantize(m, "int4")
+        return m
+
+    model = gpu_model()
+    model.setup_cache(32)
+    got = model(ids.cuda(), 0).float().cpu()
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()  # bfloat16 activations between the layers
+    greedy = SamplingSettings(temperature=0)
+    prompt = list(range(5, 13))
+    eager = [s.id for s in generate(gpu_model(), prompt, 16, greedy)]
+    graphed = gpu_model()
+    compile_decode_step(graphed, len(prompt) + 16)
+    assert type(graphed.decode_step).__name__ == "GraphStep" and graphed.decode_step.inductor
+    assert [s.id for s in generate(graphed, prompt, 16, greedy)] == eager

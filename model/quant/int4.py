@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.quant.blocks import GROUP, Blocks, q4_1_rtn
-from model.quant.kernels import int4_kernel
+from model.quant.kernels import PACKED, int4_kernel
 from model.quant.lanes import Lanes
 
 ROWS = 64  # output rows are padded to a multiple of this: whole tiles of every layout the kernel has (`layout`)
@@ -27,18 +27,25 @@ ROWS = 64  # output rows are padded to a multiple of this: whole tiles of every 
 
 class Packed4(nn.Module):
     """x @ ((q − 8)·s + z)ᵀ for 4-bit codes q (N, K) held in the int4pack kernel's layout, s and z per group
-    of 32 in bfloat16: the one product Int4Linear makes, and the one over [high | low] halves Q8Linear makes."""
+    of 32 in bfloat16: the one product Int4Linear makes, and the one over [high | low] halves Q8Linear makes.
+    On CUDA the product reads the codes in tinygemm's tiles (`tiles`), and the CPU layout stays beside them for
+    reading codes back (a tied embedding's rows, the microscope's dense weight): 4-bit weights take twice their
+    size in GPU memory there."""
 
     def __init__(self, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, device: torch.device) -> None:
         super().__init__()
         N = codes.shape[0]
         pad = -N % ROWS  # zero rows up to whole tiles; their output is cut
-        self.register_buffer("packed", pack_rows(F.pad(codes, (0, 0, 0, pad)).to(device)))  # (N', K/2) uint8
+        padded = F.pad(codes, (0, 0, 0, pad)).to(device)
+        self.register_buffer("packed", pack_rows(padded))  # (N', K/2) uint8
+        self.register_buffer("tiles", tinygemm_tiles(padded) if int4_kernel(device) == "tinygemm" else None)
         sz = F.pad(torch.stack([s.float(), z.float()], dim=-1), (0, 0, 0, 0, 0, pad))  # (N', K/32, 2)
         self.register_buffer("sz", sz.transpose(0, 1).contiguous().to(torch.bfloat16).to(device))  # (K/32, N', 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) → (M, N') bfloat16."""
+        if self.tiles is not None:
+            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.tiles, GROUP, self.sz)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.sz)
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,7 +206,7 @@ class Int4Linear(BlockLinear):
         return Packed4(codes, s, z, device)
 
     def product(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "int4pack":
+        if self.kernel in PACKED:
             return self.q.forward(x2)  # (not through Module.__call__: ≈ 3 µs a call, 121 calls a token)
         return x2.to(self.dtype) @ self._dense_rows().t().to(self.dtype)
 
@@ -209,6 +216,15 @@ class Int4Linear(BlockLinear):
     def _dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         q = self.codes() if rows is None else self._codes(rows)
         return self._dequantize(q, rows, 8)
+
+
+def tinygemm_tiles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes 0..15 on CUDA, N a multiple of 8 and K of 32 → `_convert_weight_to_int4pack`'s tiles (its input: two
+    codes a byte, the even column in the high nibble; as many k-tiles per step, 8, 4 or 2, as K allows)."""
+    K = codes.shape[1]
+    inner = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+    c = codes.to(torch.uint8)
+    return torch.ops.aten._convert_weight_to_int4pack((c[:, ::2] << 4 | c[:, 1::2]).contiguous(), inner)
 
 
 def pad_input(x: torch.Tensor, K: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 
 from model.quant.blocks import Blocks, u8_rtn
 from model.quant.int4 import BlockLinear, Packed4
+from model.quant.kernels import PACKED
 
 CHUNK = 2048  # rows dequantized at once for the generic path
 
@@ -44,7 +45,7 @@ class Q8Linear(BlockLinear):
         return Packed4(halves, torch.cat([16 * a, a], dim=1), torch.cat([torch.zeros_like(a), b + 136 * a], dim=1), device)
 
     def product(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "int4pack":
+        if self.kernel in PACKED:
             return self.q.forward(torch.cat([x2, x2], dim=1))
         # generic: dequantize a chunk of rows at a time, then a dense float32 product
         xf = x2.float()
