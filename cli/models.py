@@ -82,8 +82,9 @@ def open_model(
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if quantize != "none" and dev.type != "cpu" and (dev.type != "cuda" or quantize not in CUDA_MODES):
-        # Measured on an H200 (model/quant/kernels.py): ATen's int8 products are 8× slower than bfloat16's there.
-        raise AttnError(f"--quantize {quantize} runs on the CPU{' and, int4 only, on CUDA' if dev.type == 'cuda' else ''}; on {dev.type} use --dtype bfloat16 (faster there)")
+        # model/quant/kernels.py: ATen's int8 products are 8× slower than bfloat16's on an H200; int4's tinygemm path waits for its GPU test.
+        where = " and, " + " or ".join(CUDA_MODES) + " only, on CUDA" if CUDA_MODES else " only"
+        raise AttnError(f"--quantize {quantize} runs on the CPU{where}; on {dev.type} use --dtype bfloat16 (faster there)")
     path, pulled = ensure_model(spec, quiet=quiet)  # a name, a directory, a .gguf or a hub id; pulls the default once
     cfg = ModelConfig.from_dir(path)
     tokenizer = Tokenizer(path)
