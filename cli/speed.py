@@ -145,7 +145,7 @@ def prepare_step(spec: str, quiet: bool = False) -> None:
 
 
 def prepare_prompts(quiet: bool = False) -> None:
-    """Where quantized steps read lanes codes (model/quant/lanes.py: AVX2 CPUs), the packages that multiply a prompt's
+    """Where quantized steps read lanes codes (model/quant/lanes.py: AVX2 CPUs, 8-bit ones with AVX-512), the packages that multiply a prompt's
     rows by them, for any model: built here once per machine, so that a first `--quantize ... --compile` need not."""
     import torch
 
@@ -153,17 +153,16 @@ def prepare_prompts(quiet: bool = False) -> None:
     from model.quant.kernels import lanes_wanted
     from weights.files import attn_home
 
-    if not lanes_wanted(torch.device("cpu")):
-        return
+    wanted = [bits for bits in (4, 8) if lanes_wanted(torch.device("cpu"), bits)]
     t0, built = time.perf_counter(), False
-    for bits in (4, 8):
+    for bits in wanted:
         try:
             built |= prompt_package(attn_home() / "aoti", bits)[1]
         except Exception as e:  # inductor raises many types; a quantized step's first build tries again
             note(f"warning: the prompt's {bits}-bit package was not built ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})", quiet)
             return
     if built:
-        note(f"built the packages that multiply a prompt by 4- and 8-bit codes (--quantize, compiled) in {time.perf_counter() - t0:.1f} s", quiet)
+        note(f"built the packages that multiply a prompt by {' and '.join(map(str, wanted))}-bit codes (--quantize, compiled) in {time.perf_counter() - t0:.1f} s", quiet)
 
 
 def set_threads(threads: int | None) -> None:

@@ -49,7 +49,7 @@ from model.decoder import Block, Decoder, Linear, Span
 from model.quant import add_lanes, cpu_features, drop_lanes, pack, unpack
 from model.quant.int4 import BlockLinear
 from model.quant.kernels import cpuinfo, lanes_wanted, one_row_kernel
-from model.quant.lanes import INDUCTOR, Lanes, Prompt, per_word, row_product
+from model.quant.lanes import INDUCTOR, LANES, Lanes, Prompt, per_word, row_product
 
 
 class CompileFailed(RuntimeError):
@@ -113,7 +113,7 @@ def ready_file(model: Decoder, cache_dir: Path) -> Path:
     step no longer finds, and the first run that tries drops the record (compile_decode_step)."""
     modules = [(n, type(m).__qualname__, _settings(m)) for n, m in model.named_modules()]
     tensors = [(n, list(t.shape), str(t.dtype), t.is_contiguous()) for n, t in model.weights()]
-    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), one_row_kernel(), lanes_wanted(model.device), BUILD_OPTIONS, modules, tensors], default=str)
+    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), one_row_kernel(), [lanes_wanted(model.device, bits) for bits in (4, 8)], BUILD_OPTIONS, modules, tensors], default=str)
     return Path(cache_dir) / f"ready-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 
 
@@ -536,7 +536,7 @@ def prompt_package(cache_dir: Path, bits: int, build: bool = True) -> tuple[Path
         raise FileNotFoundError(f"{path} is not built")
     P = per_word(bits)
     R, G, M = torch.export.Dim("R", min=1, max=1 << 24), torch.export.Dim("G", min=1, max=1 << 14), torch.export.Dim("M", min=1, max=1 << 20)
-    examples = (torch.zeros(4, 64), torch.zeros(3, 64 // P, 8), torch.zeros(3, 2, 8), torch.zeros(3, 2, 8))
+    examples = (torch.zeros(4, 64), torch.zeros(3, 64 // P, LANES), torch.zeros(3, 2, LANES), torch.zeros(3, 2, LANES))
     dims = ({0: M, 1: 32 * G}, {0: R, 1: (32 // P) * G}, {0: R, 1: G}, {0: R, 1: G})
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -18,7 +18,9 @@ from model.errors import AttnError
 from model.loading import load_model
 from model.quant import Int4Linear, Q8Linear, quantize
 from model.quant.blocks import GROUP, Blocks, load_blocks, q4_1_rtn, q8_0_rtn, save_blocks, u8_rtn
+from model.quant import lanes as lanes_layout
 from model.quant.int4 import layout, pack_rows, unpack_row_ids, unpack_rows
+from model.quant.kernels import cpu_features
 from tests.test_gguf import hf_to_gguf_tensors, model_metadata, tiny_hf_model, train_tokenizer, write_gguf
 from weights.gguf import BLOCKS_FILE, blocks_file, convert_gguf
 
@@ -333,10 +335,40 @@ def test_a_kernel_whose_layout_attn_does_not_know_is_not_used(monkeypatch):
 
 # --- the lanes layout: the compiled step's one-row products over 8-bit groups (model/quant/lanes.py) ---------
 
+WIDTHS = [8, 16]  # rows a word position holds: Vectorized<float>'s width with AVX2 and with AVX-512 (lanes._width)
+
+
+@pytest.mark.parametrize("level,width", [("AVX2", 8), ("AVX512", 16), ("DEFAULT", 8)])
+def test_lanes_words_hold_as_many_rows_as_a_vector_has_floats(monkeypatch, level, width):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: level)
+    assert lanes_layout._width() == width
+
+
+@pytest.mark.parametrize("level,amx,want4,want8", [("AVX2", False, True, True), ("AVX512", False, False, True), ("AVX512", True, False, False), ("DEFAULT", False, False, False)])
+def test_lanes_are_wanted_by_the_vector_isa_and_the_bits(monkeypatch, level, amx, want4, want8):
+    """AVX2: 4- and 8-bit layers; AVX-512: 8-bit only (int4pack is faster for 4-bit codes there); AMX: neither."""
+    from model.quant import kernels
+
+    monkeypatch.delenv("ATTN_LANES", raising=False)
+    monkeypatch.delenv("ATTN_KERNELS", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: level)
+    monkeypatch.setattr(kernels, "cpu_features", lambda: level + (" + AMX" if amx else ""))
+    cpu = torch.device("cpu")
+    assert (kernels.lanes_wanted(cpu, 4), kernels.lanes_wanted(cpu, 8)) == (want4, want8)
+    monkeypatch.setenv("ATTN_LANES", "1")
+    assert kernels.lanes_wanted(cpu, 4) and kernels.lanes_wanted(cpu, 8)
+
 
 @settings(max_examples=20, deadline=None)
 @given(rows8=st.integers(1, 6), groups=st.integers(1, 5), bits=st.sampled_from([4, 8]), seed=st.integers(0, 99))
 def test_lanes_pack_and_unpack_every_code_where_the_layout_says(rows8, groups, bits, seed):
+    for width in WIDTHS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(lanes_layout, "LANES", width)
+            pack_and_unpack(rows8, groups, bits, seed)
+
+
+def pack_and_unpack(rows8, groups, bits, seed):
     from model.quant.lanes import LANES, pack, per_word, unpack
 
     N, K = rows8 * LANES, groups * GROUP
@@ -352,13 +384,15 @@ def test_lanes_pack_and_unpack_every_code_where_the_layout_says(rows8, groups, b
         assert ((w[r, c, lane] >> (bits * j)) & ((1 << bits) - 1)).item() == codes[LANES * r + lane, P * c + j].item()
 
 
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "u8"])
-def test_a_layers_lanes_copy_is_its_exact_weight(kind):
+def test_a_layers_lanes_copy_is_its_exact_weight(kind, width, monkeypatch):
     """add_lanes keeps the layer's own codes and exact float16 scales as w = a·u + b: dequantized, bit for bit the
     layer's dense weight; its one-row product (float32, eagerly) within float32 rounding of x @ that weight, the
     padded rows cut by the layer."""
     from model.quant.lanes import dense
 
+    monkeypatch.setattr(lanes_layout, "LANES", width)
     w = torch.randn(37, 96, generator=torch.Generator().manual_seed(5)) * 0.1  # (out, in): 37 rows, not whole words
     blocks = {"q4_0": lambda t: Blocks("q4_0", q4_1_rtn(t).codes, q4_1_rtn(t).scale), "q4_1": q4_1_rtn, "q8_0": q8_0_rtn, "u8": u8_rtn}[kind](w)
     layer = (Int4Linear if kind.startswith("q4") else Q8Linear)(blocks, None, torch.float32, torch.device("cpu"))
@@ -374,10 +408,14 @@ def test_a_layers_lanes_copy_is_its_exact_weight(kind):
     assert layer(x).shape == (1, 37)  # eager: the int4pack products still (not compiling)
 
 
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_lanes_product_compiled_by_inductor_equals_the_eager_one(bits):
-    """What the compiled step runs: inductor's loop over the words (with lanes.INDUCTOR), a norm before it."""
+def test_lanes_product_compiled_by_inductor_equals_the_eager_one(bits, width, monkeypatch):
+    """What the compiled step runs: inductor's loop over the words (with lanes.INDUCTOR), a norm before it; words of
+    8 rows (AVX2's vector) and of 16 (AVX-512's)."""
     from model.quant.lanes import INDUCTOR, Lanes, row_product
+
+    monkeypatch.setattr(lanes_layout, "LANES", width)
 
     g = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 1 << bits, (40, 64), dtype=torch.uint8, generator=g)
@@ -433,8 +471,10 @@ def test_lanes_replace_the_int4pack_codes_where_wanted_and_give_them_back(tiny_l
     assert not lanes_wanted(torch.device("cpu"))  # the generic kernel forced: nothing packed, no lanes either
     monkeypatch.delenv("ATTN_KERNELS")
     monkeypatch.delenv("ATTN_LANES")
-    assert lanes_wanted(torch.device("cpu")) == (torch.backends.cpu.get_cpu_capability() == "AVX2")
-    assert not lanes_wanted(torch.device("meta"))
+    level = torch.backends.cpu.get_cpu_capability()
+    assert lanes_wanted(torch.device("cpu"), 4) == (level == "AVX2")
+    assert lanes_wanted(torch.device("cpu"), 8) == (level == "AVX2" or (level == "AVX512" and "AMX" not in cpu_features()))
+    assert not lanes_wanted(torch.device("meta"), 8)
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])

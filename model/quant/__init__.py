@@ -83,15 +83,13 @@ def unpack(model: Decoder) -> int:
 
 
 def add_lanes(model: Decoder) -> int:
-    """Before the step is compiled, where `lanes_wanted`: every quantized layer on int4pack codes gets its codes in the
+    """Before the step is compiled, where `lanes_wanted` for its bits: each quantized layer on int4pack codes gets its codes in the
     lanes layout (model/quant/lanes.py) instead, for the step's one-row products and the prompt's package; the head
     keeps its int4pack codes beside them, for the eager rows that end a prompt (its last row's logits) or a batch.
     How many."""
-    if not lanes_wanted(model.device):
-        return 0
     n = 0
     for name, layer in model.named_modules():
-        if isinstance(layer, (Int4Linear, Q8Linear)) and layer.kernel == "int4pack" and layer.lanes is None:
+        if isinstance(layer, (Int4Linear, Q8Linear)) and layer.kernel == "int4pack" and layer.lanes is None and lanes_wanted(model.device, layer.BITS):
             layer.add_lanes(only=not name.startswith("lm_head"))
             n += 1
     release_freed()

@@ -16,8 +16,9 @@
 
 - lanes (lanes.py): a compiled int4/int8 step's layers hold their codes in a layout made for inductor's loops
   instead (the head: beside its int4pack codes), its one-row products compiled into the step, many rows through a
-  package built once per machine: on CPUs whose best vector ISA is AVX2, where int4pack at one row is slowest
-  (measured: README, Performance). ATTN_LANES=1|0 forces it on or off (tests cover both).
+  package built once per machine: on CPUs whose best vector ISA is AVX2, where int4pack at one row is slowest, and for
+  8-bit codes with AVX-512 (`lanes_wanted`; measured: README, Performance). ATTN_LANES=1|0 forces it on or off (tests
+  cover both).
 
 - float32 at one row in a compiled step (`one_row_kernel`): BLAS (`x @ W`, one extern call in the package, W
   stored (in, out)) on Intel CPUs, where MKL streams the weights at 19–26 GB/s; inductor's own vectorized
@@ -59,12 +60,18 @@ def int4_kernel(device: torch.device) -> str:
 
 
 
-def lanes_wanted(device: torch.device) -> bool:
-    """Whether a compiled step's quantized layers hold their codes in the lanes layout (lanes.py, model/compile.py)."""
+def lanes_wanted(device: torch.device, bits: int = 4) -> bool:
+    """Whether a compiled step's `bits`-bit layers hold their codes in the lanes layout (lanes.py, model/compile.py):
+    on AVX2 CPUs all of them; with AVX-512 (no AMX tiles) the 8-bit ones, where int4pack works over two halves of each
+    code: measured on a 2-core Zen5, the int8 step decoded 140–184 tok/s on lanes against 133–141 on int4pack, the int4
+    step 167–172 on lanes against 191–223 on int4pack (README, Performance). Not on AMX CPUs (not measured there)."""
     forced = os.environ.get("ATTN_LANES", "").strip()
     if device.type != "cpu" or forced_generic() or forced == "0":
         return False
-    return forced == "1" or torch.backends.cpu.get_cpu_capability() == "AVX2"
+    if forced == "1":
+        return True
+    level = torch.backends.cpu.get_cpu_capability()
+    return level == "AVX2" or (level == "AVX512" and bits == 8 and "AMX" not in cpu_features())
 
 
 def one_row_kernel() -> str:

@@ -1,12 +1,15 @@
 """Products over 4- and 8-bit codes in a layout inductor compiles into fast loops ("lanes"): a compiled int4/int8
-step's layers on CPUs whose int4pack kernel is slow at one row (AVX2 without AVX-512; model/quant/kernels.py).
+step's layers on CPUs whose int4pack kernel is slow at one row (AVX2 without AVX-512; with AVX-512, 8-bit codes,
+which int4pack multiplies as two halves; model/quant/kernels.lanes_wanted).
 
-Eight consecutive output rows share a 32-bit word per position: word [r, c, l] holds row 8r + l's codes for inputs
-c·P … c·P + P − 1 (P = 8 codes of 4 bits, or 4 of 8 bits, the first in the lowest bits). Reduced along c with the
-eight rows as the vector's lanes, every load is a whole vector: the word, one input broadcast per code, a group's
-scales (a and b, w = a·u + b, stored (r, group, l)). The words are kept as float32 bit patterns, and the
-product reinterprets them: inductor's AVX2 loads of integer vectors go through a buffer (a store-forwarding stall
-per load: 3–5× slower loops), its float loads do not.
+`LANES` consecutive output rows (a float vector's width: 8 with AVX2, 16 with AVX-512) share a 32-bit word per
+position: word [r, c, l] holds row LANES·r + l's codes for inputs c·P … c·P + P − 1 (P = 8 codes of 4 bits, or 4 of
+8 bits, the first in the lowest bits). Reduced along c with those rows as the vector's lanes, every load is a whole
+vector: the word, one input broadcast per code, a group's scales (a and b, w = a·u + b, stored (r, group, l)). The
+words are kept as float32 bit patterns, and the product reinterprets them: inductor's AVX2 loads of integer vectors
+go through a buffer (a store-forwarding stall per load: 3–5× slower loops), its float loads do not. With 8 rows to a
+word on an AVX-512 CPU inductor's loop ran scalar: one row of a 3072×576 8-bit product 630 µs against 45 with 16
+(torch.compile, its call included; 2-core Zen5), the 49152×576 head 13.7 ms against 0.97.
 
 Measured on a 2-core AMD EPYC (Zen3, AVX2), one row, kernels alone (torch.compile, less its ≈ 40 µs per call; the
 first form of `row_product`, a group's sum then a second pass): 4-bit 960×576 ≈ 35 µs against 59 for int4pack,
@@ -27,7 +30,14 @@ from torch import nn
 
 from model.quant.blocks import GROUP
 
-LANES = 8  # rows a word position holds: Vectorized<float>'s width with AVX2
+
+def _width() -> int:
+    """Rows a word position holds: Vectorized<float>'s width here, 16 with AVX-512 and 8 with AVX2, so that inductor's
+    loop loads a whole vector of words at once (with 8 rows on an AVX-512 CPU it runs scalar, 10–14× slower)."""
+    return 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8
+
+
+LANES = _width()
 RUN = 8  # codes a row's product scales at once (a group of 32 holds four runs)
 # inductor settings for a build that contains these products: fuse the codes' unpacking into the reduction (its
 # opcount and reads thresholds raised), and keep an input read by several of its terms as a vector in memory (a
@@ -44,7 +54,7 @@ def per_word(bits: int) -> int:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes (N, K) (0..15 or 0..255; N a multiple of 8, K of 32) → words (N/8, K/P, 8) as float32 bit patterns
+    """Codes (N, K) (0..15 or 0..255; N a multiple of LANES, K of 32) → words (N/LANES, K/P, LANES) as float32 bit patterns
     (a word's bytes in memory order, little-endian: its first code in the lowest bits)."""
     N, K = codes.shape
     P = per_word(bits)
@@ -68,7 +78,7 @@ def unpack(words: torch.Tensor, bits: int, rows: torch.Tensor | None = None) -> 
 
 
 def by_lanes(t: torch.Tensor) -> torch.Tensor:
-    """Per-row, per-group values (N, G) → (N/8, G, 8) float32."""
+    """Per-row, per-group values (N, G) → (N/LANES, G, LANES) float32."""
     N, G = t.shape
     return t.float().view(N // LANES, LANES, G).transpose(1, 2).contiguous()
 
