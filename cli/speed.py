@@ -32,8 +32,9 @@ QuantizeOpt = Annotated[
             "round-to-nearest), or int4 "
             "(groups of 32 with a scale and an offset: a GGUF model's own Q4_0/Q4_1 codes, else round-to-nearest; "
             "the head stays 8-bit; eagerly the kernel reads scales and activations in bfloat16; on CPUs whose best vector "
-            "ISA is AVX2 the compiled step (--compile) reads the exact float16 scales and float32 activations instead, through "
-            "codes laid out for its loops, ATTN_LANES=0|1 to force), or none."
+            "ISA is AVX2 (every layer), or AVX-512 without AMX (8-bit layers), the compiled step (--compile) reads the exact "
+            "float16 scales and float32 activations instead, through codes laid out for its loops, ATTN_LANES=0|1 to force), "
+            "or none."
         ),
     ),
 ]
