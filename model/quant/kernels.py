@@ -63,8 +63,9 @@ def int4_kernel(device: torch.device) -> str:
 def lanes_wanted(device: torch.device, bits: int = 4) -> bool:
     """Whether a compiled step's `bits`-bit layers hold their codes in the lanes layout (lanes.py, model/compile.py):
     on AVX2 CPUs all of them; with AVX-512 (no AMX tiles) the 8-bit ones, where int4pack works over two halves of each
-    code: measured on a 2-core Zen5, the int8 step decoded 140–184 tok/s on lanes against 133–141 on int4pack, the int4
-    step 167–172 on lanes against 191–223 on int4pack (README, Performance). Not on AMX CPUs (not measured there)."""
+    code: measured on a 2-core Zen5, alternating in one $ATTN_HOME, the int8 step decoded 116–137 tok/s (median 136) on
+    lanes against 119–122 (121) on int4pack; a 4-bit step on lanes decoded 167–172 against 191–223 on int4pack in the
+    flows of that hour (README, Performance). Not on AMX CPUs (not measured there)."""
     forced = os.environ.get("ATTN_LANES", "").strip()
     if device.type != "cpu" or forced_generic() or forced == "0":
         return False
