@@ -49,7 +49,7 @@ from model.decoder import Block, Decoder, Linear, Span
 from model.quant import add_lanes, cpu_features, drop_lanes, pack, unpack
 from model.quant.int4 import BlockLinear
 from model.quant.kernels import cpuinfo, lanes_wanted, one_row_kernel
-from model.quant.lanes import INDUCTOR, LANES, Lanes, Prompt, per_word, row_product
+from model.quant.lanes import INDUCTOR, LANES, Lanes, Prompt, PromptWeight, per_word, prompt_through_onednn, row_product
 
 
 class CompileFailed(RuntimeError):
@@ -313,7 +313,8 @@ class AotStep(BuiltStep):
     def _attach_prompts(self) -> None:
         """The layers with lanes codes multiply many rows (a prompt, a batch) through a package made for any such layer
         of their bits (model/quant/lanes.Prompt): inductor dequantizes the weight, BLAS multiplies (measured on a 2-core
-        Zen3 at 64 rows: about int4pack's time; exact float32, where int4pack rounds to bfloat16)."""
+        Zen3 at 64 rows: about int4pack's time; exact float32, where int4pack rounds to bfloat16); on AMD CPUs the package
+        dequantizes the weight only and oneDNN multiplies (lanes.prompt_through_onednn)."""
         lanes = [m for m in self.model.modules() if isinstance(m, Lanes)]  # (the head's too: its eager rows, where many)
         for bits in sorted({m.bits for m in lanes}):
             path, built = prompt_package(self.cache_dir, bits, self.build_missing)
@@ -329,7 +330,7 @@ class AotStep(BuiltStep):
             self.built += [path] if built else []
             for m in lanes:
                 if m.bits == bits:
-                    m._prompt = runner
+                    m._prompt, m._prompt_weight = runner, prompt_through_onednn()
 
     def _load_or_build(
         self, path: Path, block: Block, names: list[str], tensors: list[torch.Tensor], rope: list[torch.Tensor], tail: _Tail | None
@@ -538,9 +539,12 @@ def prompt_package(cache_dir: Path, bits: int, build: bool = True) -> tuple[Path
     R, G, M = torch.export.Dim("R", min=1, max=1 << 24), torch.export.Dim("G", min=1, max=1 << 14), torch.export.Dim("M", min=1, max=1 << 20)
     examples = (torch.zeros(4, 64), torch.zeros(3, 64 // P, LANES), torch.zeros(3, 2, LANES), torch.zeros(3, 2, LANES))
     dims = ({0: M, 1: 32 * G}, {0: R, 1: (32 // P) * G}, {0: R, 1: G}, {0: R, 1: G})
+    weight_only = prompt_through_onednn()
+    if weight_only:  # the weight alone (PromptWeight)
+        examples, dims = examples[1:], dims[1:]
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(Prompt(bits), examples, dynamic_shapes=dims, strict=False)
+        program = torch.export.export((PromptWeight if weight_only else Prompt)(bits), examples, dynamic_shapes=dims, strict=False)
         _package_atomically(program, path, INDUCTOR)
     return path, True
 
@@ -565,7 +569,7 @@ def _package_atomically(program: torch.export.ExportedProgram, path: Path, optio
 def _prompt_key(bits: int) -> str:
     """What a prompt's package depends on: torch, the CPU, the build's settings and lanes.py (any model, any size)."""
     code = Path(inspect.getsourcefile(Lanes)).read_bytes()
-    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, INDUCTOR, hashlib.sha256(code).hexdigest(), bits])
+    text = json.dumps([torch.__version__, cpu_features(), _cpu_flags(), BUILD_OPTIONS, INDUCTOR, hashlib.sha256(code).hexdigest(), bits, prompt_through_onednn()])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -344,6 +344,15 @@ def test_lanes_words_hold_as_many_rows_as_a_vector_has_floats(monkeypatch, level
     assert lanes_layout._width() == width
 
 
+@pytest.mark.parametrize("vendor,want", [("AuthenticAMD", True), ("GenuineIntel", False)])
+def test_a_prompts_rows_go_through_onednn_on_amd_cpus(monkeypatch, vendor, want):
+    from model.quant import kernels
+
+    monkeypatch.setattr(kernels, "cpuinfo", lambda field: vendor if field == "vendor_id" else None)
+    has = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    assert lanes_layout.prompt_through_onednn() == (want and has)
+
+
 @pytest.mark.parametrize("level,amx,want4,want8", [("AVX2", False, True, True), ("AVX512", False, False, True), ("AVX512", True, False, False), ("DEFAULT", False, False, False)])
 def test_lanes_are_wanted_by_the_vector_isa_and_the_bits(monkeypatch, level, amx, want4, want8):
     """AVX2: 4- and 8-bit layers; AVX-512: 8-bit only (int4pack is faster for 4-bit codes there); AMX: neither."""
@@ -477,13 +486,20 @@ def test_lanes_replace_the_int4pack_codes_where_wanted_and_give_them_back(tiny_l
     assert not lanes_wanted(torch.device("meta"), 8)
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["blas-in-package", "onednn"])
 @pytest.mark.parametrize("mode", ["int4", "int8"])
-def test_compiled_step_through_lanes_follows_the_exact_weights(tiny_llama, monkeypatch, mode, tmp_path):
+def test_compiled_step_through_lanes_follows_the_exact_weights(tiny_llama, monkeypatch, mode, onednn, tmp_path):
     """With lanes (ATTN_LANES=1) the ahead-of-time step multiplies one row by every quantized layer's lanes codes
     (float32 activations, exact scales), the head folded into the packages, and the prompt's rows go through the
-    prompt's package: logits follow a float model holding exactly the quantized weights, closer than the eager
-    int4pack path (bfloat16 activations and scales). Greedy tokens stay the eager ones."""
+    prompt's package (the product inside it, or the weight from it and oneDNN's product: lanes.prompt_through_onednn):
+    logits follow a float model holding exactly the quantized weights, closer than the eager int4pack path (bfloat16
+    activations and scales). Greedy tokens stay the eager ones."""
+    import model.compile as compiling
     from model.compile import CompileFailed, compile_decode_step
+
+    if onednn and not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(compiling, "prompt_through_onednn", lambda: onednn)
     from model.generate import generate
     from model.sampling import SamplingSettings
 
@@ -506,7 +522,7 @@ def test_compiled_step_through_lanes_follows_the_exact_weights(tiny_llama, monke
     assert model.tail_step is not None  # the 8-bit head runs in the packages through its lanes copy
     layers = [m for m in model.modules() if isinstance(m, (Int4Linear, Q8Linear))]
     assert all(m.lanes is not None for m in layers)
-    assert all(m.lanes._prompt is not None for m in layers)  # many rows: the prompt's package
+    assert all(m.lanes._prompt is not None and m.lanes._prompt_weight == onednn for m in layers)  # many rows: the prompt's package
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         for m in (model, eager, exact):
