@@ -17,7 +17,7 @@ first form of `row_product`, a group's sum then a second pass): 4-bit 960×576 �
 49152×576 head 1.5 ms against 4.1 (the present form: a token 10–20% faster again, see `row_product`). Eagerly the
 same product is 10–20× slower than int4pack (one pass per operation), so only a compiled step's layers take these codes
 (model/quant/__init__.add_lanes): one row inside the step's packages, many rows (a prompt) through `Prompt`, a
-package built once per machine (inductor dequantizes, BLAS multiplies). inductor fuses the unpacking into the
+package built once per machine (inductor dequantizes, BLAS multiplies; on AMD CPUs `PromptWeight`, oneDNN multiplies). inductor fuses the unpacking into the
 reduction only with its "realize" thresholds raised (`INDUCTOR`): with its defaults it writes the unpacked
 products to memory first (2× slower).
 """
