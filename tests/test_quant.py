@@ -477,7 +477,7 @@ def test_lanes_replace_the_int4pack_codes_where_wanted_and_give_them_back(tiny_l
             assert torch.equal(m(x[..., : m.n_in]), before[n][1])
     monkeypatch.setenv("ATTN_KERNELS", "generic")
     monkeypatch.setenv("ATTN_LANES", "1")
-    assert not lanes_wanted(torch.device("cpu"))  # the generic kernel forced: nothing packed, no lanes either
+    assert not lanes_wanted(torch.device("cpu"), 4) and not lanes_wanted(torch.device("cpu"), 8)  # the generic kernel forced: nothing packed, no lanes either
     monkeypatch.delenv("ATTN_KERNELS")
     monkeypatch.delenv("ATTN_LANES")
     level = torch.backends.cpu.get_cpu_capability()

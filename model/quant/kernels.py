@@ -60,7 +60,7 @@ def int4_kernel(device: torch.device) -> str:
 
 
 
-def lanes_wanted(device: torch.device, bits: int = 4) -> bool:
+def lanes_wanted(device: torch.device, bits: int) -> bool:
     """Whether a compiled step's `bits`-bit layers hold their codes in the lanes layout (lanes.py, model/compile.py):
     on AVX2 CPUs all of them; with AVX-512 (no AMX tiles) the 8-bit ones, where int4pack works over two halves of each
     code: measured on a 2-core Zen5, alternating in one $ATTN_HOME, the int8 step decoded 116–137 tok/s (median 136) on
