@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from model.decoder import attention, causal_mask, explicit_attention
+from model.decoder import attention, causal_mask, explicit_attention, one_query_attention
 from model.explain import explain
 from model.heads import head_patterns
 from model.loading import load_model
@@ -84,6 +84,12 @@ def test_fused_and_explicit_attention_agree_with_a_window(loaded, kind):
             pos = torch.tensor([start])
             static = attention(q, k, v, pos, attn.window)
             assert (static - explicit).abs().max().item() <= 1e-5
+            # and a compiled CPU step's form: the query written into the cache's row for it, two reductions
+            queries = torch.zeros_like(q)
+            visible = None if attn.window is None else causal_mask(torch.arange(start, start + 1), start + T, attn.window)
+            reduced = one_query_attention(q, kk, vv, queries, visible)
+            assert (reduced - explicit).abs().max().item() <= 1e-5
+            assert torch.equal(queries, q)
 
 
 def test_explain_masks_keys_outside_the_window(loaded):
