@@ -369,8 +369,9 @@ def one_query_attention(
 
     The queries are first written into `queries` (KVCache.q, shaped like q): without that write inductor inlines
     RoPE into the q·K loop and rotates the query again for every key (the step was slower than with the fused
-    kernel). Measured on that Zen5, 2 threads, the default model's int8 step (9 query and 3 KV heads), alternating:
-    5.1–5.8 ms a token at position 64 against 5.3–6.0 with the fused kernel; 9.5–10.0 against 11.9–12.3 at 2000."""
+    kernel). Measured on that Zen5, 2 threads, the default model's int8 step (9 query and 3 KV heads), the best of
+    5 × 200 tokens, three runs alternating with the fused kernel's: 5.55–6.21 ms a token at position 64 against
+    6.20–6.48; 8.03–8.53 against 8.69–9.74 at position 1000."""
     B, H, _, D = q.shape
     G = k.shape[1]
     if queries.shape == q.shape:  # (a batch narrower than the cache's rows reads q as it is)
