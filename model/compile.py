@@ -352,14 +352,21 @@ class AotStep(BuiltStep):
             heads = dict(zip(tail.head_names, tail.tensors(last=True)[-len(tail.head_names) :])) if tail is not None else {}
             # The marker's example length is the position inductor plans the attention's loops for: with 3 it ran the
             # softmax on one thread and split the q·K loop over the 3 KV heads only (2000 keys: 11.1 ms a token, 9.5–10.0
-            # planned for 1024; int8, Zen5). One less than the cache: an example as long as it would tie S to L.
-            examples = (x, torch.empty(min(1024, self.model.cache_len - 1)), *[t.clone() for t in rope], *[heads.get(n, t).clone() for n, t in zip(names, tensors)])
+            # planned for 1024; int8, Zen5). So every build plans for the same position, whatever cache this run set up
+            # (`attn pull` builds with one of 8), the caches' examples are zeros one position longer (their length is
+            # symbolic; one as long as the marker would tie the two).
+            def example(name: str, t: torch.Tensor) -> torch.Tensor:
+                if name.endswith(_CACHES):
+                    return torch.zeros(*t.shape[:2], EXAMPLE_KEYS + 1, t.shape[3], dtype=t.dtype)
+                return heads.get(name, t).clone()
+
+            examples = (x, torch.empty(EXAMPLE_KEYS), *[t.clone() for t in rope], *[example(n, t) for n, t in zip(names, tensors)])
             # inductor's test builds for the CPU's vector extensions (≈ 1.8 s of g++, once per machine) run beside the export.
             probe = threading.Thread(target=probe_vector_isa, daemon=True)
             probe.start()
             S, L = torch.export.Dim("S", min=2, max=1 << 20), torch.export.Dim("L", min=3, max=1 << 20)
             V = torch.export.Dim("V", min=2, max=1 << 24)
-            sizes = {n: {2: L} for n in names if n.endswith(("cache.k", "cache.v"))} | {_HEAD: {1: V}} | {n: {0: V} for n in _LANE_HEAD}
+            sizes = {n: {2: L} for n in names if n.endswith(_CACHES)} | {_HEAD: {1: V}} | {n: {0: V} for n in _LANE_HEAD}
             dims = (None, {0: S}, (*[None] * len(rope), *[sizes.get(n) for n in names]))  # *rest is one tuple
             program = torch.export.export(_OneBlock(block, names, len(rope), tail), examples, dynamic_shapes=dims, strict=False)
             probe.join()
@@ -396,6 +403,8 @@ class _OneBlock(nn.Module):
         return y, self.tail(named, y)
 
 
+_CACHES = ("cache.k", "cache.v")  # a block's KV cache among its tensors (their length a symbolic size)
+EXAMPLE_KEYS = 1024  # the position a step's packages are built for (inductor plans their loops by the example's sizes)
 _HEAD = "tail.head.weight"  # the head's weight among a package's inputs (its vocabulary is a symbolic size)
 _LANE_HEAD = ("tail.head.words", "tail.head.a", "tail.head.b")  # or a quantized head's lanes copy (vocabulary / 8 the size)
 
@@ -518,7 +527,7 @@ def _package_key(
     files = sorted({inspect.getsourcefile(type(m)) for _, m in modules} | {inspect.getsourcefile(Block), __file__})  # (_OneBlock, _Tail)
     code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files if f)).hexdigest()
     settings = [(n, type(m).__qualname__, _settings(m)) for n, m in modules]
-    free = {n: 2 for n in names if n.endswith(("cache.k", "cache.v"))} | {n: 1 for n in names if n == _HEAD}  # dims kept before a free size
+    free = {n: 2 for n in names if n.endswith(_CACHES)} | {n: 1 for n in names if n == _HEAD}  # dims kept before a free size
     shapes = [(n, list(t.shape), t.stride(), str(t.dtype)) for n, t in zip(names, tensors) if n not in free and n not in _LANE_HEAD]
     shapes += [(n, list(t.shape[: free[n]]), str(t.dtype), t.is_contiguous()) for n, t in zip(names, tensors) if n in free]
     shapes += [(n, list(t.shape[1:]), str(t.dtype)) for n, t in zip(names, tensors) if n in _LANE_HEAD]  # (the rows are free)
