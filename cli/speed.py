@@ -100,7 +100,7 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
 
         amx = prefill.available(m.model)
         what = " and, beside it, the prompt's products for AMX" if amx else ""
-        took = "12–25" if amx else "6–20"  # (measured: README, Performance)
+        took = "9–20" if amx else "6–20"  # (measured: README, Performance)
         note(f"compiling the one-token step{what} (CPU: ≈ {took} s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
     try:
         seconds = compile_decode_step(m.model, max_len, cache_dir=attn_home() / "aoti", build=build)
