@@ -14,7 +14,7 @@ Only the step generation repeats hundreds of times is compiled: `Decoder.step`, 
   milliseconds and compiles nothing. The block's weights and cache are the package's inputs, so one package serves every block alike.
   A build that succeeds leaves a `ready-*.json` beside the packages, keyed by the model as it is opened, so that
   a later run can tell before changing anything whether it only has to load (`build=False`: the CLI's default).
-  For int4/int8 models on CPUs with AMX tiles, the same build also makes (in a second process, beside it) the packages
+  For int4/int8 models on CPUs with AMX tiles, the same build also makes (in child processes, beside it) the packages
   that run the blocks' MLP and attention products at 8 rows and more, the prefill, through inductor's AMX template
   (model/prefill.py). On CPUs whose best vector ISA is AVX2 the quantized layers first take their codes in the lanes
   layout (model/quant/lanes.py: one row inside the packages, the quantized head too; many rows through a package
@@ -276,7 +276,7 @@ class AotStep(BuiltStep):
         super().__init__(model)
 
     def build(self) -> None:
-        # The packages for many rows (model/prefill.py) build in a child process beside the blocks' packages.
+        # The packages for many rows (model/prefill.py) build in child processes beside the blocks' packages.
         pending = _start_prefill(self.model, self.cache_dir, self.build_missing)
         try:
             self._build_blocks()

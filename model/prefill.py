@@ -16,9 +16,12 @@ layers, which no longer keep their exact float16 scales: model/quant/int4.py). W
 found at build time by shape and kept beside each package (`<key>.json`); a build is used only after a second
 layer's products through it matched the eager ones.
 
-The MLP's package is built in a child process, from the module exported here, beside the step's own build in this
-one (model/compile.py): both are mostly one thread of Python, so on two cores they overlap; the attention's is built
-here once the step is, while the child still compiles. Where one fails, its products stay eager. Measured: README,
+Each package is built in a child forked from this process as the step's own build starts (model/compile.py): inductor
+imported here first, the children export and compile beside the step's build (each mostly one thread of Python, on
+two cores they overlap); spawned instead, each child imported torch and inductor again (≈ 3 s of CPU each, on cores
+the builds keep busy). Measured on a 2-core Xeon with AMX, first builds alternating: int4 8.3–8.5 s against 9.8 with
+one spawned child (the attention's package then built here once the step was), int8 8.9–9.1 against 10.2–10.3.
+Where one fails, its products stay eager. Measured: README,
 Performance.
 """
 
@@ -27,11 +30,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
+import signal
 import tempfile
 import zipfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -180,46 +183,38 @@ def detach(model: Decoder, package: str | None = None) -> None:
 
 
 class _Build:
-    """One package to build: where it goes, where it lies meanwhile, and what it is built from (a file the child reads;
-    or, built in this process, the exported module itself)."""
+    """One package to build: which, where it goes, and where it lies meanwhile (empty until a build succeeds)."""
 
     def __init__(self, package: str, path: Path, tmp: Path) -> None:
         self.package, self.path, self.tmp = package, path, tmp
-        self.program: Path | None = None
-        self.exported: torch.export.ExportedProgram | None = None
 
     def clean(self) -> None:
         self.tmp.unlink(missing_ok=True)
-        if self.program is not None:
-            self.program.unlink(missing_ok=True)
 
 
 class Pending:
-    """Packages being built (`start`): the first by a child process, any other here once the step is built, while
-    the child still compiles (on two cores the step's build and the child's overlap; then this one would wait idle).
-    Finished by `finish`."""
+    """Packages being built (`start`), each by a child process of its own. Finished by `finish`."""
 
-    def __init__(self, model: Decoder, shared: Path, child: subprocess.Popen, builds: list[_Build]) -> None:
-        self.model, self.shared, self.child, self.builds = model, shared, child, builds
+    def __init__(self, model: Decoder, children: list["_Child"], builds: list[_Build]) -> None:
+        self.model, self.children, self.builds = model, children, builds
 
     def cancel(self) -> None:
-        """Stop the child (the export or the step's own build failed: nothing of this is kept)."""
-        self.child.kill()
-        self.child.wait()
+        """Stop the children (the step's own build failed: nothing of this is kept)."""
+        for child in self.children:
+            child.kill()
         for b in self.builds:
             b.clean()
 
     def finish(self) -> bool:
-        """Build this process's share, wait for the child; for each package built, identify its folded constants, check
-        it, keep it and attach it. Whether any now runs (a failure leaves that package's modules eager, nothing of it kept)."""
+        """Wait for the children; for each package built, identify its folded constants, check it, keep it and attach
+        it. Whether any now runs (a failure leaves that package's modules eager, nothing of it kept)."""
         try:
             try:
-                for b in self.builds:
-                    if b.exported is not None:
-                        _compile_here(b, self.shared)
-                self.child.wait()
-            except BaseException:  # interrupted: the child goes too
-                self.child.kill()
+                for child in self.children:
+                    child.wait()
+            except BaseException:  # interrupted: the children go too
+                for child in self.children:
+                    child.kill()
                 raise
             return sum(self._finish(b) for b in self.builds) > 0
         finally:
@@ -264,60 +259,76 @@ def start(model: Decoder, cache_dir: Path, key: Callable[[nn.Module], str], buil
         return None
     cache_dir.mkdir(parents=True, exist_ok=True)
     builds = [_Build(package, path, Path(_temporary(cache_dir, ".pt2"))) for package, _, path in missing]
-    first = builds[0]
-    first.program = Path(_temporary(cache_dir, ".ep.pt2"))
+    children: list[_Child] = []
     try:
-        # The child starts first: its imports (torch and inductor, ≈ 3 s) run while its module is exported here.
-        child = subprocess.Popen(
-            [sys.executable, "-m", "model.prefill", str(first.tmp), str(cache_dir / "cxx")], cwd=Path(__file__).resolve().parents[1],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-        )
-    except OSError:
-        for b in builds:
-            b.clean()
-        return None
-    pending = Pending(model, cache_dir / "cxx", child, builds)
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            rows = torch.export.Dim("M", min=2, max=1 << 20)
-            for b, (_, module, _) in zip(builds, missing):
-                x = torch.zeros(MIN_ROWS, _width(module), dtype=model.dtype)
-                b.exported = torch.export.export(_Only(module), (x,), dynamic_shapes=({0: rows},), strict=False)
-                if b is first:  # the child's, on its stdin
-                    torch.export.save(b.exported, b.program)
-                    b.exported = None
-                    child.stdin.write(f"{b.program}\n".encode())
-                    child.stdin.close()
-    except BaseException as e:
-        pending.cancel()
+        import torch._inductor.compile_fx  # noqa: F401 (this process builds the step with it next: the children have it)
+
+        for b, (_, module, _) in zip(builds, missing):
+            children.append(_Child(partial(_build, module, model.dtype, b.tmp, cache_dir / "cxx", torch.get_num_threads())))
+    except BaseException as e:  # (no fork here)
+        Pending(model, children, builds).cancel()
         if not isinstance(e, Exception):
             raise
         return None
-    return pending
+    return Pending(model, children, builds)
 
 
-def _compile_here(b: _Build, shared: Path) -> None:
-    """Compile a build in this process (what warnings inductor gives, unseen, as in the child); a failure leaves its
-    package empty."""
+class _Child:
+    """A process forked from this one that runs `work` and ends (Linux and macOS; no `os.fork` elsewhere: OSError).
+    Forked, it starts with what this process has imported, and reads the model's tensors where they lie.
+    Nothing it writes reaches attn's streams, and it dies with attn, so that an interrupted run leaves no build behind.
+    It runs one thread: libgomp's threads do not survive a fork, and one thread runs no parallel region."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        if not hasattr(os, "fork"):
+            raise OSError("no fork here")
+        self.pid = os.fork()
+        if self.pid:
+            return
+        code = 1
+        try:
+            quiet = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(quiet, fd)
+            _die_with_parent()
+            torch.set_num_threads(1)
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+    def wait(self) -> None:
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _build(module: nn.Module, dtype: torch.dtype, out: Path, shared: Path, threads: int) -> None:
+    """A child's work: export `module` (layer 0's), its number of rows a symbolic size, and compile it into a package at
+    `out` for `threads` threads (this process's, where the package runs: the child itself runs one, and inductor
+    writes the count into the template's loops), the template the only choice (what warnings inductor gives, unseen).
+    Where it fails, `out` stays empty."""
     import warnings
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _compile(b.exported, b.tmp, shared)
-    except Exception:
-        b.tmp.write_bytes(b"")
-    finally:
-        b.exported = None
-
-
-def _compile(exported: torch.export.ExportedProgram, out: Path, shared: Path) -> None:
     import torch._inductor
     import torch._inductor.config as inductor
 
     from model.cxx import BUILD_OPTIONS, compiles_beside_each_other
 
-    with inductor.patch(BUILD_OPTIONS | TEMPLATE), compiles_beside_each_other(shared):
+    with torch.inference_mode(False), torch.no_grad():
+        x = torch.zeros(MIN_ROWS, _width(module), dtype=dtype)
+        rows = torch.export.Dim("M", min=2, max=1 << 20)
+        exported = torch.export.export(_Only(module), (x,), dynamic_shapes=({0: rows},), strict=False)
+    with warnings.catch_warnings(), inductor.patch(BUILD_OPTIONS | TEMPLATE | {"cpp.threads": threads}), compiles_beside_each_other(shared):
+        warnings.simplefilter("ignore")
         torch._inductor.aoti_compile_and_package(exported, package_path=str(out))
 
 
@@ -336,7 +347,6 @@ def _die_with_parent() -> None:
     """In the child before it runs (Linux): killed when attn ends, so that an interrupted run leaves no build behind."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:
@@ -389,23 +399,3 @@ def _agrees(model: Decoder, package: str) -> bool:
         if got.shape != want.shape or not bool((got.float() - want.float()).abs().max() <= TOLERANCE * want.float().abs().max()):
             return False
     return True
-
-
-def _build(out: str, shared: str) -> None:
-    """The child's work: import inductor, then compile the module exported to the path that comes on stdin into a
-    package at `out`, the template the only choice (nothing comes: the parent gave up, and so does the child)."""
-    import torch._inductor
-    import torch._inductor.codegen.cpp_wrapper_cpu  # noqa: F401 (what the build imports anyway, while the parent exports)
-    import torch._inductor.compile_fx  # noqa: F401
-
-    program = sys.stdin.readline().strip()
-    if not program:
-        sys.exit(1)
-    _compile(torch.export.load(program), Path(out), Path(shared))
-
-
-if __name__ == "__main__":
-    import warnings
-
-    warnings.simplefilter("ignore")
-    _build(*sys.argv[1:3])

@@ -1,8 +1,11 @@
-"""Many rows through the MLP's and the attention's packages (model/prefill.py): built in a child process beside the step's
+"""Many rows through the MLP's and the attention's packages (model/prefill.py): built in child processes beside the step's
 packages, each layer run with its own weights, the eager numbers within bfloat16 rounding, loaded later without
 building; and eager wherever it cannot be (no AMX, forced off, a failed build, a build whose check fails)."""
 
 from __future__ import annotations
+
+import re
+import zipfile
 
 import pytest
 import torch
@@ -33,6 +36,13 @@ def packages(folder) -> list:
     return sorted(folder.glob("mlp-*.pt2")) + sorted(folder.glob("attn-*.pt2"))
 
 
+def threads_built_for(package) -> set[int]:
+    """The thread counts inductor wrote into a package's template loops."""
+    with zipfile.ZipFile(package) as z:
+        sources = [z.read(n).decode() for n in z.namelist() if n.endswith(".cpp")]
+    return {int(n) for src in sources for n in re.findall(r"constexpr int64_t num_threads = (\d+);", src)}
+
+
 def through_packages(model) -> list:
     """Every module that runs many rows through a package."""
     return [m for m in model.modules() if getattr(m, "_fused", None) is not None]
@@ -44,6 +54,8 @@ def test_many_rows_run_through_the_package_with_each_layers_own_weights(tiny_lla
     eager, model = opened(tiny_llama, mode), opened(tiny_llama, mode)
     compile_decode_step(model, 64, cache_dir=tmp_path)
     assert model.decode_step.prefill_built and len(packages(tmp_path)) == 2
+    # built by children that run one thread, for this process's threads (one thread's template runs ≈ 1.8× slower)
+    assert [threads_built_for(p) for p in packages(tmp_path)] == [{torch.get_num_threads()}] * 2
     assert through_packages(model) == [m for b in model.layers for m in (b.attn.qkv, b.attn.o, b.mlp)]
 
     gen = torch.Generator().manual_seed(1)
@@ -91,9 +103,13 @@ def test_without_amx_or_when_turned_off_nothing_is_built(tiny_llama, tmp_path, m
     assert through_packages(model) == [] and packages(tmp_path) == []
 
 
+def no_compiler(*args) -> None:
+    raise RuntimeError("no C++ compiler")
+
+
 def test_a_build_that_fails_leaves_the_prefill_eager_and_the_step_built(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)  # (the child fails anyway)
-    monkeypatch.setattr(prefill.sys, "executable", "false")  # the child exits 1 at once
+    monkeypatch.setattr(prefill, "_build", no_compiler)  # the children fail at once
     eager, model = opened(tiny_llama, "int4"), opened(tiny_llama, "int4")
     compile_decode_step(model, 64, cache_dir=tmp_path)
     assert type(model.decode_step).__name__ == "AotStep" and model.decode_step.built and not model.decode_step.prefill_built
