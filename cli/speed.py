@@ -49,7 +49,7 @@ CompileOpt = Annotated[
             "AOTInductor (the first time for a model and mode ≈ 7–15 s once `attn pull` has compiled the C++ every package "
             "shares, 11–20 s before; kept in $ATTN_HOME/aoti, later runs load it in well under a second), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. On the "
             "CPU it decodes ≈ 1.6–2× faster than eager in float32 and with --quantize (README, Performance). With --quantize on a CPU "
-            "with AMX tiles it also builds, beside the step (≈ 3 s more the first time), the MLP and attention products for 8 rows "
+            "with AMX tiles it also builds, beside the step (≈ 4 s more the first time), the MLP and attention products for 8 rows "
             "and more (the prompt) through inductor's AMX template, ≈ 3× faster prefill; it rounds the dequantized weights to bfloat16 "
             "(ATTN_PREFILL=eager: not built or used). "
             "[default: on the CPU, load the step when an earlier run (or `attn pull`, or the run that pulled the model) built it "
@@ -100,7 +100,7 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
 
         amx = prefill.available(m.model)
         what = " and, beside it, the prompt's products for AMX" if amx else ""
-        took = "8–20" if amx else "6–20"  # (measured: README, Performance)
+        took = "9–20" if amx else "6–20"  # (measured: README, Performance)
         note(f"compiling the one-token step{what} (CPU: ≈ {took} s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
     try:
         seconds = compile_decode_step(m.model, max_len, cache_dir=attn_home() / "aoti", build=build)

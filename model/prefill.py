@@ -16,12 +16,13 @@ layers, which no longer keep their exact float16 scales: model/quant/int4.py). W
 found at build time by shape and kept beside each package (`<key>.json`); a build is used only after a second
 layer's products through it matched the eager ones.
 
-Each package is built in a child forked from this process as the step's own build starts (model/compile.py): inductor
-imported here first, the children export and compile beside the step's build (each mostly one thread of Python, on
-two cores they overlap); spawned instead, each child imported torch and inductor again (≈ 3 s of CPU each, on cores
-the builds keep busy). Measured on a 2-core Xeon with AMX, first builds alternating: int4 8.3–8.5 s against 9.8 with
-one spawned child (the attention's package then built here once the step was), int8 8.9–9.1 against 10.2–10.3.
-Where one fails, its products stay eager. Measured: README,
+Each package is built in a child forked from this process as the step's own build starts (model/compile.py), with
+inductor imported here first: the children export and compile beside the step's build, each mostly one thread of
+Python (spawned instead, each child imported torch and inductor again, ≈ 3 s of CPU on cores the builds keep busy).
+Measured on a 2-core Xeon with AMX, first builds in one process, four rounds alternating with one spawned child
+(the attention's package then built here once the step was): int4 9.2–9.7 s against 9.9–10.0, int8 10.1–10.6
+against 10.3–10.7; 2–2.5 s less CPU. (The children at a lower priority: int8 10.5–10.6 s.) Where one fails, its
+products stay eager. Measured: README,
 Performance.
 """
 
