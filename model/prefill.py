@@ -266,7 +266,7 @@ def start(model: Decoder, cache_dir: Path, key: Callable[[nn.Module], str], buil
 
         for b, (_, module, _) in zip(builds, missing):
             children.append(_Child(partial(_build, module, model.dtype, b.tmp, cache_dir / "cxx", torch.get_num_threads())))
-    except BaseException as e:  # (no fork here)
+    except BaseException as e:  # no fork here, or no inductor: the prompt stays eager
         Pending(model, children, builds).cancel()
         if not isinstance(e, Exception):
             raise

@@ -121,6 +121,14 @@ def test_a_build_that_fails_leaves_the_prefill_eager_and_the_step_built(tiny_lla
         assert torch.equal(model(prompt, 0), eager(prompt, 0))
 
 
+def test_without_fork_the_prompt_stays_eager(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.delattr(prefill.os, "fork")  # (Windows has none)
+    model = opened(tiny_llama, "int4")
+    assert _start_prefill(model, tmp_path, True) is None
+    assert through_packages(model) == [] and packages(tmp_path) == [] and not list(tmp_path.glob("tmp*"))
+
+
 @needs_amx
 def test_a_build_whose_check_fails_is_not_kept(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(prefill, "_agrees", lambda model, package: False)
