@@ -109,8 +109,8 @@ def _asymmetric_rtn(w: torch.Tensor, top: int, kind: str) -> Blocks:
 
 
 def _groups(w: torch.Tensor) -> torch.Tensor:
-    """w (N, K) as float32 groups (N, K/32, 32), each group's 32 weights side by side in memory. A layer's weight comes
-    transposed (stored (in, out)): viewed as it lies, each group's weights are a row apart, and the min, max and
+    """w (N, K) as float32 groups (N, K/32, 32), each group's 32 weights side by side in memory. A layer's weight stored
+    (in, out) (`load_model`'s default layout) comes transposed: viewed as it lies, each group's weights are a row apart, and the min, max and
     rounding over the default model's weights took 0.94–1.0 s of `--quantize int8`'s 2.2–2.5 s load; on this copy
     0.54 s, the copy included (load 1.8–2.0 s; 2-core Xeon; the same codes and scales, bit for bit)."""
     N, K = w.shape
