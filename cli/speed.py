@@ -108,6 +108,10 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
         if build:
             note(f"warning: compiling failed, running eager ({e})", quiet)
         return None
+    missing = getattr(m.model.decode_step, "prefill_missing", None)
+    if missing:  # (a later run after an update of attn, or a build that failed for them)
+        how = "they could not be built" if build else "--compile builds them, once"
+        note(f"the prompt's products for AMX ({', '.join(missing)}) are not built for this model and mode: the prompt runs eagerly, ≈ 3× slower ({how})", quiet)
     m.kernels = dict(layer_kernels(m.model))  # the compiled step multiplies plain weights where packed ones were
     for fused in m.model.modules():  # 8 rows or more (the prefill) through inductor's AMX template (model/prefill.py)
         if getattr(fused, "_fused", None) is not None:

@@ -273,6 +273,7 @@ class AotStep(BuiltStep):
         self.packages: list[Path] = []  # the packages the last build uses, one per kind of block
         self.built: list[Path] = []  # those of them it compiled (not loaded from the folder)
         self.prefill_built = False  # whether it also compiled a package for many rows (model/prefill.py)
+        self.prefill_missing: list[str] = []  # those packages the blocks could run but do not (the prompt runs eagerly)
         super().__init__(model)
 
     def build(self) -> None:
@@ -286,6 +287,7 @@ class AotStep(BuiltStep):
             raise
         if pending is not None:
             self.prefill_built = pending.finish()
+        self.prefill_missing = _prefill_missing(self.model)
 
     def _build_blocks(self) -> None:
         model = self.model
@@ -500,6 +502,12 @@ def _start_prefill(model: Decoder, cache_dir: Path, build: bool) -> prefill.Pend
         return _package_key(module, *_block_tensors(module), [], None, prefill.key_extra())
 
     return prefill.start(model, cache_dir, key, build)
+
+
+def _prefill_missing(model: Decoder) -> list[str]:
+    from model import prefill
+
+    return prefill.missing(model)
 
 
 def _load_package(path: Path) -> Callable:

@@ -68,6 +68,11 @@ def available(model: Decoder) -> bool:
     return bool(packages(model))
 
 
+def missing(model: Decoder) -> list[str]:
+    """The packages the blocks could run that none of them runs now (not built, or built by another version of attn)."""
+    return [p for p in packages(model) if getattr(_built_from(model.layers[0], p), "_fused", None) is None]
+
+
 def _int4pack(layer: nn.Module) -> bool:
     return isinstance(layer, (Int4Linear, Q8Linear)) and layer.kernel == "int4pack"
 

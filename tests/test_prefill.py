@@ -82,6 +82,7 @@ def test_many_rows_run_through_the_package_with_each_layers_own_weights(tiny_lla
     later = opened(tiny_llama, mode)  # a later run loads them, building nothing
     compile_decode_step(later, 64, cache_dir=tmp_path, build=False)
     assert not later.decode_step.prefill_built and len(through_packages(later)) == 3 * len(later.layers)
+    assert model.decode_step.prefill_missing == later.decode_step.prefill_missing == []
     with torch.inference_mode():
         assert torch.equal(later.layers[1].mlp.forward(x), model.layers[1].mlp.forward(x))
         assert torch.equal(later.layers[1].attn.o.forward(x), model.layers[1].attn.o.forward(x))
@@ -113,12 +114,15 @@ def test_a_build_that_fails_leaves_the_prefill_eager_and_the_step_built(tiny_lla
     eager, model = opened(tiny_llama, "int4"), opened(tiny_llama, "int4")
     compile_decode_step(model, 64, cache_dir=tmp_path)
     assert type(model.decode_step).__name__ == "AotStep" and model.decode_step.built and not model.decode_step.prefill_built
-    assert through_packages(model) == []
+    assert through_packages(model) == [] and model.decode_step.prefill_missing == ["mlp", "attn"]  # (the CLI says so)
     assert packages(tmp_path) == [] and not list(tmp_path.glob("tmp*"))  # nothing half-written left
     prompt = torch.arange(5, 5 + ROWS)[None]
     eager.setup_cache(64)
     with torch.inference_mode():
         assert torch.equal(model(prompt, 0), eager(prompt, 0))
+    later = opened(tiny_llama, "int4")  # a later run (or one after an update of attn) loads the step, builds nothing
+    compile_decode_step(later, 64, cache_dir=tmp_path, build=False)
+    assert type(later.decode_step).__name__ == "AotStep" and later.decode_step.prefill_missing == ["mlp", "attn"]
 
 
 def test_without_fork_the_prompt_stays_eager(tiny_llama, tmp_path, monkeypatch):
