@@ -109,10 +109,10 @@ def _asymmetric_rtn(w: torch.Tensor, top: int, kind: str) -> Blocks:
 
 
 def _groups(w: torch.Tensor) -> torch.Tensor:
-    """w (N, K) as float32 groups (N, K/32, 32), each group's 32 weights side by side in memory. A layer's weight stored
-    (in, out) (`load_model`'s default layout) comes transposed: viewed as it lies, each group's weights are a row apart, and the min, max and
-    rounding over the default model's weights took 0.94–1.0 s of `--quantize int8`'s 2.2–2.5 s load; on this copy
-    0.54 s, the copy included (load 1.8–2.0 s; 2-core Xeon; the same codes and scales, bit for bit)."""
+    """w (N, K) as float32 groups (N, K/32, 32), each group's 32 weights side by side in memory (a copy only where w
+    comes transposed: `--quantize` loads the weights in (out, in) storage, cli/models.py). Viewed as it lay, a
+    transposed weight's groups were a row apart: the min, max and rounding over the default model took 0.94–1.0 s of
+    `--quantize int8`'s 2.2–2.5 s load; on a contiguous copy 0.54 s (2-core Xeon; the same codes and scales, bit for bit)."""
     N, K = w.shape
     return w.float().contiguous().view(N, K // GROUP, GROUP)
 
