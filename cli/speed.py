@@ -108,6 +108,8 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
         if build:
             note(f"warning: compiling failed, running eager ({e})", quiet)
         return None
+    if getattr(m.model.decode_step, "inductor", True) is False:  # CUDA: the eager step captured as one graph instead
+        note(f"warning: inductor could not compile the step ({m.model.decode_step.why}): its eager ops run as one CUDA graph instead, slower", quiet)
     missing = getattr(m.model.decode_step, "prefill_missing", None)
     if missing:  # (a later run after an update of attn, or a build that failed for them)
         how = "they could not be built" if build else "--compile builds them, once"

@@ -625,6 +625,7 @@ class GraphStep(BuiltStep):
     """
 
     inductor = True
+    why = ""  # what stopped inductor, where it failed
 
     def build(self) -> None:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.model.device)
@@ -633,8 +634,8 @@ class GraphStep(BuiltStep):
             try:
                 fn = torch.compile(self.model.step, dynamic=False, fullgraph=True)
                 self._warm(fn)
-            except Exception:  # inductor failed: capture the eager step (most of the gain is the graph)
-                self.inductor, fn = False, self.model.step
+            except Exception as e:  # inductor failed: capture the eager step (most of the gain is the graph)
+                self.inductor, self.why, fn = False, _first_line(e), self.model.step
         self._warm(fn)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

@@ -188,3 +188,23 @@ def test_a_run_that_cannot_compile_packs_the_model_it_opened_plain(tiny_llama, t
     packed = m.load_ms
     assert apply_speed_options(m, False, 16, quiet=True) is None  # a second call does not pack again (nor count it)
     assert m.kernels == {"PackedLinear:onednn": layers} and m.load_ms == packed
+
+
+def test_a_cuda_step_that_inductor_could_not_compile_says_so(tiny_llama, monkeypatch):
+    """GraphStep captures the eager step where inductor fails (model/compile.py); the run says why, in one line."""
+    import model.compile
+    from cli import speed
+    from cli.common import Dtype
+    from cli.models import open_model
+
+    m = open_model(str(tiny_llama), "cpu", Dtype.auto, quiet=True)
+
+    def graphed_eagerly(model_, *args, **kwargs):
+        model_.decode_step = type("GraphStep", (), {"inductor": False, "why": "Unsupported: an opaque object"})()
+        return 1.0
+
+    monkeypatch.setattr(model.compile, "compile_decode_step", graphed_eagerly)
+    notes = []
+    monkeypatch.setattr(speed, "note", lambda text, quiet=False: notes.append(text))
+    assert speed.apply_speed_options(m, True, 16) == 1.0
+    assert notes[-1] == "warning: inductor could not compile the step (Unsupported: an opaque object): its eager ops run as one CUDA graph instead, slower"

@@ -83,13 +83,15 @@ def gguf_name(hf: str) -> str:
 def pre_tokenizer(pre: str) -> Any:
     """The pre-tokenizer each family's own tokenizer.json uses (not weights/gguf.py's regexes)."""
     from tokenizers import Regex, pre_tokenizers
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre == "gpt2":
         return pre_tokenizers.ByteLevel(add_prefix_space=False)
     if pre == "smollm":  # SmolLM's (StarCoder's) tokenizer.json
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    # (transformers 5.17, on the GPU machine's image, lacks this table: the gpt2 and smollm tokenizers above need none)
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
     split = pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS[pre]), behavior="isolated")
     return pre_tokenizers.Sequence([split, byte_level])
 

@@ -20,7 +20,7 @@ from model.quant import Int4Linear, Q8Linear, quantize
 from model.quant.blocks import GROUP, Blocks, load_blocks, q4_1_rtn, q8_0_rtn, save_blocks, u8_rtn
 from model.quant import lanes as lanes_layout
 from model.quant.int4 import layout, pack_rows, unpack_row_ids, unpack_rows
-from model.quant.kernels import cpu_features
+from model.quant.kernels import CUDA_MODES, cpu_features
 from tests.test_gguf import hf_to_gguf_tensors, model_metadata, tiny_hf_model, train_tokenizer, write_gguf
 from weights.gguf import BLOCKS_FILE, blocks_file, convert_gguf
 
@@ -581,14 +581,14 @@ def test_int4_on_cuda_chooses_tinygemm_and_the_generic_kernel_when_forced(monkey
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantize_on_cuda_is_refused_in_one_line_until_it_beats_bfloat16_there(attn, tiny_llama, monkeypatch, mode):
-    """int8: ATen's 8-bit products measured 8× slower than bfloat16's on an H200; int4: tinygemm's are faster, but the
-    path waits for its run on a GPU (model/quant/kernels.CUDA_MODES)."""
+    """int8: ATen's 8-bit products measured 8× slower than bfloat16's on an H200; int4's compiled step measured slower
+    there too (model/quant/kernels.CUDA_MODES)."""
     import cli.models
 
     monkeypatch.setattr(cli.models, "pick_device", lambda spec: torch.device("cuda"))
     r = attn(["generate", "-m", str(tiny_llama), "--device", "cuda", "--quantize", mode, "-n", "2", "hi"])
     assert r.code == 1 and r.out == ""
-    assert r.err == f"attn: error: --quantize {mode} runs on the CPU only; on cuda use --dtype bfloat16 (faster there)\n"
+    assert r.err == f"attn: error: --quantize {mode} runs on the CPU only; on cuda use --dtype bfloat16\n"
 
 
 @on_gpu
@@ -626,7 +626,14 @@ def test_cuda_int4_model_follows_the_cpu_one_and_its_graph_step_the_eager_tokens
     model = gpu_model()
     model.setup_cache(32)
     got = model(ids.cuda(), 0).float().cpu()
-    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()  # bfloat16 activations between the layers
+    # Beside the products (bfloat16 activations on both), CUDA runs the rest in bfloat16: bound the difference by
+    # what bfloat16 alone changes in the unquantized model, twice over.
+    ref, plain = load_model(tiny_llama), load_model(tiny_llama, torch.bfloat16, torch.device("cuda"))
+    for m in (ref, plain):
+        m.setup_cache(32)
+    drift = (plain(ids.cuda(), 0).float().cpu() - ref(ids, 0)).abs().max().item()
+    diff = (got - want).abs().max().item()
+    assert diff <= 2 * drift + 0.01 * want.abs().max().item(), (diff, drift, want.abs().max().item())
     greedy = SamplingSettings(temperature=0)
     prompt = list(range(5, 13))
     eager = [s.id for s in generate(gpu_model(), prompt, 16, greedy)]
@@ -634,3 +641,60 @@ def test_cuda_int4_model_follows_the_cpu_one_and_its_graph_step_the_eager_tokens
     compile_decode_step(graphed, len(prompt) + 16)
     assert type(graphed.decode_step).__name__ == "GraphStep" and graphed.decode_step.inductor
     assert [s.id for s in generate(graphed, prompt, 16, greedy)] == eager
+
+
+int4_on_cuda = pytest.mark.skipif("int4" not in CUDA_MODES, reason="--quantize int4 is refused on CUDA until it beats bfloat16 there")
+
+
+@on_gpu
+@int4_on_cuda
+def test_cuda_int4_from_a_gguf_keeps_its_codes_and_follows_the_cpu(tmp_path):
+    """The command line's path (open_model): the file's own Q4_1 codes, in tinygemm's tiles, logits close to the CPU's."""
+    from cli.common import Dtype
+    from cli.models import open_model
+
+    path, _ = tiny_quantized_gguf(tmp_path, Q.Q4_1)
+    out = convert_gguf(path, tmp_path / "model")
+    cpu = open_model(str(out), "cpu", Dtype.auto, quiet=True, quantize="int4")
+    gpu = open_model(str(out), "cuda", Dtype.auto, quiet=True, quantize="int4")
+    assert gpu.dtype == torch.bfloat16 and any(k.endswith(":tinygemm") for k in gpu.kernels), gpu.kernels
+    mine = dict(gpu.model.named_modules())
+    for name, layer in cpu.model.named_modules():
+        if isinstance(layer, Int4Linear):
+            assert torch.equal(mine[name].q.codes().cpu(), layer.q.codes()), name
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    for m in (cpu, gpu):
+        m.model.setup_cache(32)
+    want = cpu.model(ids, 0)
+    got = gpu.model(ids.cuda(), 0).float().cpu()
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+@on_gpu
+@int4_on_cuda
+def test_cuda_int4_generates_from_the_command_line_and_its_graph_step_the_same_tokens(attn, tiny_llama):
+    import json
+
+    args = ["generate", "-m", str(tiny_llama), "--device", "cuda", "--quantize", "int4", "--raw", "--temp", "0", "--ignore-eos", "-n", "24", "--json", "hello world"]
+    eager, graphed = attn(args + ["--no-compile"]), attn(args + ["--compile"])
+    assert eager.code == 0 and graphed.code == 0, (eager.err, graphed.err)
+    assert "Traceback" not in eager.err + graphed.err and "warning" not in graphed.err, graphed.err
+    assert json.loads(eager.out)["text"] == json.loads(graphed.out)["text"]
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_quantized_step_traces_as_one_graph(tiny_llama, mode):
+    """CUDA's GraphStep compiles the step with fullgraph=True and, when that fails, quietly captures the eager step
+    instead (measured on an H200: 430 tok/s against 772 for bfloat16's compiled step). Nothing in a quantized layer may
+    break the graph: the tied head's columns read int4.layout(), whose probe dynamo traced through its cache. Traced
+    here on the CPU with dynamo's eager backend (no inductor, no GPU)."""
+    torch._dynamo.reset()
+    model = load_model(tiny_llama)
+    quantize(model, mode)
+    model.setup_cache(16)
+    ids, pos = torch.tensor([[5]]), torch.tensor([3])
+    with torch.inference_mode():
+        want = model.step(ids, pos)
+        got = torch.compile(model.step, backend="eager", dynamic=False, fullgraph=True)(ids, pos)
+    assert torch.equal(got, want)

@@ -37,7 +37,9 @@ class Packed4(nn.Module):
         N = codes.shape[0]
         pad = -N % ROWS  # zero rows up to whole tiles; their output is cut
         padded = F.pad(codes, (0, 0, 0, pad)).to(device)
-        self.register_buffer("packed", pack_rows(padded))  # (N', K/2) uint8
+        # read once here: a compiled step that traces codes() must not run layout()'s probe (dynamo looks through its cache)
+        self.layout = _tiles(None)
+        self.register_buffer("packed", pack_rows(padded, self.layout))  # (N', K/2) uint8
         self.register_buffer("tiles", tinygemm_tiles(padded) if int4_kernel(device) == "tinygemm" else None)
         sz = F.pad(torch.stack([s.float(), z.float()], dim=-1), (0, 0, 0, 0, 0, pad))  # (N', K/32, 2)
         self.register_buffer("sz", sz.transpose(0, 1).contiguous().to(torch.bfloat16).to(device))  # (K/32, N', 2)
@@ -51,8 +53,8 @@ class Packed4(nn.Module):
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The codes (N', K) as uint8 0..15, or only `rows` of them (cheap: a tied embedding reads a few)."""
         if rows is None:
-            return unpack_rows(self.packed)
-        return unpack_row_ids(self.packed, rows)
+            return unpack_rows(self.packed, self.layout)
+        return unpack_row_ids(self.packed, rows, self.layout)
 
 
 class BlockLinear(nn.Module):
@@ -284,7 +286,8 @@ def unpack_row_ids(packed: torch.Tensor, rows: torch.Tensor, layout_: tuple[int,
     tile, split = _tiles(layout_)
     N, half = packed.shape
     tiles = packed.view(N // tile, half * 2, tile // 2)  # (tiles, K, B/2)
-    if rows.numel() == 1 and rows.device.type == "cpu":  # a decode step's embedding row: a view, not a gather (≈ 4× less time)
+    if rows.numel() == 1 and rows.device.type == "cpu" and not torch.compiler.is_compiling():
+        # a decode step's embedding row, eagerly: a view, not a gather (≈ 4× less time)
         r, w = divmod(int(rows), tile)
         byte, high = (w % (tile // 2), w // (tile // 2)) if split else divmod(w, 2)
         return (tiles[r, :, byte] >> (4 * high)).unsqueeze(0) & 15

@@ -10,7 +10,7 @@
   per group of 32, bfloat16 activations) on the GPU; the 8-bit head through it the same way, over [hi | lo] halves.
   Measured on an H200, one token's products of the default model's shapes replayed as one CUDA graph: 0.67 ms against
   0.80 for bfloat16 `x @ W` (64 rows eagerly: 1.96 against 2.44 ms); ATen's `_weight_int8pack_mm` (per channel) took
-  6.6 ms, so int8 does not run on CUDA. Neither does int4 yet, from the command line (`CUDA_MODES`).
+  6.6 ms, so int8 does not run on CUDA. Neither does int4 yet, from the command line (`CUDA_MODES`, below).
 - generic: dequantize to the activations' dtype, then a dense product. Correct everywhere, slow;
   used where no packed kernel exists, and forced with ATTN_KERNELS=generic (tests cover it).
 
@@ -37,9 +37,12 @@ import torch
 
 GENERIC = "generic"
 PACKED = ("int4pack", "tinygemm")  # the kernels that multiply by Packed4's codes (int4.py), on the CPU and on CUDA
-# The --quantize modes `open_model` runs on CUDA; the others are refused there. int4 belongs here once the tinygemm path
-# (written, its kernels measured above) has passed `tests/test_quant.py -k cuda` on a GPU: the lease for that run was
-# refused on the day it was written, so it has never run whole on one.
+# The --quantize modes `open_model` runs on CUDA; the others are refused there. int8: ATen's 8-bit product (above).
+# int4: on an H200 (2026-12-04, random weights of the default model's shapes) its compiled step decoded 430 tok/s against
+# bfloat16's 772, because inductor could not trace it (int4.layout()'s probe and a row read by value broke the graph:
+# fixed since, tested on the CPU by tracing the step whole) and the eager step was captured instead; eagerly 78 against
+# 82. It joins once a GPU run of `tests/test_quant.py -k cuda` and `attn bench --device cuda --quantize int4 --compile`
+# shows it ahead of bfloat16.
 CUDA_MODES: tuple[str, ...] = ()
 
 
