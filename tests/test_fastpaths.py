@@ -604,3 +604,18 @@ def test_packages_share_the_interface_and_the_headers_compiled_once(tiny_models,
     next(shared.glob("*/interface-*.o")).write_bytes(b"not an object")
     third = build("c")  # the link fails: the wrapper compiles whole
     assert any(" -r " in c for c in third) and any(".wrapper.cpp" in c for c in third)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "every_variant"])
+def test_static_shape_step_traces_as_one_graph(tiny_models, kind):
+    """CUDA's GraphStep compiles the static-shape step with fullgraph=True, and where that fails captures the eager step
+    instead (slower, with a warning). CI has no GPU: trace it whole here, with dynamo's eager backend, for every family
+    and block variant, so that a graph break shows up on the CPU."""
+    torch._dynamo.reset()
+    model = every_block_variant() if kind == "every_variant" else load_model(tiny_models[kind][0])
+    model.setup_cache(16)
+    ids, pos = torch.tensor([[5]]), torch.tensor([3])
+    with torch.inference_mode():
+        want = model.step(ids, pos)
+        got = torch.compile(model.step, backend="eager", dynamic=False, fullgraph=True)(ids, pos)
+    assert torch.allclose(got, want, atol=1e-5)  # (traced, RMSNorm takes its compiled form: rsqrt, not hypot)

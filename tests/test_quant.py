@@ -697,4 +697,4 @@ def test_quantized_step_traces_as_one_graph(tiny_llama, mode):
     with torch.inference_mode():
         want = model.step(ids, pos)
         got = torch.compile(model.step, backend="eager", dynamic=False, fullgraph=True)(ids, pos)
-    assert torch.equal(got, want)
+    assert torch.allclose(got, want, atol=1e-5)  # (traced, RMSNorm takes its compiled form: rsqrt, not hypot)
