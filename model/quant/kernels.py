@@ -39,9 +39,9 @@ GENERIC = "generic"
 PACKED = ("int4pack", "tinygemm")  # the kernels that multiply by Packed4's codes (int4.py), on the CPU and on CUDA
 # The --quantize modes `open_model` runs on CUDA; the others are refused there. int8: ATen's 8-bit product (above).
 # int4: on an H200 (2026-12-04, random weights of the default model's shapes) its compiled step decoded 430 tok/s against
-# bfloat16's 772, because inductor could not trace it (int4.layout()'s probe and a row read by value broke the graph:
-# fixed since, tested on the CPU by tracing the step whole) and the eager step was captured instead; eagerly 78 against
-# 82. It joins once a GPU run of `tests/test_quant.py -k cuda` and `attn bench --device cuda --quantize int4 --compile`
+# bfloat16's 772, because inductor could not trace it (the tied embedding ran int4.layout()'s probe, a torch.Generator:
+# fixed since, with the CPU's row read by value that came next, and tested on the CPU by tracing the step whole) and the
+# eager step was captured instead; eagerly 78 against 82. It joins once a GPU run of `tests/test_quant.py -k cuda` and `attn bench --device cuda --quantize int4 --compile`
 # shows it ahead of bfloat16.
 CUDA_MODES: tuple[str, ...] = ()
 
