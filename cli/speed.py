@@ -85,7 +85,7 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
         if m.device.type != "cpu" or m.model.shard is not None:
             return None
         build = m.pulled
-    from model.compile import CompileFailed, compile_decode_step
+    from model.compile import BuiltByAnother, CompileFailed, compile_decode_step
     import torch
 
     from model.decoder import Linear
@@ -106,6 +106,9 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
         note(f"compiling the one-token step{what} (CPU: ≈ {took} s the first time for a model and mode, then loaded from $ATTN_HOME/aoti)", quiet)
     try:
         seconds = compile_decode_step(m.model, max_len, cache_dir=attn_home() / "aoti", build=build)
+    except BuiltByAnother:  # (attn updated since the step was built: each such run says so, until it is built again)
+        note("the compiled step for this model and mode was built by another version of attn: this run is eager, slower (`attn pull` or --compile builds it again, once)", quiet)
+        return None
     except CompileFailed as e:
         if build:
             note(f"warning: compiling failed, running eager ({e})", quiet)

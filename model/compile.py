@@ -56,6 +56,15 @@ class CompileFailed(RuntimeError):
     """torch.compile could not build the step (no C++ compiler, unsupported platform, …)."""
 
 
+class BuiltByAnother(CompileFailed):
+    """Only loading (build=False): a build is recorded for this model and mode, but its packages are another version of
+    attn's code (their keys hash it); this one's are not built. The record stays, so that each such run can say so."""
+
+
+class NotBuilt(FileNotFoundError):
+    """A package this step needs is not in the folder, and the step may only load."""
+
+
 def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = None, build: bool = True) -> float:
     """Compile `model`'s one-token step for a cache of `max_len` positions (set up here); seconds taken.
 
@@ -80,11 +89,13 @@ def compile_decode_step(model: Decoder, max_len: int, cache_dir: Path | None = N
         add_lanes(model)  # quantized codes in the layout the step's loops read, where that is faster (AVX2 CPUs)
         try:
             model.decode_step = step = _cpu_step(model, cache_dir, build)
-        except CompileFailed:
+        except CompileFailed as e:
             drop_lanes(model)
             if unpacked:
                 pack(model)
             if not build and ready is not None:
+                if isinstance(e.__cause__, NotBuilt):  # the record names packages of another version of attn
+                    raise BuiltByAnother("built by another version of attn") from e
                 ready.unlink(missing_ok=True)  # a package there but not loadable: later runs need not try again
             raise
         if ready is not None and isinstance(step, AotStep):
@@ -344,7 +355,7 @@ class AotStep(BuiltStep):
                 if not self.build_missing:
                     raise
         if not self.build_missing:
-            raise FileNotFoundError(f"{path} is not built")
+            raise NotBuilt(f"{path} is not built")
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # Fresh copies as the example inputs: the block's own tensors are inference tensors, and two
@@ -547,14 +558,14 @@ def _package_key(
 
 def prompt_package(cache_dir: Path, bits: int, build: bool = True) -> tuple[Path, bool]:
     """The package that multiplies many rows by any layer's `bits`-bit lanes codes (model/quant/lanes.Prompt): kept in
-    `cache_dir`, built there where it is missing (`build`; else FileNotFoundError). Any model and size uses it, so
+    `cache_dir`, built there where it is missing (`build`; else NotBuilt). Any model and size uses it, so
     `attn pull` builds both ahead of time where the lanes are wanted (cli/speed.prepare_step). (path, whether built
     now). Measured on a 2-core Zen3: ≈ 4–6 s to build, once per machine and torch."""
     path = Path(cache_dir) / f"prompt{bits}-{_prompt_key(bits)}.pt2"
     if path.exists():
         return path, False
     if not build:
-        raise FileNotFoundError(f"{path} is not built")
+        raise NotBuilt(f"{path} is not built")
     P = per_word(bits)
     R, G, M = torch.export.Dim("R", min=1, max=1 << 24), torch.export.Dim("G", min=1, max=1 << 14), torch.export.Dim("M", min=1, max=1 << 20)
     examples = (torch.zeros(4, 64), torch.zeros(3, 64 // P, LANES), torch.zeros(3, 2, LANES), torch.zeros(3, 2, LANES))

@@ -214,3 +214,24 @@ def test_a_cuda_step_that_inductor_could_not_compile_says_so(tiny_llama, monkeyp
         "compiling the one-token step (CUDA: inductor, then one CUDA graph; ≈ 25 s the first time, ≈ 10 s once inductor's cache in $ATTN_HOME holds it)",
         "warning: inductor could not compile the step (Unsupported: an opaque object): its eager ops run as one CUDA graph instead, slower",
     ]
+
+
+def test_a_step_built_by_another_version_of_attn_is_said_at_each_default_run(attn, tiny_llama, monkeypatch):
+    """After an update of attn its packages' keys change: a default run (neither flag) runs eagerly and says so, in
+    one line, and how to build the step again (model/compile.BuiltByAnother; the record is kept: tests/test_fastpaths)."""
+    import model.compile
+
+    calls = []
+
+    def built_by_another(model_, max_len, cache_dir=None, build=True):
+        calls.append(build)
+        raise model.compile.BuiltByAnother("built by another version of attn")
+
+    monkeypatch.setattr(model.compile, "compile_decode_step", built_by_another)
+    monkeypatch.delenv("ATTN_COMPILE")  # (the suite's default: eager)
+    args = ["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "6", "--ignore-eos", "--json", "hello"]
+    r = attn(args)
+    assert r.code == 0 and calls == [False], r.err
+    assert "attn: the compiled step for this model and mode was built by another version of attn: this run is eager, slower (`attn pull` or --compile builds it again, once)\n" in r.err
+    assert json.loads(r.out)["text"] == json.loads(attn([*args, "--no-compile"]).out)["text"]
+    assert "another version" not in attn([*args, "--quiet"]).err
