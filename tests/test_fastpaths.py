@@ -613,8 +613,12 @@ def test_static_shape_step_traces_as_one_graph(tiny_models, kind):
     """CUDA's GraphStep compiles the static-shape step with fullgraph=True, and where that fails captures the eager step
     instead (slower, with a warning). CI has no GPU: trace it whole here, with dynamo's eager backend, for every family
     and block variant, so that a graph break shows up on the CPU."""
+    assert_step_traces_whole(every_block_variant() if kind == "every_variant" else load_model(tiny_models[kind][0]))
+
+
+def assert_step_traces_whole(model: Decoder) -> None:
+    """The static-shape step traced with fullgraph=True (dynamo's eager backend) gives what it gives untraced."""
     torch._dynamo.reset()
-    model = every_block_variant() if kind == "every_variant" else load_model(tiny_models[kind][0])
     model.setup_cache(16)
     ids, pos = torch.tensor([[5]]), torch.tensor([3])
     with torch.inference_mode():

@@ -689,12 +689,8 @@ def test_quantized_step_traces_as_one_graph(tiny_llama, mode):
     instead (measured on an H200: 430 tok/s against 772 for bfloat16's compiled step). Nothing in a quantized layer may
     break the graph: the tied head's columns read int4.layout(), whose probe dynamo traced through its cache. Traced
     here on the CPU with dynamo's eager backend (no inductor, no GPU)."""
-    torch._dynamo.reset()
+    from tests.test_fastpaths import assert_step_traces_whole
+
     model = load_model(tiny_llama)
     quantize(model, mode)
-    model.setup_cache(16)
-    ids, pos = torch.tensor([[5]]), torch.tensor([3])
-    with torch.inference_mode():
-        want = model.step(ids, pos)
-        got = torch.compile(model.step, backend="eager", dynamic=False, fullgraph=True)(ids, pos)
-    assert torch.allclose(got, want, atol=1e-5)  # (traced, RMSNorm takes its compiled form: rsqrt, not hypot)
+    assert_step_traces_whole(model)
