@@ -188,10 +188,17 @@ class Block(nn.Module):
         self.mlp = GatedMLP(cfg) if cfg.mlp == "gated" else MLP(cfg)
         self.mlp_post_norm = make_norm(cfg) if cfg.post_norm else nn.Identity()
         self.parallel = cfg.parallel_residual
+        self._fused = None  # a prompt's rows (8 and more) through two compiled packages, where built (model/prefill.py)
 
     # The parts are called through `forward`: hooks attach to the Block (model/explain.py) or above.
     def forward(self, x: torch.Tensor, span: Span, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
-        h = self.attn_post_norm.forward(self.attn.forward(self.attn_norm.forward(x), span, rope, probe))
+        if self._fused is not None and probe is None and x.shape[0] * x.shape[1] >= self._fused.min_rows:
+            return self._fused(self, x, span, rope)
+        return self.finish(x, self.attn.forward(self.attn_norm.forward(x), span, rope, probe))
+
+    def finish(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The rest of the block after the attention's output `a` (its o product done): its norm, the residual, the MLP."""
+        h = self.attn_post_norm.forward(a)
         if self.parallel:
             return x + h + self.mlp_post_norm.forward(self.mlp.forward(self.mlp_norm.forward(x)))
         x = x + h
@@ -243,13 +250,18 @@ class Attention(nn.Module):
         return torch.cat([q, k], dim=2)
 
     def forward(self, x: torch.Tensor, span: Span, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
-        B, T, _ = x.shape
         q, k, v = self.project(x, rope[self.rope_index] if rope is not None else None)
+        return self.o.forward(self.attend(q, k, v, span, probe))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Span, probe: Probe | None) -> torch.Tensor:
+        """This chunk's keys and values into the cache, its queries over every key so far: the heads side by side
+        (B, T, H·D), before the o product."""
+        B, _, T, _ = q.shape
         k, v = self.cache.update(span, k, v)  # (B, G, S, D), S = start + T
         if probe is not None and self.index in probe.layers:
             probe.observe(self.index, self, q, k, v, span.start)
         y = attention(q, k, v, span.start, self.window, self.scale, self.softcap, self.cache.q)  # (B, H, T, D)
-        return self.o.forward(y.transpose(1, 2).reshape(B, T, -1))
+        return y.transpose(1, 2).reshape(B, T, -1)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
         """This layer's explicit pre-softmax scores (B, H, T, S): scaled, soft-capped, masked keys at -inf
@@ -541,11 +553,8 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[cfg.act]
         self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=cfg.mlp_bias)  # fused [gate | up]
         self.down = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
-        self._fused = None  # many rows at once through a compiled MLP, where one is built (model/prefill.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused is not None and x.numel() >= self._fused.min_rows * x.shape[-1]:
-            return self._fused(x)
         gate, up = self.gate_up.forward(x).split(self.hidden, dim=-1)
         return self.down.forward(self.act(gate) * up)
 

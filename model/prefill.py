@@ -50,18 +50,20 @@ from model.quant.q8 import Q8Linear
 MIN_ROWS = 8  # fewer rows run eagerly: at 1–4 rows the package is slower (350 against 290 µs), at 8 faster (305 against 813)
 TEMPLATE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "freezing": True}  # the template the only choice: nothing benchmarked
 TOLERANCE = 0.02  # a build's check: |package − eager| ≤ this × max |eager| (both read bfloat16 activations; measured ≤ 0.005)
-PACKAGES = ("mlp", "attn")  # the block's MLP; the attention's qkv product (and its o product, through the same package)
+PACKAGES = ("pre", "post")  # before the attention (norm, qkv, RoPE), after it (o, residual, norm, MLP, residual)
+PRODUCTS = {"pre": ("attn.qkv",), "post": ("attn.o", "mlp.gate_up", "mlp.down")}  # the layers each package multiplies by
 
 
 def packages(model: Decoder) -> list[str]:
-    """Which packages the blocks can run: on a CPU with AMX tiles, "mlp" where every block's MLP is gated with int4pack
-    layers, "attn" where every block's qkv is an int4pack layer."""
+    """The packages the blocks can run (both or none): on a CPU with AMX tiles, where every block's MLP is gated, its
+    products int4pack layers, and its positions rotated (RoPE)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     if not (amx and model.device.type == "cpu" and model.shard is None and os.environ.get("ATTN_PREFILL", "").strip().lower() != "eager"):
         return []
-    mlp = all(isinstance(b.mlp, GatedMLP) and _int4pack(b.mlp.gate_up) and _int4pack(b.mlp.down) for b in model.layers)
-    attn = all(_int4pack(b.attn.qkv) for b in model.layers)
-    return [name for name, ok in zip(PACKAGES, (mlp, attn)) if ok]
+    ok = model.cfg.positions == "rope" and all(
+        isinstance(b.mlp, GatedMLP) and all(_int4pack(b.get_submodule(n)) for names in PRODUCTS.values() for n in names) for b in model.layers
+    )
+    return list(PACKAGES) if ok else []
 
 
 def available(model: Decoder) -> bool:
@@ -69,34 +71,12 @@ def available(model: Decoder) -> bool:
 
 
 def missing(model: Decoder) -> list[str]:
-    """The packages the blocks could run that none of them runs now (not built, or built by another version of attn)."""
-    return [p for p in packages(model) if getattr(_built_from(model.layers[0], p), "_fused", None) is None]
+    """The packages the blocks could run that they do not run now (not built, or built by another version of attn)."""
+    return packages(model) if model.layers[0]._fused is None else []
 
 
 def _int4pack(layer: nn.Module) -> bool:
     return isinstance(layer, (Int4Linear, Q8Linear)) and layer.kernel == "int4pack"
-
-
-def _built_from(block: nn.Module, package: str) -> nn.Module:
-    """The module a package is exported from (layer 0's): the MLP, or the attention's qkv product."""
-    return block.mlp if package == "mlp" else block.attn.qkv
-
-
-def _runs(block: nn.Module, package: str) -> list[nn.Module]:
-    """The modules of a block that a package runs: the MLP; the qkv product, and the o product where it fits in."""
-    if package == "mlp":
-        return [block.mlp]
-    return [block.attn.qkv, *([block.attn.o] if _o_fits(block) else [])]
-
-
-def _o_fits(block: nn.Module) -> bool:
-    """Whether the o product runs through the qkv's package: same kind of layer and width in, no more rows out
-    (its own rows, then rows of zero scale up to the qkv's), no bias in either."""
-    qkv, o = block.attn.qkv, block.attn.o
-    return (
-        _int4pack(o) and type(o) is type(qkv) and o.k_padded == qkv.k_padded and o.bias is None and qkv.bias is None
-        and o.q.packed.shape[0] <= qkv.q.packed.shape[0]
-    )
 
 
 def blocked(q: Packed4) -> torch.Tensor:
@@ -108,28 +88,60 @@ def blocked(q: Packed4) -> torch.Tensor:
     return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).contiguous().view(N, K // 2)
 
 
-class _Only(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
+class _Pre(nn.Module):
+    """What the "pre" package computes for M rows of one sequence: the block's norm, qkv product and RoPE (its own
+    code: Attention.project); cos and sin (M, 1, R) → q (1, H, M, D), k and v (1, G, M, D)."""
+
+    def __init__(self, block: nn.Module) -> None:
         super().__init__()
-        self.inner = inner
+        self.block = block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.forward(x)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.block.attn.project(self.block.attn_norm.forward(x[None]), (cos, sin))
 
 
-class ManyRows:
-    """One layer's module for x (…, D) of at least MIN_ROWS rows, through a package with that layer's constants (the
-    first `cols` columns of what it gives); GatedMLP.forward and BlockLinear.forward call it (their `_fused`)."""
+class _Post(nn.Module):
+    """What the "post" package computes for M rows: the o product of the heads y (M, H·D), then the rest of the block
+    (Block.finish) on the residual x (M, C)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.block.finish(x, self.block.attn.o.forward(y))
+
+
+def _examples(model: Decoder, package: str) -> tuple[torch.Tensor, ...]:
+    """A package's example inputs (MIN_ROWS rows, their number a symbolic size)."""
+    a, C = model.layers[0].attn, model.cfg.dim
+    if package == "pre":
+        R = model.rope_cos.shape[-1]
+        return torch.zeros(MIN_ROWS, C), torch.zeros(MIN_ROWS, 1, R), torch.zeros(MIN_ROWS, 1, R)
+    return torch.zeros(MIN_ROWS, C), torch.zeros(MIN_ROWS, a.n_heads * a.head_dim)
+
+
+class Fused:
+    """One block's rows (B·T of them, at least MIN_ROWS) through the two packages with that block's constants; the
+    cache update and the attention itself eager between them (Attention.attend). Block.forward calls it (its `_fused`)."""
 
     min_rows = MIN_ROWS
 
-    def __init__(self, runner: "_Package", constants: dict[str, torch.Tensor], held: list[torch.Tensor], cols: int | None = None) -> None:
-        self.runner, self.constants, self.cols = runner, constants, cols
-        self.held = held  # of the constants, those the model does not hold itself (re-blocked codes, padded scales)
+    def __init__(self, runners: dict[str, "_Package"], constants: dict[str, dict[str, torch.Tensor]], held: list[torch.Tensor]) -> None:
+        self.runners, self.constants = runners, constants
+        self.held = held  # of the constants, those the model does not hold itself (re-blocked codes)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.runner(self.constants, x)
-        return y if self.cols is None else y[..., : self.cols]
+    def run(self, package: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        return self.runners[package](self.constants[package], list(inputs))
+
+    def __call__(self, block: nn.Module, x: torch.Tensor, span, rope: tuple) -> torch.Tensor:
+        B, T, C = x.shape
+        a = block.attn
+        cos, sin = (t.expand(B, T, 1, t.shape[-1]).reshape(B * T, 1, -1) for t in rope[a.rope_index])
+        rows = x.reshape(B * T, C).contiguous()
+        q, k, v = (t.view(t.shape[1], B, T, -1).transpose(0, 1) for t in self.run("pre", rows, cos.contiguous(), sin.contiguous()))
+        y = a.attend(q, k, v, span, None)  # (B, T, H·D)
+        return self.run("post", rows, y.reshape(B * T, -1).contiguous())[0].view(B, T, C)
 
 
 class _Package:
@@ -137,55 +149,42 @@ class _Package:
         self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         self.current: int | None = None
 
-    def __call__(self, constants: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, constants: dict[str, torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.current != id(constants):
             self.loader.load_constants(constants, False, False, True)  # (use_inactive, check_full_update, user_managed)
             self.current = id(constants)
-        shape = x.shape
-        return self.loader.run([x.reshape(-1, shape[-1]).contiguous()])[0].view(*shape[:-1], -1)
+        return self.loader.run(inputs)
 
 
-def attach(model: Decoder, package: str, path: Path, which: dict[str, str] | None = None) -> int:
-    """Load the package at `path` and give the modules it runs in every block their ManyRows; how many blocks. `which`:
-    folded constant → the Packed4 it re-blocks (kept beside the package where not given). Raises where it cannot load."""
+def attach(model: Decoder, paths: dict[str, Path], which: dict[str, dict[str, str]] | None = None) -> int:
+    """Load both packages (`paths`, by name) and give every block its Fused; how many blocks. `which`: per package,
+    folded constant → the Packed4 it re-blocks (kept beside each package where not given). Raises where one cannot load."""
     torch.cpu._init_amx()  # the kernel grants the AMX tiles per process; without this the first product dies of SIGILL
     if which is None:
-        which = json.loads(path.with_suffix(".json").read_text())["blocked"]
-    runner = _Package(path)
-    own = set(runner.loader.get_constant_fqns())
+        which = {p: json.loads(path.with_suffix(".json").read_text())["blocked"] for p, path in paths.items()}
+    runners = {p: _Package(path) for p, path in paths.items()}
+    own = {p: set(r.loader.get_constant_fqns()) for p, r in runners.items()}
     for block in model.layers:
-        module = _built_from(block, package)
-        tensors = {f"inner.{n}": t for n, t in [*module.named_parameters(), *module.named_buffers()] if f"inner.{n}" in own}
-        if package == "mlp" or not _o_fits(block):
-            codes = {name: blocked(module.get_submodule(q)) for name, q in which.items()}
-            module._fused = ManyRows(runner, tensors | codes, list(codes.values()))
-            continue
-        # qkv, and o through the same package: o's codes re-blocked just before the qkv's, so that o's with the qkv's
-        # first rows after them are a weight of the qkv's shape, those rows given zero scales (they give zeros)
-        ((name, q),) = which.items()  # (the qkv's one product)
-        o, rows = block.attn.o, block.attn.o.q.packed.shape[0]
-        both = torch.cat([blocked(o.q), blocked(module.get_submodule(q))])
-        module._fused = ManyRows(runner, tensors | {name: both[rows:]}, [both])
-        sz = F.pad(o.q.sz, (0, 0, 0, module.q.sz.shape[1] - rows))
-        extra = {"inner.q.sz": sz, "inner.q.packed": module.q.packed}  # (packed: the kernel reads the re-blocked codes)
-        extra = {k: v for k, v in extra.items() if k in own}
-        o._fused = ManyRows(runner, tensors | extra | {name: both[: module.q.packed.shape[0]]}, [sz], cols=o.n_out)
+        named = {f"block.{n}": t for n, t in [*block.named_parameters(), *block.named_buffers()]}
+        constants, held = {}, []
+        for p in runners:
+            codes = {name: blocked(block.get_submodule(q)) for name, q in which[p].items()}
+            constants[p] = {n: t for n, t in named.items() if n in own[p]} | codes
+            held += codes.values()
+        block._fused = Fused(runners, constants, held)
     return len(model.layers)
 
 
 def resident_bytes(model: Decoder) -> int:
-    """What the packages' ManyRows hold beside the model's own tensors: re-blocked codes, padded scales."""
-    held = {t.data_ptr(): t for m in model.modules() if getattr(m, "_fused", None) is not None for t in m._fused.held}
+    """What the packages' Fused hold beside the model's own tensors: re-blocked codes."""
+    held = {t.data_ptr(): t for b in model.layers if b._fused is not None for t in b._fused.held}
     return sum(t.numel() * t.element_size() for t in held.values())
 
 
-def detach(model: Decoder, package: str | None = None) -> None:
-    """The modules a package runs (every package's: None) eager again."""
+def detach(model: Decoder) -> None:
+    """Every block eager again."""
     for block in model.layers:
-        for name in [package] if package else PACKAGES:
-            for m in _runs(block, name):
-                if hasattr(m, "_fused"):  # (a plain MLP has none)
-                    m._fused = None
+        block._fused = None
 
 
 class _Build:
@@ -201,8 +200,8 @@ class _Build:
 class Pending:
     """Packages being built (`start`), each by a child process of its own. Finished by `finish`."""
 
-    def __init__(self, model: Decoder, children: list["_Child"], builds: list[_Build]) -> None:
-        self.model, self.children, self.builds = model, children, builds
+    def __init__(self, model: Decoder, children: list["_Child"], builds: list[_Build], paths: dict[str, Path]) -> None:
+        self.model, self.children, self.builds, self.paths = model, children, builds, paths
 
     def cancel(self) -> None:
         """Stop the children (the step's own build failed: nothing of this is kept)."""
@@ -212,8 +211,8 @@ class Pending:
             b.clean()
 
     def finish(self) -> bool:
-        """Wait for the children; for each package built, identify its folded constants, check it, keep it and attach
-        it. Whether any now runs (a failure leaves that package's modules eager, nothing of it kept)."""
+        """Wait for the children; identify each new package's folded constants, attach both packages, check them, keep
+        the new ones. Whether the blocks now run them (a failure leaves every block eager, nothing new kept)."""
         try:
             try:
                 for child in self.children:
@@ -222,61 +221,65 @@ class Pending:
                 for child in self.children:
                     child.kill()
                 raise
-            return sum(self._finish(b) for b in self.builds) > 0
+            return self._finish()
         finally:
             for b in self.builds:
                 b.clean()
 
-    def _finish(self, b: _Build) -> bool:
+    def _finish(self) -> bool:
         try:
-            if not b.tmp.exists() or b.tmp.stat().st_size == 0:
+            if any(not b.tmp.exists() or b.tmp.stat().st_size == 0 for b in self.builds):
                 return False
-            which = _identify(b.tmp, _built_from(self.model.layers[0], b.package))
-            attach(self.model, b.package, b.tmp, which)  # (the loader unpacks the package: it may move after)
-            if not _agrees(self.model, b.package):
-                detach(self.model, b.package)
+            block = self.model.layers[0]
+            new = {b.package: _identify(b.tmp, block, b.package) for b in self.builds}
+            paths = self.paths | {b.package: b.tmp for b in self.builds}  # (the loader unpacks a package: it may move after)
+            which = {p: new[p] if p in new else json.loads(path.with_suffix(".json").read_text())["blocked"] for p, path in paths.items()}
+            attach(self.model, paths, which)
+            if not _agrees(self.model):
+                detach(self.model)
                 return False
-            write_atomically(b.path.with_suffix(".json"), json.dumps({"blocked": which}))
-            os.replace(b.tmp, b.path)
+            for b in self.builds:
+                write_atomically(b.path.with_suffix(".json"), json.dumps({"blocked": new[b.package]}))
+                os.replace(b.tmp, b.path)
             return True
         except Exception:  # any failure here only means an eager prefill
-            detach(self.model, b.package)
+            detach(self.model)
             return False
 
 
 def start(model: Decoder, cache_dir: Path, key: Callable[[nn.Module], str], build: bool) -> Pending | None:
-    """Attach the packages kept for this model (under `key` of the module each is built from), or (with `build`) start
-    building those missing: the Pending builds to finish; None when there is nothing to wait for."""
-    missing = []
-    for package in packages(model):
-        module = _built_from(model.layers[0], package)
-        if getattr(module, "_fused", None) is not None:
-            continue
-        path = cache_dir / f"{package}-{key(module)}.pt2"
-        if path.exists() and path.with_suffix(".json").exists():
-            try:
-                attach(model, package, path)
-                continue
-            except Exception:  # cut short, from another torch: built again
-                detach(model, package)
-        if build:
-            missing.append((package, module, path))
-    if not missing:
+    """Attach the packages kept for this model (under `key` of its first block), or (with `build`) start building those
+    missing: the Pending builds to finish; None when there is nothing to wait for."""
+    names = packages(model)
+    if not names or model.layers[0]._fused is not None:
+        return None
+    block = model.layers[0]
+    paths = {p: cache_dir / f"{p}-{key(block)}.pt2" for p in names}
+    kept = [p for p, path in paths.items() if path.exists() and path.with_suffix(".json").exists()]
+    if len(kept) == len(names):
+        try:
+            attach(model, paths)
+            return None
+        except Exception:  # cut short, from another torch: built again
+            detach(model)
+            kept = []
+    if not build:
         return None
     cache_dir.mkdir(parents=True, exist_ok=True)
-    builds = [_Build(package, path, Path(_temporary(cache_dir, ".pt2"))) for package, _, path in missing]
+    builds = [_Build(p, paths[p], Path(_temporary(cache_dir, ".pt2"))) for p in names if p not in kept]
     children: list[_Child] = []
     try:
         import torch._inductor.compile_fx  # noqa: F401 (this process builds the step with it next: the children have it)
 
-        for b, (_, module, _) in zip(builds, missing):
-            children.append(_Child(partial(_build, module, model.dtype, b.tmp, cache_dir / "cxx", torch.get_num_threads())))
+        for b in builds:
+            module, examples = WRAPPERS[b.package](block), _examples(model, b.package)
+            children.append(_Child(partial(_build, module, examples, b.tmp, cache_dir / "cxx", torch.get_num_threads())))
     except BaseException as e:  # no fork here, or no inductor: the prompt stays eager
-        Pending(model, children, builds).cancel()
+        Pending(model, children, builds, {}).cancel()
         if not isinstance(e, Exception):
             raise
         return None
-    return Pending(model, children, builds)
+    return Pending(model, children, builds, {p: paths[p] for p in kept})
 
 
 class _Child:
@@ -317,11 +320,11 @@ class _Child:
             pass
 
 
-def _build(module: nn.Module, dtype: torch.dtype, out: Path, shared: Path, threads: int) -> None:
-    """A child's work: export `module` (layer 0's), its number of rows a symbolic size, and compile it into a package at
-    `out` for `threads` threads (this process's, where the package runs: the child itself runs one, and inductor
-    writes the count into the template's loops), the template the only choice (what warnings inductor gives, unseen).
-    Where it fails, `out` stays empty."""
+def _build(module: nn.Module, examples: tuple[torch.Tensor, ...], out: Path, shared: Path, threads: int) -> None:
+    """A child's work: export `module` (a wrapper of layer 0), its number of rows a symbolic size, and compile it into a
+    package at `out` for `threads` threads (this process's, where the package runs: the child itself runs one, and
+    inductor writes the count into the template's loops), the template the only choice (what warnings inductor gives,
+    unseen). Where it fails, `out` stays empty."""
     import warnings
 
     import torch._inductor
@@ -330,9 +333,8 @@ def _build(module: nn.Module, dtype: torch.dtype, out: Path, shared: Path, threa
     from model.cxx import BUILD_OPTIONS, compiles_beside_each_other
 
     with torch.inference_mode(False), torch.no_grad():
-        x = torch.zeros(MIN_ROWS, _width(module), dtype=dtype)
         rows = torch.export.Dim("M", min=2, max=1 << 20)
-        exported = torch.export.export(_Only(module), (x,), dynamic_shapes=({0: rows},), strict=False)
+        exported = torch.export.export(module, examples, dynamic_shapes=tuple({0: rows} for _ in examples), strict=False)
     with warnings.catch_warnings(), inductor.patch(BUILD_OPTIONS | TEMPLATE | {"cpp.threads": threads}), compiles_beside_each_other(shared):
         warnings.simplefilter("ignore")
         torch._inductor.aoti_compile_and_package(exported, package_path=str(out))
@@ -342,11 +344,6 @@ def _temporary(folder: Path, suffix: str) -> str:
     fd, path = tempfile.mkstemp(dir=folder, suffix=suffix)
     os.close(fd)
     return path
-
-
-def _width(module: nn.Module) -> int:
-    """How wide a row the module takes."""
-    return module.gate_up.n_in if isinstance(module, GatedMLP) else module.n_in
 
 
 def _die_with_parent() -> None:
@@ -364,44 +361,52 @@ def key_extra() -> list:
     return [hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), TEMPLATE]
 
 
-def _identify(package: Path, module: nn.Module) -> dict[str, str]:
-    """Which of the package's folded constants re-blocks which Packed4 of `module`: by shape and dtype, from the package's
-    own library (a gate|up and a down never share a shape; the values are not compared: the package's own, folded by
-    inductor from layer 0's codes, came out wrong in some builds here, and each layer's are given at load anyway).
-    Any other folded constant must be a scalar (a group size), which every layer shares; else ValueError."""
+def _identify(package: Path, block: nn.Module, name: str) -> dict[str, str]:
+    """Which of the package's folded constants re-blocks which Packed4 of `block` (by its name there): by shape and
+    dtype, from the package's own library (the products of one package never share a shape; the values are not
+    compared: the package's own, folded by inductor from layer 0's codes, came out wrong in some builds here, and each
+    layer's are given at load anyway). Any other folded constant must be a scalar (a group size), which every layer
+    shares; else ValueError."""
     with tempfile.TemporaryDirectory() as folder:
         with zipfile.ZipFile(package) as z:
             (so,) = [n for n in z.namelist() if n.endswith(".so")]
             library = z.extract(so, folder)
         constants = torch._C._aoti.AOTIModelContainerRunnerCpu(library, 1).extract_constants_map(False)
-    own = {f"inner.{n}" for n, _ in [*module.named_parameters(), *module.named_buffers()]}
-    candidates = {name: q.packed for name, q in module.named_modules() if isinstance(q, Packed4)}
+    own = {f"block.{n}" for n, _ in [*block.named_parameters(), *block.named_buffers()]}
+    candidates = {f"{p}.q": block.get_submodule(f"{p}.q").packed for p in PRODUCTS[name]}
     which = {}
-    for name, value in constants.items():
-        if name in own:
+    for constant, value in constants.items():
+        if constant in own:
             continue
         match = [q for q, p in candidates.items() if value.shape == p.shape and value.dtype == p.dtype]
         if len(match) == 1 and match[0] not in which.values():
-            which[name] = match[0]
+            which[constant] = match[0]
         elif value.numel() > 1:
-            raise ValueError(f"the package folded a constant attn does not know ({name}, {list(value.shape)})")
+            raise ValueError(f"the package folded a constant attn does not know ({constant}, {list(value.shape)})")
     if sorted(which.values()) != sorted(candidates):  # the template did not take every product: no gain
         raise ValueError("not every product runs through the template")
     return which
 
 
-def _agrees(model: Decoder, package: str) -> bool:
-    """A second layer's modules (where there is one) through the package against the same eagerly, on random rows."""
+def _agrees(model: Decoder) -> bool:
+    """A second block (where there is one) through each package against the same eagerly, on random rows."""
     gen = torch.Generator().manual_seed(0)
-    for m in _runs(model.layers[min(1, len(model.layers) - 1)], package):
-        x = torch.randn(2 * MIN_ROWS, _width(m), generator=gen).to(model.dtype)
-        with torch.inference_mode():
-            got = m._fused(x)
-            fused, m._fused = m._fused, None
-            try:
-                want = m.forward(x)
-            finally:
-                m._fused = fused
-        if got.shape != want.shape or not bool((got.float() - want.float()).abs().max() <= TOLERANCE * want.float().abs().max()):
-            return False
+    block = model.layers[min(1, len(model.layers) - 1)]
+    fused = block._fused
+    M = 2 * MIN_ROWS
+    rope = model.rope_at(0, M)[block.attn.rope_index]
+    inputs = {
+        "pre": (torch.randn(M, model.cfg.dim, generator=gen), *(t.contiguous() for t in rope)),
+        "post": (torch.randn(M, model.cfg.dim, generator=gen), torch.randn(M, block.attn.n_heads * block.attn.head_dim, generator=gen)),
+    }
+    with torch.inference_mode():
+        for name, args in inputs.items():
+            args = tuple(t.to(model.dtype) for t in args)
+            got, want = fused.run(name, *args), WRAPPERS[name](block)(*args)
+            for g, w in zip(got, want if isinstance(want, tuple) else (want,)):
+                if g.shape != w.shape or not bool((g.float() - w.float()).abs().max() <= TOLERANCE * w.float().abs().max()):
+                    return False
     return True
+
+
+WRAPPERS = {"pre": _Pre, "post": _Post}

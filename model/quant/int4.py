@@ -85,7 +85,6 @@ class BlockLinear(nn.Module):
         self.register_buffer("scale16", exact[0])
         self.register_buffer("offset16", exact[1])
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        self._fused = None  # many rows at once through a compiled product, where one is built (model/prefill.py)
         self.q: Packed4 | None = None  # the int4pack product's codes (None where the lanes copy replaced them: add_lanes)
         self.lanes: Lanes | None = None  # the codes in the lanes layout for the compiled step, where added (add_lanes)
 
@@ -99,8 +98,6 @@ class BlockLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused is not None and x.numel() >= self._fused.min_rows * x.shape[-1]:
-            return self._fused(x)
         shape = x.shape
         x2 = pad_input(x.reshape(-1, shape[-1]), self.k_padded)  # (M, K')
         if self.lanes is not None and (self.kernel == "lanes" or self._lanes_take(x2.shape[0])):
