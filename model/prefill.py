@@ -4,26 +4,30 @@ models on CPUs with AMX tiles, through inductor's AMX GEMM template for 4-bit we
 Eagerly, ATen's `_weight_int4pack_mm_for_cpu` runs the 64 rows of the default model's MLP in 4.4–6.4 ms (2-core
 Xeon with AMX), its qkv product in 0.9–1.5 ms, its o product in 0.45–0.75 ms; inductor's max-autotune CPU template
 for the same op (`CppWoqInt4GemmTemplate`, its AMX micro-kernel) in 0.9, 0.21–0.24 and 0.12–0.14 ms. The template
-only takes a weight that is a constant of the graph, so two modules are built ahead of time into AOTInductor
-packages, with layer 0's weights as their constants and the number of rows a symbolic size, kept beside the step's
-packages in `$ATTN_HOME/aoti`: the MLP (gate|up, the activation, down: "mlp") and the attention's qkv product
-("attn"). Every layer runs them with its own constants swapped in (`load_constants(..., user_managed=True)`: the
-loader reads our tensors, no copy). The o product runs through the qkv's package too (one package less to build):
-as a weight of the qkv's shape, its own rows then rows of zero scale, whose products are zeros and are cut.
+only takes a weight that is a constant of the graph, so each block's work around its attention is built ahead of time
+into two AOTInductor packages, with layer 0's weights as their constants and the number of rows a symbolic size, kept
+beside the step's packages in `$ATTN_HOME/aoti`: "pre", the block's norm, qkv product and RoPE (the model's own code:
+Attention.project), and "post", the o product, its residual, the MLP's norm, the MLP and its residual (Block.finish).
+Only the cache update and the attention itself (SDPA) run eagerly between them (Fused), so the norms, RoPE, adds and
+copies that ran eagerly around each product, ≈ 10 µs each, are compiled with it, and the o product has its own shape.
+Measured on the default model at 64 rows, int8, layer 0 in one process: 1123–1153 µs against 1379–1385 through the
+earlier packages (the MLP alone, the qkv with the o through it) and the eager ops between them; a 64-token prompt in
+one process 41.0–43.0 ms against 47.2–48.9; `attn bench --compare llama.cpp`, prefill int8 0.94× (was 0.82×), int4
+1.45× (was 1.13×). Every layer runs the packages with its own constants swapped in (`load_constants(...,
+user_managed=True)`: the loader reads our tensors, no copy).
 Among the constants inductor folds at build time are the codes re-blocked for the micro-kernel: each layer's are
 made once as the packages load (`blocked`) and kept beside the int4pack codes (+53 MB on the default model's int4
 layers, which no longer keep their exact float16 scales: model/quant/int4.py). Which folded constant is which is
 found at build time by shape and kept beside each package (`<key>.json`); a build is used only after a second
-layer's products through it matched the eager ones.
+layer through both packages matched the same code run eagerly.
 
 Each package is built in a child forked from this process as the step's own build starts (model/compile.py), with
 inductor imported here first: the children export and compile beside the step's build, each mostly one thread of
 Python (spawned instead, each child imported torch and inductor again, ≈ 3 s of CPU on cores the builds keep busy).
 Measured on a 2-core Xeon with AMX, first builds in one process, four rounds alternating with one spawned child
 (the attention's package then built here once the step was): int4 9.2–9.7 s against 9.9–10.0, int8 10.1–10.6
-against 10.3–10.7; 2–2.5 s less CPU. (The children at a lower priority: int8 10.5–10.6 s.) Where one fails, its
-products stay eager. Measured: README,
-Performance.
+against 10.3–10.7; 2–2.5 s less CPU. (The children at a lower priority: int8 10.5–10.6 s.) Where either fails, the
+blocks stay eager. Measured: README, Performance.
 """
 
 from __future__ import annotations

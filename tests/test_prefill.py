@@ -12,6 +12,7 @@ import torch
 
 from model import prefill
 from model.compile import _start_prefill, compile_decode_step
+from model.decoder import Span
 from model.loading import load_model
 from model.quant import quantize
 
@@ -93,6 +94,16 @@ def test_many_rows_run_through_the_package_with_each_layers_own_weights(tiny_lla
         after = torch.arange(7, 7 + ROWS)[None]  # a chunk after cached tokens: its keys see the cache's
         want, got = eager(after, ROWS), model(after, ROWS)
         assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+        # 8 rows of a batch, one token each at its own position (a position tensor): through the packages too
+        for m in (eager, model):
+            m.setup_cache(64, 8)
+        pos = torch.arange(8) + 3
+        x = torch.randn(8, 1, model.cfg.dim, generator=gen)
+        want = eager.layers[1].forward(x, Span(pos), eager.rope_at(pos, 1), None)
+        got = model.layers[1].forward(x, Span(pos), model.rope_at(pos, 1), None)
+        assert (got - want).abs().max() <= 0.02 * want.abs().max()
+        assert torch.allclose(model.layers[1].attn.cache.k, eager.layers[1].attn.cache.k, atol=0.02)
 
     later = opened(tiny_llama, mode)  # a later run loads them, building nothing
     compile_decode_step(later, 64, cache_dir=tmp_path, build=False)
