@@ -50,7 +50,7 @@ CompileOpt = Annotated[
             "shares, 11–20 s before; kept in $ATTN_HOME/aoti, later runs load it in well under a second), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. On the "
             "CPU it decodes ≈ 1.6–2× faster than eager in float32 and with --quantize (README, Performance). With --quantize on a CPU "
             "with AMX tiles it also builds, beside the step (≈ 4 s more the first time), each block's work before and after its attention "
-            "for 8 rows and more (the prompt) with the products through inductor's AMX template, ≈ 3–4× faster prefill; it rounds the dequantized weights to bfloat16 "
+            "for 8 rows and more (the prompt) with the products through inductor's AMX template, ≈ 3.6–4.5× faster prefill; it rounds the dequantized weights to bfloat16 "
             "(ATTN_PREFILL=eager: not built or used). "
             "[default: on the CPU, load the step when an earlier run (or `attn pull`, or the run that pulled the model) built it "
             "for this model and mode, else eager; --no-compile: always eager]"
