@@ -130,9 +130,19 @@ class Fused:
 
     min_rows = MIN_ROWS
 
-    def __init__(self, runners: dict[str, "_Package"], constants: dict[str, dict[str, torch.Tensor]], held: list[torch.Tensor]) -> None:
+    def __init__(self, runners: dict[str, "_Package"], constants: dict[str, dict[str, torch.Tensor]], held: list[torch.Tensor], rows: dict) -> None:
         self.runners, self.constants = runners, constants
         self.held = held  # of the constants, those the model does not hold itself (re-blocked codes)
+        self.rows = rows  # shared by every block's Fused: the last rope pair seen, as the packages read it (`rope_rows`)
+
+    def rope_rows(self, pair: tuple[torch.Tensor, torch.Tensor], B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's cos and sin as the "pre" package reads them, (B·T, 1, R) contiguous: made once per forward (every
+        block is given the same pair; ≈ 20 µs a block of small ops otherwise) and kept for the blocks after it."""
+        kept = self.rows.get("rope")
+        if kept is None or kept[0] is not pair or kept[1] != (B, T):
+            made = tuple(t.expand(B, T, 1, t.shape[-1]).reshape(B * T, 1, -1).contiguous() for t in pair)
+            kept = self.rows["rope"] = (pair, (B, T), made)
+        return kept[2]
 
     def run(self, package: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
         return self.runners[package](self.constants[package], list(inputs))
@@ -140,9 +150,9 @@ class Fused:
     def __call__(self, block: nn.Module, x: torch.Tensor, span, rope: tuple) -> torch.Tensor:
         B, T, C = x.shape
         a = block.attn
-        cos, sin = (t.expand(B, T, 1, t.shape[-1]).reshape(B * T, 1, -1) for t in rope[a.rope_index])
+        cos, sin = self.rope_rows(rope[a.rope_index], B, T)
         rows = x.reshape(B * T, C).contiguous()
-        q, k, v = (t.view(t.shape[1], B, T, -1).transpose(0, 1) for t in self.run("pre", rows, cos.contiguous(), sin.contiguous()))
+        q, k, v = (t.view(t.shape[1], B, T, -1).transpose(0, 1) for t in self.run("pre", rows, cos, sin))
         y = a.attend(q, k, v, span, None)  # (B, T, H·D)
         return self.run("post", rows, y.reshape(B * T, -1).contiguous())[0].view(B, T, C)
 
@@ -167,6 +177,7 @@ def attach(model: Decoder, paths: dict[str, Path], which: dict[str, dict[str, st
         which = {p: json.loads(path.with_suffix(".json").read_text())["blocked"] for p, path in paths.items()}
     runners = {p: _Package(path) for p, path in paths.items()}
     own = {p: set(r.loader.get_constant_fqns()) for p, r in runners.items()}
+    rows: dict = {}
     for block in model.layers:
         named = {f"block.{n}": t for n, t in [*block.named_parameters(), *block.named_buffers()]}
         constants, held = {}, []
@@ -174,7 +185,7 @@ def attach(model: Decoder, paths: dict[str, Path], which: dict[str, dict[str, st
             codes = {name: blocked(block.get_submodule(q)) for name, q in which[p].items()}
             constants[p] = {n: t for n, t in named.items() if n in own[p]} | codes
             held += codes.values()
-        block._fused = Fused(runners, constants, held)
+        block._fused = Fused(runners, constants, held, rows)
     return len(model.layers)
 
 
