@@ -49,8 +49,8 @@ CompileOpt = Annotated[
             "AOTInductor (the first time for a model and mode ≈ 7–15 s once `attn pull` has compiled the C++ every package "
             "shares, 11–20 s before; kept in $ATTN_HOME/aoti, later runs load it in well under a second), inductor + one CUDA graph on GPU. Falls back to torch.compile, then eager, if it fails. On the "
             "CPU it decodes ≈ 1.6–2× faster than eager in float32 and with --quantize (README, Performance). With --quantize on a CPU "
-            "with AMX tiles it also builds, beside the step (≈ 4 s more the first time), each block's work before and after its attention "
-            "for 8 rows and more (the prompt) with the products through inductor's AMX template, ≈ 3.6–4.5× faster prefill; it rounds the dequantized weights to bfloat16 "
+            "with AMX tiles it also builds, beside the step (≈ 4 s more the first time), one package for the blocks' work between their "
+            "attentions at 8 rows and more (the prompt) with the products through inductor's AMX template, ≈ 3.6–4.5× faster prefill; it rounds the dequantized weights to bfloat16 "
             "(ATTN_PREFILL=eager: not built or used). "
             "[default: on the CPU, load the step when an earlier run (or `attn pull`, or the run that pulled the model) built it "
             "for this model and mode, else eager; --no-compile: always eager]"
@@ -120,10 +120,8 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
         how = "they could not be built" if build else "--compile builds them, once"
         note(f"the prompt's products for AMX ({', '.join(missing)}) are not built for this model and mode: the prompt runs eagerly, ≈ 3× slower ({how})", quiet)
     m.kernels = dict(layer_kernels(m.model))  # the compiled step multiplies plain weights where packed ones were
-    for fused in m.model.modules():  # 8 rows or more (the prefill) through inductor's AMX template (model/prefill.py)
-        if getattr(fused, "_fused", None) is not None:
-            name = f"{type(fused).__name__}:amx-template"
-            m.kernels[name] = m.kernels.get(name, 0) + 1
+    if m.model.prompt_run is not None:  # 8 rows or more (the prefill) through inductor's AMX template (model/prefill.py)
+        m.kernels["Block:amx-template"] = len(m.model.layers)
     plain = sum(isinstance(x, Linear) and x.weight.dtype == torch.float32 for x in m.model.modules())
     if plain and m.device.type == "cpu":  # how the compiled step multiplies one row by them (kernels.one_row_kernel)
         m.kernels[f"Linear:{one_row_kernel()}"] = plain

@@ -14,9 +14,9 @@ Only the step generation repeats hundreds of times is compiled: `Decoder.step`, 
   milliseconds and compiles nothing. The block's weights and cache are the package's inputs, so one package serves every block alike.
   A build that succeeds leaves a `ready-*.json` beside the packages, keyed by the model as it is opened, so that
   a later run can tell before changing anything whether it only has to load (`build=False`: the CLI's default).
-  For int4/int8 models on CPUs with AMX tiles, the same build also makes (in child processes, beside it) the packages
-  that run each block's work before and after its attention at 8 rows and more, the prefill, with the products
-  through inductor's AMX template (model/prefill.py). On CPUs whose best vector ISA is AVX2 the quantized layers first take their codes in the lanes
+  For int4/int8 models on CPUs with AMX tiles, the same build also makes (in a child process, beside it) the package
+  that runs the blocks' work between their attentions at 8 rows and more, the prefill, with the products through
+  inductor's AMX template (model/prefill.py). On CPUs whose best vector ISA is AVX2 the quantized layers first take their codes in the lanes
   layout (model/quant/lanes.py: one row inside the packages, the quantized head too; many rows through a package
   built once per machine for any layer of 4 or 8 bits, `prompt_package`).
 - CUDA: one token's work is ≈ 600 small kernels, and launching them costs more than running

@@ -63,6 +63,7 @@ class Decoder(nn.Module):
         self.shard = None  # tensor parallel: the part of the model this process holds (model/parallel.py)
         self.block_steps: list | None = None  # compiled runs of blocks that `step` calls in order (model/compile.py)
         self.tail_step = None  # and, with them, the final norm and head compiled (model/compile.py)
+        self.prompt_run = None  # a prompt's rows (8 and more) through every block by a compiled package, where built (model/prefill.py)
 
     def setup_cache(self, max_len: int, batch: int = 1) -> None:
         """Preallocate the KV cache and the RoPE tables for `batch` sequences of up to `max_len` tokens."""
@@ -143,7 +144,9 @@ class Decoder(nn.Module):
         else:
             rope = self.rope_at(start, T)
         stop = max(probe.layers) if probe is not None else None
-        if not hooks and self.block_steps:  # compiled runs of consecutive blocks (model/compile.py)
+        if self.prompt_run is not None and probe is None and B * T >= self.prompt_run.min_rows and not (hooks and _hooked(self.layers)):
+            x = self.prompt_run(self, x, span, rope)
+        elif not hooks and self.block_steps:  # compiled runs of consecutive blocks (model/compile.py)
             for run in self.block_steps:
                 x = run(x, span, rope)
         else:
@@ -172,6 +175,13 @@ class Decoder(nn.Module):
         return tuple((cos[start : start + T, None], sin[start : start + T, None]) for cos, sin in tables)  # (T, 1, R)
 
 
+def _hooked(blocks: nn.ModuleList) -> bool:
+    """Whether a hook (on a block, or on every module) would see the blocks one by one (model/explain.py)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(b._forward_hooks or b._forward_pre_hooks for b in blocks)
+
+
 class Block(nn.Module):
     """x + post(attn(pre(x))), then the same with the MLP; a norm the family lacks is an identity.
 
@@ -188,12 +198,8 @@ class Block(nn.Module):
         self.mlp = GatedMLP(cfg) if cfg.mlp == "gated" else MLP(cfg)
         self.mlp_post_norm = make_norm(cfg) if cfg.post_norm else nn.Identity()
         self.parallel = cfg.parallel_residual
-        self._fused = None  # a prompt's rows (8 and more) through two compiled packages, where built (model/prefill.py)
-
     # The parts are called through `forward`: hooks attach to the Block (model/explain.py) or above.
     def forward(self, x: torch.Tensor, span: Span, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
-        if self._fused is not None and probe is None and x.shape[0] * x.shape[1] >= self._fused.min_rows:
-            return self._fused(self, x, span, rope)
         return self.finish(x, self.attn.forward(self.attn_norm.forward(x), span, rope, probe))
 
     def finish(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -1,33 +1,34 @@
-"""Many rows through a block's products at once (a prompt's prefill; a batch of 8 rows or more) for int4 and int8
+"""Many rows through the blocks' products at once (a prompt's prefill; a batch of 8 rows or more) for int4 and int8
 models on CPUs with AMX tiles, through inductor's AMX GEMM template for 4-bit weights.
 
 Eagerly, ATen's `_weight_int4pack_mm_for_cpu` runs the 64 rows of the default model's MLP in 4.4–6.4 ms (2-core
 Xeon with AMX), its qkv product in 0.9–1.5 ms, its o product in 0.45–0.75 ms; inductor's max-autotune CPU template
 for the same op (`CppWoqInt4GemmTemplate`, its AMX micro-kernel) in 0.9, 0.21–0.24 and 0.12–0.14 ms. The template
-only takes a weight that is a constant of the graph, so each block's work around its attention is built ahead of time
-into two AOTInductor packages, with layer 0's weights as their constants and the number of rows a symbolic size, kept
-beside the step's packages in `$ATTN_HOME/aoti`: "pre", the block's norm, qkv product and RoPE (the model's own code:
-Attention.project), and "post", the o product, its residual, the MLP's norm, the MLP and its residual (Block.finish).
-Only the cache update and the attention itself (SDPA) run eagerly between them (Fused), so the norms, RoPE, adds and
-copies that ran eagerly around each product, ≈ 10 µs each, are compiled with it, and the o product has its own shape.
-Measured on the default model at 64 rows, int8, layer 0 in one process: 1123–1153 µs against 1379–1385 through the
-earlier packages (the MLP alone, the qkv with the o through it) and the eager ops between them; a 64-token prompt in
-one process 41.0–43.0 ms against 47.2–48.9; `attn bench --compare llama.cpp`, prefill int8 0.94× (was 0.82×), int4
-1.45× (was 1.13×). Every layer runs the packages with its own constants swapped in (`load_constants(...,
-user_managed=True)`: the loader reads our tensors, no copy).
-Among the constants inductor folds at build time are the codes re-blocked for the micro-kernel: each layer's are
-made once as the packages load (`blocked`) and kept beside the int4pack codes (+53 MB on the default model's int4
-layers, which no longer keep their exact float16 scales: model/quant/int4.py). Which folded constant is which is
-found at build time by shape and kept beside each package (`<key>.json`); a build is used only after a second
-layer through both packages matched the same code run eagerly.
+only takes a weight that is a constant of the graph, so the blocks' work between their attentions is built ahead of
+time into one AOTInductor package (`_Mid`, the model's own code), with the first two blocks' weights as its constants
+and the number of rows a symbolic size, kept beside the step's packages in `$ATTN_HOME/aoti`: block a's work after its
+attention — the o product, its residual, the MLP's norm, the MLP and its residual (Block.finish) — then block b's
+before its own — its norm, qkv product and RoPE (Attention.project). A prompt runs it n + 1 times (Chain), a = block
+i − 1 and b = block i with their constants swapped in (`load_constants(..., user_managed=True)`: the loader reads our
+tensors, no copy), only the cache update and the attention itself (SDPA) eager between calls; the first call's a and
+the last's b are no block (zeros: the residual passes through, the last q, k, v go unused). So the norms, RoPE, adds
+and copies that ran eagerly around each product, ≈ 10 µs each, are compiled with it.
 
-Each package is built in a child forked from this process as the step's own build starts (model/compile.py), with
-inductor imported here first: the children export and compile beside the step's build, each mostly one thread of
-Python (spawned instead, each child imported torch and inductor again, ≈ 3 s of CPU on cores the builds keep busy).
-Measured on a 2-core Xeon with AMX, first builds in one process, four rounds alternating with one spawned child
-(the attention's package then built here once the step was): int4 9.2–9.7 s against 9.9–10.0, int8 10.1–10.6
-against 10.3–10.7; 2–2.5 s less CPU. (The children at a lower priority: int8 10.5–10.6 s.) Where either fails, the
-blocks stay eager. Measured: README, Performance.
+Measured on a 2-core Xeon with AMX, the default model: a 64-token prompt in one process (best of 5 × 20, four rounds
+alternating) int8 42.9–44.4 ms, int4 29.7–30.6, the same as through the two packages per block this replaced ("pre"
+and "post", each block's own: 42.9–44.5 and 29.2–30.0; the zeros' ≈ 0.8 ms offset by 29 calls fewer), and one package
+to build instead of two: first builds (after `attn pull`, two rounds alternating) int4 8.7–9.9 s against 9.6–9.8, int8
+9.2–9.9 against 10.3–10.9.
+Among the constants inductor folds at build time are the codes re-blocked for the micro-kernel: each block's are
+made once as the package loads (`blocked`) and kept beside the int4pack codes (+53 MB on the default model's int4
+layers, which no longer keep their exact float16 scales: model/quant/int4.py). Which folded constant is which is
+found at build time by shape and kept beside the package (`<key>.json`); a build is used only after a call with other
+blocks than the first two matched the same code run eagerly.
+
+The package is built in a child forked from this process as the step's own build starts (model/compile.py), with
+inductor imported here first: the child exports and compiles beside the step's build, mostly one thread of Python
+(spawned instead, a child imported torch and inductor again, ≈ 3 s of CPU on cores the builds keep busy). Where it
+fails, the blocks stay eager. Measured: README, Performance.
 """
 
 from __future__ import annotations
@@ -53,20 +54,20 @@ from model.quant.q8 import Q8Linear
 MIN_ROWS = 8  # fewer rows run eagerly: at 1–4 rows the package is slower (350 against 290 µs), at 8 faster (305 against 813)
 TEMPLATE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "freezing": True}  # the template the only choice: nothing benchmarked
 TOLERANCE = 0.02  # a build's check: |package − eager| ≤ this × max |eager| (both read bfloat16 activations; measured ≤ 0.005)
-PACKAGES = ("pre", "post")  # before the attention (norm, qkv, RoPE), after it (o, residual, norm, MLP, residual)
-PRODUCTS = {"pre": ("attn.qkv",), "post": ("attn.o", "mlp.gate_up", "mlp.down")}  # the layers each package multiplies by
+PACKAGE = "mid"  # the one package: a block's work after its attention, then the next block's before its attention
+PRODUCTS = {"a": ("attn.o", "mlp.gate_up", "mlp.down"), "b": ("attn.qkv",)}  # the layers it multiplies by, of either block
 
 
 def packages(model: Decoder) -> list[str]:
-    """The packages the blocks can run (both or none): on a CPU with AMX tiles, where every block's MLP is gated, its
-    products int4pack layers, and its positions rotated (RoPE)."""
+    """The packages the blocks can run: on a CPU with AMX tiles, where every block's MLP is gated, its products int4pack
+    layers, and its positions rotated (RoPE)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     if not (amx and model.device.type == "cpu" and model.shard is None and os.environ.get("ATTN_PREFILL", "").strip().lower() != "eager"):
         return []
     ok = model.cfg.positions == "rope" and all(
         isinstance(b.mlp, GatedMLP) and all(_int4pack(b.get_submodule(n)) for names in PRODUCTS.values() for n in names) for b in model.layers
     )
-    return list(PACKAGES) if ok else []
+    return [PACKAGE] if ok else []
 
 
 def available(model: Decoder) -> bool:
@@ -75,7 +76,7 @@ def available(model: Decoder) -> bool:
 
 def missing(model: Decoder) -> list[str]:
     """The packages the blocks could run that they do not run now (not built, or built by another version of attn)."""
-    return packages(model) if model.layers[0]._fused is None else []
+    return packages(model) if model.prompt_run is None else []
 
 
 def _int4pack(layer: nn.Module) -> bool:
@@ -91,70 +92,63 @@ def blocked(q: Packed4) -> torch.Tensor:
     return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).contiguous().view(N, K // 2)
 
 
-class _Pre(nn.Module):
-    """What the "pre" package computes for M rows of one sequence: the block's norm, qkv product and RoPE (its own
-    code: Attention.project); cos and sin (M, 1, R) → q (1, H, M, D), k and v (1, G, M, D)."""
+class _Mid(nn.Module):
+    """What the package computes for M rows of one sequence: block `a`'s work after its attention — the o product of
+    its heads y (M, H·D), then the rest of the block (Block.finish) on the residual x (M, C) — and block `b`'s before
+    its attention on the result — its norm, qkv product and RoPE (Attention.project); cos and sin (M, 1, R) → the
+    residual (M, C), q (1, H, M, D), k and v (1, G, M, D). The model's own code, two blocks of it."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, a: nn.Module, b: nn.Module) -> None:
         super().__init__()
-        self.block = block
+        self.a, self.b = a, b
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.block.attn.project(self.block.attn_norm.forward(x[None]), (cos, sin))
-
-
-class _Post(nn.Module):
-    """What the "post" package computes for M rows: the o product of the heads y (M, H·D), then the rest of the block
-    (Block.finish) on the residual x (M, C)."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.block.finish(x, self.block.attn.o.forward(y))
+    def forward(self, x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.a.finish(x, self.a.attn.o.forward(y))
+        return (x, *self.b.attn.project(self.b.attn_norm.forward(x[None]), (cos, sin)))
 
 
-def _examples(model: Decoder, package: str) -> tuple[torch.Tensor, ...]:
-    """A package's example inputs (MIN_ROWS rows, their number a symbolic size)."""
-    a, C = model.layers[0].attn, model.cfg.dim
-    if package == "pre":
-        R = model.rope_cos.shape[-1]
-        return torch.zeros(MIN_ROWS, C), torch.zeros(MIN_ROWS, 1, R), torch.zeros(MIN_ROWS, 1, R)
-    return torch.zeros(MIN_ROWS, C), torch.zeros(MIN_ROWS, a.n_heads * a.head_dim)
+def _examples(model: Decoder) -> tuple[torch.Tensor, ...]:
+    """The package's example inputs (MIN_ROWS rows, their number a symbolic size)."""
+    a, C, R = model.layers[0].attn, model.cfg.dim, model.rope_cos.shape[-1]
+    return torch.zeros(MIN_ROWS, C), torch.zeros(MIN_ROWS, a.n_heads * a.head_dim), torch.zeros(MIN_ROWS, 1, R), torch.zeros(MIN_ROWS, 1, R)
 
 
-class Fused:
-    """One block's rows (B·T of them, at least MIN_ROWS) through the two packages with that block's constants; the
-    cache update and the attention itself eager between them (Attention.attend). Block.forward calls it (its `_fused`)."""
+class Chain:
+    """A prompt's rows (B·T of them, at least MIN_ROWS) through every block: n + 1 calls of the package, the i-th with
+    block i − 1 as `a` and block i as `b` (their constants swapped in), the cache update and the attention itself eager
+    between them (Attention.attend). The first call's `a` and the last's `b` are no block: zeros for every weight, so
+    that the residual passes through unchanged (x + 0) and the last q, k, v are not used (≈ 0.8 ms of a 64-token
+    prompt spent on zeros; one package to build instead of two, ≈ 1.5 s less of a first build). Decoder._run calls it
+    (its `prompt_run`) where no probe and no hook on a block asks for the blocks one by one."""
 
     min_rows = MIN_ROWS
 
-    def __init__(self, runners: dict[str, "_Package"], constants: dict[str, dict[str, torch.Tensor]], held: list[torch.Tensor], rows: dict) -> None:
-        self.runners, self.constants = runners, constants
-        self.held = held  # of the constants, those the model does not hold itself (re-blocked codes)
-        self.rows = rows  # shared by every block's Fused: the last rope pair seen, as the packages read it (`rope_rows`)
+    def __init__(self, runner: "_Package", constants: list[dict[str, torch.Tensor]], held: list[torch.Tensor]) -> None:
+        self.runner, self.constants = runner, constants
+        self.held = held  # of the constants, those the model does not hold itself (re-blocked codes, the zeros)
 
-    def rope_rows(self, pair: tuple[torch.Tensor, torch.Tensor], B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's cos and sin as the "pre" package reads them, (B·T, 1, R) contiguous: made once per forward (every
-        block is given the same pair; ≈ 20 µs a block of small ops otherwise) and kept for the blocks after it."""
-        kept = self.rows.get("rope")
-        if kept is None or kept[0] is not pair or kept[1] != (B, T):
-            made = tuple(t.expand(B, T, 1, t.shape[-1]).reshape(B * T, 1, -1).contiguous() for t in pair)
-            kept = self.rows["rope"] = (pair, (B, T), made)
-        return kept[2]
-
-    def run(self, package: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        return self.runners[package](self.constants[package], list(inputs))
-
-    def __call__(self, block: nn.Module, x: torch.Tensor, span, rope: tuple) -> torch.Tensor:
+    def __call__(self, model: Decoder, x: torch.Tensor, span, rope: tuple) -> torch.Tensor:
         B, T, C = x.shape
-        a = block.attn
-        cos, sin = self.rope_rows(rope[a.rope_index], B, T)
+        layers = model.layers
+        a = layers[0].attn
         rows = x.reshape(B * T, C).contiguous()
-        q, k, v = (t.view(t.shape[1], B, T, -1).transpose(0, 1) for t in self.run("pre", rows, cos, sin))
-        y = a.attend(q, k, v, span, None)  # (B, T, H·D)
-        return self.run("post", rows, y.reshape(B * T, -1).contiguous())[0].view(B, T, C)
+        y = x.new_zeros(B * T, a.n_heads * a.head_dim)
+        tables = {}  # cos and sin rows per RoPE table, as the package reads them: (B·T, 1, R)
+        for i, constants in enumerate(self.constants):
+            block = layers[min(i, len(layers) - 1)]
+            index = block.attn.rope_index
+            if index not in tables:
+                tables[index] = [t.expand(B, T, 1, t.shape[-1]).reshape(B * T, 1, -1).contiguous() for t in rope[index]]
+            rows, q, k, v = self.runner(constants, [rows, y, *tables[index]])
+            if i == len(layers):
+                break
+            q, k, v = (t.view(t.shape[1], B, T, -1).transpose(0, 1) for t in (q, k, v))
+            y = block.attn.attend(q, k, v, span, None).reshape(B * T, -1).contiguous()  # (B·T, H·D)
+        return rows.view(B, T, C)
+
+    def run(self, i: int, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """The package with the i-th call's constants (block i − 1 as `a`, block i as `b`)."""
+        return self.runner(self.constants[i], list(inputs))
 
 
 class _Package:
@@ -169,131 +163,126 @@ class _Package:
         return self.loader.run(inputs)
 
 
-def attach(model: Decoder, paths: dict[str, Path], which: dict[str, dict[str, str]] | None = None) -> int:
-    """Load both packages (`paths`, by name) and give every block its Fused; how many blocks. `which`: per package,
-    folded constant → the Packed4 it re-blocks (kept beside each package where not given). Raises where one cannot load."""
+def attach(model: Decoder, path: Path, which: dict[str, str] | None = None) -> int:
+    """Load the package and give the model its Chain; how many blocks run it. `which`: folded constant → the Packed4 it
+    re-blocks, by its name in _Mid (kept beside the package where not given). Raises where it cannot load."""
     torch.cpu._init_amx()  # the kernel grants the AMX tiles per process; without this the first product dies of SIGILL
     if which is None:
-        which = {p: json.loads(path.with_suffix(".json").read_text())["blocked"] for p, path in paths.items()}
-    runners = {p: _Package(path) for p, path in paths.items()}
-    own = {p: set(r.loader.get_constant_fqns()) for p, r in runners.items()}
-    rows: dict = {}
-    for block in model.layers:
-        named = {f"block.{n}": t for n, t in [*block.named_parameters(), *block.named_buffers()]}
-        constants, held = {}, []
-        for p in runners:
-            codes = {name: blocked(block.get_submodule(q)) for name, q in which[p].items()}
-            constants[p] = {n: t for n, t in named.items() if n in own[p]} | codes
-            held += codes.values()
-        block._fused = Fused(runners, constants, held, rows)
-    return len(model.layers)
+        which = json.loads(path.with_suffix(".json").read_text())["blocked"]
+    runner = _Package(path)
+    own = set(runner.loader.get_constant_fqns())
+    layers = list(model.layers)
+    made: dict[tuple, dict[str, torch.Tensor]] = {}  # per block and side: its constants (re-blocked codes made once a block)
+
+    def side(block: nn.Module | None, prefix: str) -> dict[str, torch.Tensor]:
+        source = layers[0] if block is None else block
+        key = (id(source), prefix, block is None)
+        if key not in made:
+            named = {f"{prefix}.{n}": t for n, t in [*source.named_parameters(), *source.named_buffers()] if f"{prefix}.{n}" in own}
+            codes = {name: blocked(source.get_submodule(q.removeprefix(f"{prefix}."))) for name, q in which.items() if q.startswith(f"{prefix}.")}
+            made[key] = _zeros(named | codes) if block is None else named | codes
+        return made[key]
+
+    ends = [None, *layers, None]
+    constants = [side(ends[i], "a") | side(ends[i + 1], "b") for i in range(len(layers) + 1)]
+    mine = {id(t) for b in layers for t in [*b.parameters(), *b.buffers()]}
+    held = list({id(t): t for c in constants for t in c.values() if id(t) not in mine}.values())
+    model.prompt_run = Chain(runner, constants, held)
+    return len(layers)
+
+
+def _zeros(like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zeros shaped as each of `like`, all views of one buffer as large as the largest (the package only reads them):
+    the no-block ends of the Chain hold 0.9 MB on the default model's int4 layers, not 3.8."""
+    pool = torch.zeros(max(t.numel() * t.element_size() for t in like.values()), dtype=torch.uint8)
+    return {n: pool[: t.numel() * t.element_size()].view(t.dtype).view(t.shape) for n, t in like.items()}
 
 
 def resident_bytes(model: Decoder) -> int:
-    """What the packages' Fused hold beside the model's own tensors: re-blocked codes."""
-    held = {t.data_ptr(): t for b in model.layers if b._fused is not None for t in b._fused.held}
-    return sum(t.numel() * t.element_size() for t in held.values())
+    """What the package's Chain holds beside the model's own tensors: re-blocked codes, and one block's zeros."""
+    held = model.prompt_run.held if model.prompt_run is not None else []
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}  # (the zeros share one)
+    return sum(storages.values())
 
 
 def detach(model: Decoder) -> None:
     """Every block eager again."""
-    for block in model.layers:
-        block._fused = None
-
-
-class _Build:
-    """One package to build: which, where it goes, and where it lies meanwhile (empty until a build succeeds)."""
-
-    def __init__(self, package: str, path: Path, tmp: Path) -> None:
-        self.package, self.path, self.tmp = package, path, tmp
-
-    def clean(self) -> None:
-        self.tmp.unlink(missing_ok=True)
+    model.prompt_run = None
 
 
 class Pending:
-    """Packages being built (`start`), each by a child process of its own. Finished by `finish`."""
+    """The package being built (`start`) by a child process. Finished by `finish`."""
 
-    def __init__(self, model: Decoder, children: list["_Child"], builds: list[_Build], paths: dict[str, Path]) -> None:
-        self.model, self.children, self.builds, self.paths = model, children, builds, paths
+    def __init__(self, model: Decoder, child: "_Child", path: Path, tmp: Path) -> None:
+        self.model, self.child, self.path, self.tmp = model, child, path, tmp  # (tmp: empty until the build succeeds)
 
     def cancel(self) -> None:
-        """Stop the children (the step's own build failed: nothing of this is kept)."""
-        for child in self.children:
-            child.kill()
-        for b in self.builds:
-            b.clean()
+        """Stop the child (the step's own build failed: nothing of this is kept)."""
+        self.child.kill()
+        self.tmp.unlink(missing_ok=True)
 
     def finish(self) -> bool:
-        """Wait for the children; identify each new package's folded constants, attach both packages, check them, keep
-        the new ones. Whether the blocks now run them (a failure leaves every block eager, nothing new kept)."""
+        """Wait for the child; identify the package's folded constants, attach it, check it, keep it. Whether the
+        blocks now run it (a failure leaves every block eager, nothing new kept)."""
         try:
             try:
-                for child in self.children:
-                    child.wait()
-            except BaseException:  # interrupted: the children go too
-                for child in self.children:
-                    child.kill()
+                self.child.wait()
+            except BaseException:  # interrupted: the child goes too
+                self.child.kill()
                 raise
             return self._finish()
         finally:
-            for b in self.builds:
-                b.clean()
+            self.tmp.unlink(missing_ok=True)
 
     def _finish(self) -> bool:
         try:
-            if any(not b.tmp.exists() or b.tmp.stat().st_size == 0 for b in self.builds):
+            if not self.tmp.exists() or self.tmp.stat().st_size == 0:
                 return False
-            block = self.model.layers[0]
-            new = {b.package: _identify(b.tmp, block, b.package) for b in self.builds}
-            paths = self.paths | {b.package: b.tmp for b in self.builds}  # (the loader unpacks a package: it may move after)
-            which = {p: new[p] if p in new else json.loads(path.with_suffix(".json").read_text())["blocked"] for p, path in paths.items()}
-            attach(self.model, paths, which)
+            which = _identify(self.tmp, self.model)
+            attach(self.model, self.tmp, which)  # (the loader unpacks a package: it may move after)
             if not _agrees(self.model):
                 detach(self.model)
                 return False
-            for b in self.builds:
-                write_atomically(b.path.with_suffix(".json"), json.dumps({"blocked": new[b.package]}))
-                os.replace(b.tmp, b.path)
+            write_atomically(self.path.with_suffix(".json"), json.dumps({"blocked": which}))
+            os.replace(self.tmp, self.path)
             return True
         except Exception:  # any failure here only means an eager prefill
             detach(self.model)
             return False
 
 
+def _pair(model: Decoder) -> _Mid:
+    """The two blocks the package is built from (and keyed by): the first two (the first twice in a model of one)."""
+    return _Mid(model.layers[0], model.layers[min(1, len(model.layers) - 1)])
+
+
 def start(model: Decoder, cache_dir: Path, key: Callable[[nn.Module], str], build: bool) -> Pending | None:
-    """Attach the packages kept for this model (under `key` of its first block), or (with `build`) start building those
-    missing: the Pending builds to finish; None when there is nothing to wait for."""
-    names = packages(model)
-    if not names or model.layers[0]._fused is not None:
+    """Attach the package kept for this model (under `key` of its first two blocks), or (with `build`) start building it:
+    the Pending build to finish; None when there is nothing to wait for."""
+    if not packages(model) or model.prompt_run is not None:
         return None
-    block = model.layers[0]
-    paths = {p: cache_dir / f"{p}-{key(block)}.pt2" for p in names}
-    kept = [p for p, path in paths.items() if path.exists() and path.with_suffix(".json").exists()]
-    if len(kept) == len(names):
+    module = _pair(model)
+    path = cache_dir / f"{PACKAGE}-{key(module)}.pt2"
+    if path.exists() and path.with_suffix(".json").exists():
         try:
-            attach(model, paths)
+            attach(model, path)
             return None
         except Exception:  # cut short, from another torch: built again
             detach(model)
-            kept = []
     if not build:
         return None
     cache_dir.mkdir(parents=True, exist_ok=True)
-    builds = [_Build(p, paths[p], Path(_temporary(cache_dir, ".pt2"))) for p in names if p not in kept]
-    children: list[_Child] = []
+    tmp = Path(_temporary(cache_dir, ".pt2"))
     try:
-        import torch._inductor.compile_fx  # noqa: F401 (this process builds the step with it next: the children have it)
+        import torch._inductor.compile_fx  # noqa: F401 (this process builds the step with it next: the child has it)
 
-        for b in builds:
-            module, examples = WRAPPERS[b.package](block), _examples(model, b.package)
-            children.append(_Child(partial(_build, module, examples, b.tmp, cache_dir / "cxx", torch.get_num_threads())))
+        child = _Child(partial(_build, module, _examples(model), tmp, cache_dir / "cxx", torch.get_num_threads()))
     except BaseException as e:  # no fork here, or no inductor: the prompt stays eager
-        Pending(model, children, builds, {}).cancel()
+        tmp.unlink(missing_ok=True)
         if not isinstance(e, Exception):
             raise
         return None
-    return Pending(model, children, builds, {p: paths[p] for p in kept})
+    return Pending(model, child, path, tmp)
 
 
 class _Child:
@@ -375,19 +364,20 @@ def key_extra() -> list:
     return [hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), TEMPLATE]
 
 
-def _identify(package: Path, block: nn.Module, name: str) -> dict[str, str]:
-    """Which of the package's folded constants re-blocks which Packed4 of `block` (by its name there): by shape and
-    dtype, from the package's own library (the products of one package never share a shape; the values are not
-    compared: the package's own, folded by inductor from layer 0's codes, came out wrong in some builds here, and each
-    layer's are given at load anyway). Any other folded constant must be a scalar (a group size), which every layer
-    shares; else ValueError."""
+def _identify(package: Path, model: Decoder) -> dict[str, str]:
+    """Which of the package's folded constants re-blocks which Packed4 (by its name in _Mid): by shape and dtype, from
+    the package's own library (the products of one package never share a shape; the values are not compared: the
+    package's own, folded by inductor from the first blocks' codes, came out wrong in some builds here, and each call's
+    are given at load anyway). Any other folded constant must be a scalar (a group size), which every block shares; else
+    ValueError."""
     with tempfile.TemporaryDirectory() as folder:
         with zipfile.ZipFile(package) as z:
             (so,) = [n for n in z.namelist() if n.endswith(".so")]
             library = z.extract(so, folder)
         constants = torch._C._aoti.AOTIModelContainerRunnerCpu(library, 1).extract_constants_map(False)
-    own = {f"block.{n}" for n, _ in [*block.named_parameters(), *block.named_buffers()]}
-    candidates = {f"{p}.q": block.get_submodule(f"{p}.q").packed for p in PRODUCTS[name]}
+    module = _pair(model)
+    own = {n for n, _ in [*module.named_parameters(), *module.named_buffers()]}
+    candidates = {f"{side}.{p}.q": module.get_submodule(f"{side}.{p}.q").packed for side, names in PRODUCTS.items() for p in names}
     which = {}
     for constant, value in constants.items():
         if constant in own:
@@ -403,24 +393,20 @@ def _identify(package: Path, block: nn.Module, name: str) -> dict[str, str]:
 
 
 def _agrees(model: Decoder) -> bool:
-    """A second block (where there is one) through each package against the same eagerly, on random rows."""
+    """A call other than the one the package was built from (blocks 1 and 2, where there are three) through the package
+    against the same code run eagerly, on random rows (where its `b` is the zeros, only the residual)."""
     gen = torch.Generator().manual_seed(0)
-    block = model.layers[min(1, len(model.layers) - 1)]
-    fused = block._fused
+    layers = model.layers
+    i = min(2, len(layers))
+    a, b = layers[i - 1], layers[i] if i < len(layers) else None
     M = 2 * MIN_ROWS
-    rope = model.rope_at(0, M)[block.attn.rope_index]
-    inputs = {
-        "pre": (torch.randn(M, model.cfg.dim, generator=gen), *(t.contiguous() for t in rope)),
-        "post": (torch.randn(M, model.cfg.dim, generator=gen), torch.randn(M, block.attn.n_heads * block.attn.head_dim, generator=gen)),
-    }
+    rope = model.rope_at(0, M)[(b or a).attn.rope_index]
+    args = (torch.randn(M, model.cfg.dim, generator=gen), torch.randn(M, a.attn.n_heads * a.attn.head_dim, generator=gen), *rope)
     with torch.inference_mode():
-        for name, args in inputs.items():
-            args = tuple(t.to(model.dtype) for t in args)
-            got, want = fused.run(name, *args), WRAPPERS[name](block)(*args)
-            for g, w in zip(got, want if isinstance(want, tuple) else (want,)):
-                if g.shape != w.shape or not bool((g.float() - w.float()).abs().max() <= TOLERANCE * w.float().abs().max()):
-                    return False
+        args = tuple(t.to(model.dtype).contiguous() for t in args)
+        got = model.prompt_run.run(i, *args)
+        want = _Mid(a, b)(*args) if b is not None else [a.finish(args[0], a.attn.o.forward(args[1]))]
+        for g, w in zip(got, want):
+            if g.shape != w.shape or not bool((g.float() - w.float()).abs().max() <= TOLERANCE * w.float().abs().max()):
+                return False
     return True
-
-
-WRAPPERS = {"pre": _Pre, "post": _Post}
