@@ -117,8 +117,8 @@ def _compiled_step(m: Loaded, compile_step: bool | None, max_len: int, quiet: bo
         note(f"warning: inductor could not compile the step ({m.model.decode_step.why}): its eager ops run as one CUDA graph instead, slower", quiet)
     missing = getattr(m.model.decode_step, "prefill_missing", None)
     if missing:  # (a later run after an update of attn, or a build that failed for them)
-        how = "they could not be built" if build else "--compile builds them, once"
-        note(f"the prompt's products for AMX ({', '.join(missing)}) are not built for this model and mode: the prompt runs eagerly, ≈ 3× slower ({how})", quiet)
+        how = "it could not be built" if build else "--compile builds it, once"
+        note(f"the prompt's package for AMX is not built for this model and mode: the prompt runs eagerly, ≈ 3.6–4.5× slower ({how})", quiet)
     m.kernels = dict(layer_kernels(m.model))  # the compiled step multiplies plain weights where packed ones were
     if m.model.prompt_run is not None:  # 8 rows or more (the prefill) through inductor's AMX template (model/prefill.py)
         m.kernels["Block:amx-template"] = len(m.model.layers)

@@ -288,7 +288,7 @@ class AotStep(BuiltStep):
         super().__init__(model)
 
     def build(self) -> None:
-        # The packages for many rows (model/prefill.py) build in child processes beside the blocks' packages.
+        # The package for many rows (model/prefill.py) builds in a child process beside the blocks' packages.
         pending = _start_prefill(self.model, self.cache_dir, self.build_missing)
         try:
             self._build_blocks()

@@ -198,6 +198,7 @@ class Block(nn.Module):
         self.mlp = GatedMLP(cfg) if cfg.mlp == "gated" else MLP(cfg)
         self.mlp_post_norm = make_norm(cfg) if cfg.post_norm else nn.Identity()
         self.parallel = cfg.parallel_residual
+
     # The parts are called through `forward`: hooks attach to the Block (model/explain.py) or above.
     def forward(self, x: torch.Tensor, span: Span, rope: tuple | None, probe: Probe | None) -> torch.Tensor:
         return self.finish(x, self.attn.forward(self.attn_norm.forward(x), span, rope, probe))

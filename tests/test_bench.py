@@ -216,6 +216,32 @@ def test_a_cuda_step_that_inductor_could_not_compile_says_so(tiny_llama, monkeyp
     ]
 
 
+def test_a_step_loaded_without_the_prompts_package_says_so(tiny_llama, monkeypatch):
+    """A step built or loaded while the prompt's AMX package is not (its build failed; attn updated since): one line on
+    stderr, and how to build it (model/prefill.py; the step's `prefill_missing`, tests/test_prefill.py)."""
+    import model.compile
+    import model.prefill
+    from cli import speed
+    from cli.common import Dtype
+    from cli.models import open_model
+
+    m = open_model(str(tiny_llama), "cpu", Dtype.auto, quiet=True, quantize="int4")
+
+    def without_the_package(model_, *args, **kwargs):
+        model_.decode_step = type("AotStep", (), {"prefill_missing": ["mid"]})()
+        return 1.0
+
+    monkeypatch.setattr(model.compile, "compile_decode_step", without_the_package)
+    monkeypatch.setattr(model.prefill, "available", lambda model_: True)
+    notes = []
+    monkeypatch.setattr(speed, "note", lambda text, quiet=False: notes.append(text))
+    assert speed.apply_speed_options(m, True, 16) == 1.0
+    assert notes[-1] == "the prompt's package for AMX is not built for this model and mode: the prompt runs eagerly, ≈ 3.6–4.5× slower (it could not be built)"
+    assert "the prompt's products for AMX" in notes[0]  # (what the build said it would build)
+    assert speed.apply_speed_options(m, None, 16) == 1.0  # a default run: it only loads
+    assert notes[-1].endswith("(--compile builds it, once)")
+
+
 def test_a_step_built_by_another_version_of_attn_is_said_at_each_default_run(attn, tiny_llama, monkeypatch):
     """After an update of attn its packages' keys change: a default run (neither flag) runs eagerly and says so, in
     one line, and how to build the step again (model/compile.BuiltByAnother; the record is kept: tests/test_fastpaths)."""
