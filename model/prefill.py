@@ -5,14 +5,16 @@ Eagerly, ATen's `_weight_int4pack_mm_for_cpu` runs the 64 rows of the default mo
 Xeon with AMX), its qkv product in 0.9–1.5 ms, its o product in 0.45–0.75 ms; inductor's max-autotune CPU template
 for the same op (`CppWoqInt4GemmTemplate`, its AMX micro-kernel) in 0.9, 0.21–0.24 and 0.12–0.14 ms. The template
 only takes a weight that is a constant of the graph, so the blocks' work between their attentions is built ahead of
-time into one AOTInductor package (`_Mid`, the model's own code), with the first two blocks' weights as its constants
-and the number of rows a symbolic size, kept beside the step's packages in `$ATTN_HOME/aoti`: block a's work after its
-attention — the o product, its residual, the MLP's norm, the MLP and its residual (Block.finish) — then block b's
-before its own — its norm, qkv product and RoPE (Attention.project). A prompt runs it n + 1 times (Chain), a = block
-i − 1 and b = block i with their constants swapped in (`load_constants(..., user_managed=True)`: the loader reads our
-tensors, no copy), only the cache update and the attention itself (SDPA) eager between calls; the first call's a and
-the last's b are no block (zeros: the residual passes through, the last q, k, v go unused). So the norms, RoPE, adds
-and copies that ran eagerly around each product, ≈ 10 µs each, are compiled with it.
+time into one AOTInductor package (`_Mid`, the model's own code), kept beside the step's packages in `$ATTN_HOME/aoti`:
+block a's work after its attention — the o product, its residual, the MLP's norm, the MLP and its residual
+(Block.finish) — then block b's before its own — its norm, qkv product and RoPE (Attention.project). Its constants are
+the first two blocks' quantized weights, its inputs the rows (their number a symbolic size) and the two blocks' other
+tensors (`_given`: norms' weights, biases; as constants, Gemma's 1 + w was folded into one of inductor's own). A
+prompt runs it n + 1 times (Chain), a = block i − 1 and b = block i, their quantized weights swapped in
+(`load_constants(..., user_managed=True)`: the loader reads our tensors, no copy) and their other tensors given; only
+the cache update and the attention itself (SDPA) run eagerly between calls. The first call's a and the last's b are no
+block (zeros: the residual passes through, the last q, k, v go unused). So the norms, RoPE, adds and copies that ran
+eagerly around each product, ≈ 10 µs each, are compiled with it.
 
 Measured on a 2-core Xeon with AMX, the default model: a 64-token prompt in one process (best of 5 × 20, four rounds
 alternating) int8 42.9–44.4 ms, int4 29.7–30.6, the same as through the two packages per block this replaced ("pre"
@@ -56,6 +58,7 @@ TEMPLATE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "freezing
 TOLERANCE = 0.02  # a build's check: |package − eager| ≤ this × max |eager| (both read bfloat16 activations; measured ≤ 0.005)
 PACKAGE = "mid"  # the one package: a block's work after its attention, then the next block's before its attention
 PRODUCTS = {"a": ("attn.o", "mlp.gate_up", "mlp.down"), "b": ("attn.qkv",)}  # the layers it multiplies by, of either block
+PARTS = {"a": ("attn.o", "attn_post_norm", "mlp_norm", "mlp", "mlp_post_norm"), "b": ("attn_norm", "attn.qkv", "attn.q_norm", "attn.k_norm")}  # all it reads
 
 
 def packages(model: Decoder) -> list[str]:
@@ -92,7 +95,7 @@ def blocked(q: Packed4) -> torch.Tensor:
     return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).contiguous().view(N, K // 2)
 
 
-class _Mid(nn.Module):
+class _Pair(nn.Module):
     """What the package computes for M rows of one sequence: block `a`'s work after its attention — the o product of
     its heads y (M, H·D), then the rest of the block (Block.finish) on the residual x (M, C) — and block `b`'s before
     its attention on the result — its norm, qkv product and RoPE (Attention.project); cos and sin (M, 1, R) → the
@@ -107,10 +110,35 @@ class _Mid(nn.Module):
         return (x, *self.b.attn.project(self.b.attn_norm.forward(x[None]), (cos, sin)))
 
 
-def _examples(model: Decoder) -> tuple[torch.Tensor, ...]:
-    """The package's example inputs (MIN_ROWS rows, their number a symbolic size)."""
+def _given(pair: _Pair) -> list[str]:
+    """The pair's tensors the package takes as inputs at each call: those of the parts it runs (PARTS), but of the
+    products only their biases: their codes and scales are its constants (the template multiplies only by a constant).
+    As constants, inductor folds what is computed from them alone into constants of its own that attn could not give
+    each block (Gemma's norm weights as 1 + w)."""
+    products = tuple(f"{side}.{p}." for side, names in PRODUCTS.items() for p in names)
+    used = tuple(f"{side}.{part}." for side, parts in PARTS.items() for part in parts)
+    names = [n for n, _ in [*pair.named_parameters(remove_duplicate=False), *pair.named_buffers(remove_duplicate=False)] if n.startswith(used)]
+    return [n for n in names if not n.startswith(products) or n in {f"{p}bias" for p in products}]  # (of a product: its bias)
+
+
+class _Mid(nn.Module):
+    """The package's module: the pair with `given` of its tensors as inputs after x, y, cos, sin."""
+
+    def __init__(self, pair: _Pair) -> None:
+        super().__init__()
+        self.pair, self.given = pair, _given(pair)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.func.functional_call(self.pair, dict(zip(self.given, tensors)), (x, y, cos, sin))
+
+
+def _examples(model: Decoder, module: _Mid) -> tuple[torch.Tensor, ...]:
+    """The package's example inputs: MIN_ROWS rows of x, y, cos and sin (their number a symbolic size), then copies of
+    the tensors it is given."""
     a, C, R = model.layers[0].attn, model.cfg.dim, model.rope_cos.shape[-1]
-    return torch.zeros(MIN_ROWS, C), torch.zeros(MIN_ROWS, a.n_heads * a.head_dim), torch.zeros(MIN_ROWS, 1, R), torch.zeros(MIN_ROWS, 1, R)
+    rows = torch.zeros(MIN_ROWS, C), torch.zeros(MIN_ROWS, a.n_heads * a.head_dim), torch.zeros(MIN_ROWS, 1, R), torch.zeros(MIN_ROWS, 1, R)
+    named = dict([*module.pair.named_parameters(remove_duplicate=False), *module.pair.named_buffers(remove_duplicate=False)])
+    return (*rows, *(named[n].detach().clone() for n in module.given))
 
 
 class Chain:
@@ -123,9 +151,9 @@ class Chain:
 
     min_rows = MIN_ROWS
 
-    def __init__(self, runner: "_Package", constants: list[dict[str, torch.Tensor]], held: list[torch.Tensor]) -> None:
-        self.runner, self.constants = runner, constants
-        self.held = held  # of the constants, those the model does not hold itself (re-blocked codes, the zeros)
+    def __init__(self, runner: "_Package", calls: list[tuple[dict[str, torch.Tensor], list[torch.Tensor]]], held: list[torch.Tensor]) -> None:
+        self.runner, self.calls = runner, calls  # per call: its constants, and the tensors it is given (_Mid.given)
+        self.held = held  # of those, the ones the model does not hold itself (re-blocked codes, the zeros)
 
     def __call__(self, model: Decoder, x: torch.Tensor, span, rope: tuple) -> torch.Tensor:
         B, T, C = x.shape
@@ -134,12 +162,12 @@ class Chain:
         rows = x.reshape(B * T, C).contiguous()
         y = x.new_zeros(B * T, a.n_heads * a.head_dim)
         tables = {}  # cos and sin rows per RoPE table, as the package reads them: (B·T, 1, R)
-        for i, constants in enumerate(self.constants):
+        for i, (constants, given) in enumerate(self.calls):
             block = layers[min(i, len(layers) - 1)]
             index = block.attn.rope_index
             if index not in tables:
                 tables[index] = [t.expand(B, T, 1, t.shape[-1]).reshape(B * T, 1, -1).contiguous() for t in rope[index]]
-            rows, q, k, v = self.runner(constants, [rows, y, *tables[index]])
+            rows, q, k, v = self.runner(constants, [rows, y, *tables[index], *given])
             if i == len(layers):
                 break
             q, k, v = (t.view(t.shape[1], B, T, -1).transpose(0, 1) for t in (q, k, v))
@@ -147,8 +175,9 @@ class Chain:
         return rows.view(B, T, C)
 
     def run(self, i: int, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        """The package with the i-th call's constants (block i − 1 as `a`, block i as `b`)."""
-        return self.runner(self.constants[i], list(inputs))
+        """The package with the i-th call's tensors (block i − 1 as `a`, block i as `b`) on x, y, cos, sin."""
+        constants, given = self.calls[i]
+        return self.runner(constants, [*inputs, *given])
 
 
 class _Package:
@@ -172,29 +201,37 @@ def attach(model: Decoder, path: Path, which: dict[str, str] | None = None) -> i
     runner = _Package(path)
     own = set(runner.loader.get_constant_fqns())
     layers = list(model.layers)
-    made: dict[tuple, dict[str, torch.Tensor]] = {}  # per block and side: its constants (re-blocked codes made once a block)
+    given = _given(_Pair(layers[0], layers[0]))
+    made: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}  # per block and side, made once
 
-    def side(block: nn.Module | None, prefix: str) -> dict[str, torch.Tensor]:
+    def side(block: nn.Module | None, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A block's (or no block's: zeros) tensors as one side of a call: (constants, given) by their names in _Mid."""
         source = layers[0] if block is None else block
         key = (id(source), prefix, block is None)
         if key not in made:
-            named = {f"{prefix}.{n}": t for n, t in [*source.named_parameters(), *source.named_buffers()] if f"{prefix}.{n}" in own}
-            codes = {name: blocked(source.get_submodule(q.removeprefix(f"{prefix}."))) for name, q in which.items() if q.startswith(f"{prefix}.")}
-            made[key] = _zeros(named | codes) if block is None else named | codes
+            named = {f"{prefix}.{n}": t for n, t in [*source.named_parameters(), *source.named_buffers()]}
+            at = f"pair.{prefix}."
+            constants = {n: named[n.removeprefix("pair.")] for n in own if n.startswith(at)}
+            constants |= {n: blocked(source.get_submodule(q.removeprefix(at))) for n, q in which.items() if q.startswith(at)}
+            inputs = {n: named[n] for n in given if n.startswith(f"{prefix}.")}
+            made[key] = (_zeros(constants), _zeros(inputs)) if block is None else (constants, inputs)
         return made[key]
 
     ends = [None, *layers, None]
-    constants = [side(ends[i], "a") | side(ends[i + 1], "b") for i in range(len(layers) + 1)]
+    calls = []
+    for i in range(len(layers) + 1):
+        (ca, ia), (cb, ib) = side(ends[i], "a"), side(ends[i + 1], "b")
+        calls.append((ca | cb, [(ia | ib)[n] for n in given]))
     mine = {id(t) for b in layers for t in [*b.parameters(), *b.buffers()]}
-    held = list({id(t): t for c in constants for t in c.values() if id(t) not in mine}.values())
-    model.prompt_run = Chain(runner, constants, held)
+    held = list({id(t): t for c, g in calls for t in [*c.values(), *g] if id(t) not in mine}.values())
+    model.prompt_run = Chain(runner, calls, held)
     return len(layers)
 
 
 def _zeros(like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Zeros shaped as each of `like`, all views of one buffer as large as the largest (the package only reads them):
     the no-block ends of the Chain hold 0.9 MB on the default model's int4 layers, not 3.8."""
-    pool = torch.zeros(max(t.numel() * t.element_size() for t in like.values()), dtype=torch.uint8)
+    pool = torch.zeros(max((t.numel() * t.element_size() for t in like.values()), default=0), dtype=torch.uint8)
     return {n: pool[: t.numel() * t.element_size()].view(t.dtype).view(t.shape) for n, t in like.items()}
 
 
@@ -252,8 +289,8 @@ class Pending:
 
 
 def _pair(model: Decoder) -> _Mid:
-    """The two blocks the package is built from (and keyed by): the first two (the first twice in a model of one)."""
-    return _Mid(model.layers[0], model.layers[min(1, len(model.layers) - 1)])
+    """The package's module, built from (and keyed by) the first two blocks (the first twice in a model of one)."""
+    return _Mid(_Pair(model.layers[0], model.layers[min(1, len(model.layers) - 1)]))
 
 
 def start(model: Decoder, cache_dir: Path, key: Callable[[nn.Module], str], build: bool) -> Pending | None:
@@ -276,7 +313,7 @@ def start(model: Decoder, cache_dir: Path, key: Callable[[nn.Module], str], buil
     try:
         import torch._inductor.compile_fx  # noqa: F401 (this process builds the step with it next: the child has it)
 
-        child = _Child(partial(_build, module, _examples(model), tmp, cache_dir / "cxx", torch.get_num_threads()))
+        child = _Child(partial(_build, module, _examples(model, module), tmp, cache_dir / "cxx", torch.get_num_threads()))
     except BaseException as e:  # no fork here, or no inductor: the prompt stays eager
         tmp.unlink(missing_ok=True)
         if not isinstance(e, Exception):
@@ -337,7 +374,8 @@ def _build(module: nn.Module, examples: tuple[torch.Tensor, ...], out: Path, sha
 
     with torch.inference_mode(False), torch.no_grad():
         rows = torch.export.Dim("M", min=2, max=1 << 20)
-        exported = torch.export.export(module, examples, dynamic_shapes=tuple({0: rows} for _ in examples), strict=False)
+        dynamic = ({0: rows},) * 4 + ((None,) * (len(examples) - 4),)  # x, y, cos, sin: the rows; the tensors given: fixed
+        exported = torch.export.export(module, examples, dynamic_shapes=dynamic, strict=False)
     with warnings.catch_warnings(), inductor.patch(BUILD_OPTIONS | TEMPLATE | {"cpp.threads": threads}), compiles_beside_each_other(shared):
         warnings.simplefilter("ignore")
         torch._inductor.aoti_compile_and_package(exported, package_path=str(out))
@@ -377,7 +415,7 @@ def _identify(package: Path, model: Decoder) -> dict[str, str]:
         constants = torch._C._aoti.AOTIModelContainerRunnerCpu(library, 1).extract_constants_map(False)
     module = _pair(model)
     own = {n for n, _ in [*module.named_parameters(), *module.named_buffers()]}
-    candidates = {f"{side}.{p}.q": module.get_submodule(f"{side}.{p}.q").packed for side, names in PRODUCTS.items() for p in names}
+    candidates = {f"pair.{side}.{p}.q": module.get_submodule(f"pair.{side}.{p}.q").packed for side, names in PRODUCTS.items() for p in names}
     which = {}
     for constant, value in constants.items():
         if constant in own:
@@ -405,7 +443,7 @@ def _agrees(model: Decoder) -> bool:
     with torch.inference_mode():
         args = tuple(t.to(model.dtype).contiguous() for t in args)
         got = model.prompt_run.run(i, *args)
-        want = _Mid(a, b)(*args) if b is not None else [a.finish(args[0], a.attn.o.forward(args[1]))]
+        want = _Pair(a, b)(*args) if b is not None else [a.finish(args[0], a.attn.o.forward(args[1]))]
         for g, w in zip(got, want):
             if g.shape != w.shape or not bool((g.float() - w.float()).abs().max() <= TOLERANCE * w.float().abs().max()):
                 return False
