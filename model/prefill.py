@@ -146,7 +146,7 @@ class Chain:
     block i − 1 as `a` and block i as `b` (their constants swapped in), the cache update and the attention itself eager
     between them (Attention.attend). The first call's `a` and the last's `b` are no block: zeros for every weight, so
     that the residual passes through unchanged (x + 0) and the last q, k, v are not used (≈ 0.8 ms of a 64-token
-    prompt spent on zeros; one package to build instead of two, ≈ 1.5 s less of a first build). Decoder._run calls it
+    prompt spent on zeros; one package to build instead of two, ≈ 0.5–1.2 s less of a first build). Decoder._run calls it
     (its `prompt_run`) where no probe and no hook on a block asks for the blocks one by one."""
 
     min_rows = MIN_ROWS
@@ -230,7 +230,7 @@ def attach(model: Decoder, path: Path, which: dict[str, str] | None = None) -> i
 
 def _zeros(like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Zeros shaped as each of `like`, all views of one buffer as large as the largest (the package only reads them):
-    the no-block ends of the Chain hold 0.9 MB on the default model's int4 layers, not 3.8."""
+    the no-block ends of the Chain hold 1.2 MB on the default model's int4 layers, not 3.8."""
     pool = torch.zeros(max((t.numel() * t.element_size() for t in like.values()), default=0), dtype=torch.uint8)
     return {n: pool[: t.numel() * t.element_size()].view(t.dtype).view(t.shape) for n, t in like.items()}
 
