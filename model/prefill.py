@@ -117,8 +117,13 @@ def _given(pair: _Pair) -> list[str]:
     each block (Gemma's norm weights as 1 + w)."""
     products = tuple(f"{side}.{p}." for side, names in PRODUCTS.items() for p in names)
     used = tuple(f"{side}.{part}." for side, parts in PARTS.items() for part in parts)
-    names = [n for n, _ in [*pair.named_parameters(remove_duplicate=False), *pair.named_buffers(remove_duplicate=False)] if n.startswith(used)]
+    names = [n for n in _tensors(pair) if n.startswith(used)]
     return [n for n in names if not n.startswith(products) or n in {f"{p}bias" for p in products}]  # (of a product: its bias)
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters and buffers by name, each name even where two share a tensor (a pair of one block twice)."""
+    return dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
 
 
 class _Mid(nn.Module):
@@ -137,7 +142,7 @@ def _examples(model: Decoder, module: _Mid) -> tuple[torch.Tensor, ...]:
     the tensors it is given."""
     a, C, R = model.layers[0].attn, model.cfg.dim, model.rope_cos.shape[-1]
     rows = torch.zeros(MIN_ROWS, C), torch.zeros(MIN_ROWS, a.n_heads * a.head_dim), torch.zeros(MIN_ROWS, 1, R), torch.zeros(MIN_ROWS, 1, R)
-    named = dict([*module.pair.named_parameters(remove_duplicate=False), *module.pair.named_buffers(remove_duplicate=False)])
+    named = _tensors(module.pair)
     return (*rows, *(named[n].detach().clone() for n in module.given))
 
 
@@ -209,7 +214,7 @@ def attach(model: Decoder, path: Path, which: dict[str, str] | None = None) -> i
         source = layers[0] if block is None else block
         key = (id(source), prefix, block is None)
         if key not in made:
-            named = {f"{prefix}.{n}": t for n, t in [*source.named_parameters(), *source.named_buffers()]}
+            named = {f"{prefix}.{n}": t for n, t in _tensors(source).items()}
             at = f"pair.{prefix}."
             constants = {n: named[n.removeprefix("pair.")] for n in own if n.startswith(at)}
             constants |= {n: blocked(source.get_submodule(q.removeprefix(at))) for n, q in which.items() if q.startswith(at)}
@@ -414,7 +419,7 @@ def _identify(package: Path, model: Decoder) -> dict[str, str]:
             library = z.extract(so, folder)
         constants = torch._C._aoti.AOTIModelContainerRunnerCpu(library, 1).extract_constants_map(False)
     module = _pair(model)
-    own = {n for n, _ in [*module.named_parameters(), *module.named_buffers()]}
+    own = set(_tensors(module))
     candidates = {f"pair.{side}.{p}.q": module.get_submodule(f"pair.{side}.{p}.q").packed for side, names in PRODUCTS.items() for p in names}
     which = {}
     for constant, value in constants.items():
