@@ -33,6 +33,7 @@ from cli.common import (
     VerboseOpt,
     note,
     sampling_settings,
+    size_text,
 )
 from cli.continuation import run_generation
 from cli.explorer_page import ENTRY_BUDGET, ENTRY_LIMIT, PageStore, triangle, write_page
@@ -142,7 +143,7 @@ def explore_cmd(
         "query": query,
     }
     size = write_page(output, meta, store)
-    note(f"wrote {output} ({size / 1e6:.1f} MB: {T} tokens, {len(layers)} of {cfg.n_layers} layers × {cfg.n_heads} heads)", quiet)
+    note(f"wrote {output} ({size_text(size)}: {T} tokens, {len(layers)} of {cfg.n_layers} layers × {cfg.n_heads} heads)", quiet)
 
 
 def max_tokens(n_layers: int, n_heads: int) -> int:

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import choice, epilog, note, size_text
+from cli.common import ColorOpt, Color, choice, epilog, note, size_text, use_color
 from cli.main import app
 from cli.models import StderrProgress, dir_size
 from cli.speed import prepare_step
@@ -76,27 +76,27 @@ def pull_cmd(
         prepare_step(name, quiet)
 
 
-@app.command("models")
-def models_cmd() -> None:
+@app.command("models", epilog=epilog("Examples:\n  attn models\n  attn models | cut -f1,5"))
+def models_cmd(color: ColorOpt = Color.auto) -> None:
     """List local models: name, path, parameters, dtype, size (tab-separated when stdout is not a TTY)."""
     found = list_models()
     if not found:
         note(f"no models in {models_dir()} yet; `attn pull` fetches {DEFAULT_MODEL}")
         return
     if sys.stdout.isatty():
-        table = Table(box=None, header_style="bold")
+        table = Table(box=None, header_style="bold" if use_color(color, sys.stdout) else None)
         for column, justify in (("name", "left"), ("path", "left"), ("parameters", "right"), ("dtype", "left"), ("size", "right")):
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for m in found:
             table.add_row(m.name, str(m.path), f"{m.parameters / 1e6:,.1f} M", m.dtype, size_text(m.size_bytes))
-        Console().print(table)
+        Console(no_color=not use_color(color, sys.stdout), highlight=False).print(table)
     else:
         # Plain integers so scripts can sort and sum them.
         sys.stdout.write("".join(f"{m.name}\t{m.path}\t{m.parameters}\t{m.dtype}\t{m.size_bytes}\n" for m in found))
         sys.stdout.flush()
 
 
-@app.command("convert")
+@app.command("convert", epilog=epilog("Examples:\n  attn convert model.Q8_0.gguf smollm2-q8\n  attn convert model.Q4_1.gguf out --dtype bfloat16 --force\n  attn generate -m smollm2-q8 \"Hello\""))
 def convert_cmd(
     gguf: Annotated[Path, typer.Argument(help="The GGUF file.", show_default=False)],
     out_dir: Annotated[Path, typer.Argument(help="The model directory to write (must not exist, or be empty).", show_default=False)],

@@ -356,6 +356,48 @@ def test_cli_pull_models_convert(home: Path, fake: FakePip, tmp_path: Path) -> N
     assert r.exit_code == 0
 
 
+def on_a_terminal(*args: str, env: dict[str, str]) -> str:
+    """What `attn ARGS` writes to a terminal (a pseudo-terminal as its stdout)."""
+    import pty
+
+    main, tty = pty.openpty()
+    try:
+        p = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", *args], cwd=ROOT, env=env, stdout=tty, stderr=subprocess.PIPE, timeout=120)
+        os.close(tty)
+        tty = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the writer is gone and everything was read
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(main)
+        if tty >= 0:
+            os.close(tty)
+    assert p.returncode == 0, p.stderr
+    return out.decode()
+
+
+def test_models_table_on_a_terminal(home: Path, fake: FakePip) -> None:
+    """On a terminal `attn models` is a table with sizes in binary units; its header is bold only where colour is on
+    (NO_COLOR or --color never: no escape codes at all)."""
+    from typer.testing import CliRunner
+
+    import cli.weights_cmds  # noqa: F401  (registers the commands)
+    from cli.main import app
+
+    assert CliRunner().invoke(app, ["pull", "tiny"]).exit_code == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM")} | {"ATTN_HOME": str(home), "COLUMNS": "200"}
+    for out in (on_a_terminal("models", env=env | {"NO_COLOR": "1"}), on_a_terminal("models", "--color", "never", env=env)):
+        assert "\x1b[" not in out and re.search(r"tiny .* \d+\.\d M +float32 +\d+\.\d (KiB|MiB)", out), out
+    out = on_a_terminal("models", env=env | {"TERM": "xterm"})
+    assert "\x1b[1m" in out and "tiny" in out, out
+
+
 def test_cli_errors_are_one_line(home: Path) -> None:
     env = dict(os.environ, ATTN_HOME=str(home))
     r = attn("pull", "no-such-model", env=env)
