@@ -139,6 +139,8 @@ def heads_cmd(
     many = lines or jsonl
     if many and text is None:
         raise UsageError(f"{'--lines' if lines else '--jsonl'} reads prompts from -f FILE or stdin: give one")
+    if text is None and probe is ProbeKind.none:
+        raise UsageError("--probe none with no prompt leaves nothing to measure: give a prompt, or drop --probe none")
     probe = probe or (ProbeKind.induction if text is None else ProbeKind.none)
     if fmt is None and output is None:  # with -o the picture is the product (as inspect's); stdout only if --format asks
         fmt = HeadsFormat.table if sys.stdout.isatty() else HeadsFormat.json

@@ -150,6 +150,7 @@ def main() -> None:
 
         common.VERBOSE = False  # one run per process from the console script; tests run many
         common.SIGNALLED = _interrupted  # a Ctrl-C already lost inside an import's callback still counts
+        sys.argv[1:] = _utf8_arguments(sys.argv[1:])
         code = app(prog_name="attn", standalone_mode=False)
         code = code if isinstance(code, int) else 0
     except typer.TyperException as e:  # typer's own usage errors (bad flag, bad value, missing argument)
@@ -184,6 +185,23 @@ def main() -> None:
     if code == 130 and _terminated:
         code = 143
     _exit(code)
+
+
+def _utf8_arguments(args: list[str]) -> list[str]:
+    """The arguments as UTF-8 text: Python keeps a byte that is not UTF-8 as a lone surrogate, which a tokenizer or a
+    JSON writer cannot take. Such an argument is a usage error naming its byte offset, as stdin's are, or with
+    `--invalid-utf8 replace` its bytes are replaced with U+FFFD (a warning); a file name that exists is left as it is."""
+    from cli.prompt import decode_input
+
+    replace = any(a == "--invalid-utf8=replace" or (a == "--invalid-utf8" and b == "replace") for a, b in zip(args, [*args[1:], ""]))
+    quiet = any(a in ("-q", "--quiet") for a in args)
+    out = []
+    for arg in args:
+        if any("\udc80" <= c <= "\udcff" for c in arg) and not os.path.exists(arg):
+            raw = os.fsencode(arg)
+            arg = decode_input(raw, f'the argument "{raw.decode("utf-8", "backslashreplace")}"', "replace" if replace else "error", quiet)
+        out.append(arg)
+    return out
 
 
 def _other_failure(e: Exception) -> int:

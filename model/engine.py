@@ -121,7 +121,7 @@ class Generation:
         if self.finish_reason != "length" or len(self.ids) == self.request.max_new_tokens:
             self.seq.done = True
             if self.stops.matched is None:
-                rest = self.stops.flush()  # text held back for a stop string that never completed
+                rest = self._held()
                 if rest:
                     self.pieces.append(rest)
                     out.append(Token(None, rest))
@@ -133,10 +133,20 @@ class Generation:
         which now stands as part of the output."""
         self.finish_reason = "interrupted"
         self._end()
-        rest = self.stops.flush() if self.stops.matched is None else ""
+        rest = self._held() if self.stops.matched is None else ""
         if rest:
             self.pieces.append(rest)
         return rest
+
+    def _held(self) -> str:
+        """At the end, the text held back: by the decoder (a U+FFFD token, a character cut by the end) and for a
+        stop string that never completed."""
+        tail = self._text.flush() if hasattr(self, "_text") else ""
+        visible = self.stops.push(tail) if tail else ""
+        if self.stops.matched is not None:  # completed by that text
+            self.finish_reason = "stop" if self.finish_reason != "interrupted" else self.finish_reason
+            return visible
+        return visible + self.stops.flush()
 
     def _end(self) -> None:
         self.t_end = time.perf_counter()

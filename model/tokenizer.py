@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from datetime import datetime
 from pathlib import Path
@@ -80,7 +81,7 @@ class Tokenizer:
         return self.token_label(token_id).encode("utf-8")
 
     def stream(self, prompt_ids: list[int]) -> "TextStream":
-        return TextStream(self.tk, prompt_ids)
+        return TextStream(self, prompt_ids)
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The chat template applied to messages, in jinja2's sandbox (templates come from model files)."""
@@ -110,12 +111,24 @@ class Tokenizer:
 class TextStream:
     """Generated ids in, text chunks out: DecodeStream seeded with the prompt, so the first token keeps its space."""
 
-    def __init__(self, tk: HFTokenizer, prompt_ids: list[int]) -> None:
-        self.tk = tk
+    def __init__(self, tokenizer: "Tokenizer", prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
         self.ds = DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
+        self.held: list[int] = []  # ids pushed since DecodeStream last gave text
 
     def push(self, token_id: int) -> str:
-        return self.ds.step(self.tk, token_id) or ""
+        out = self.ds.step(self.tokenizer.tk, token_id) or ""
+        self.held = [] if out else [*self.held, token_id]
+        return out
+
+    def flush(self) -> str:
+        """The text DecodeStream still holds when generation ends. It waits while its text ends in U+FFFD, as an
+        unfinished character decodes: a token that is U+FFFD itself comes out here; bytes of a character the end
+        cut short do not (they are no character)."""
+        tk = self.tokenizer
+        data = b"".join(tk.token_bytes(i) for i in self.held if i not in tk.special_ids)
+        self.held = []
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
 
 
 def bytes_to_unicode() -> dict[int, str]:

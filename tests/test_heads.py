@@ -173,6 +173,8 @@ def test_heads_without_prompt_runs_the_induction_probe(tiny_models):
         assert all(type(h[k]) is float for k in COLUMNS[3:])
     again = heads_json(path, "--probe-length", "20", "--sort", "layer", tty=True)
     assert again == d  # seeded: the same probe, the same numbers
+    r = run_cli(["heads", "-m", str(path), "--probe", "none"], tty=True)  # nothing to measure: a usage error, not a crash
+    assert (r.code, r.out) == (2, "") and r.err == "attn: error: --probe none with no prompt leaves nothing to measure: give a prompt, or drop --probe none\n", r
 
 
 def test_heads_probe_with_prompt_sort_and_top(tiny_models):

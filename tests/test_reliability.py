@@ -229,6 +229,21 @@ def test_invalid_utf8_stdin_names_the_offset(attn, tiny_llama):
     assert r.code == 0 and "warning" in r.err and "byte offset 5" in r.err
 
 
+def test_invalid_utf8_arguments_name_the_offset(attn, tiny_llama, tmp_path):
+    """A command-line argument that is not UTF-8 (Python holds its bytes as lone surrogates): exit 2 naming the
+    argument and the byte offset, as for stdin, whatever option it is the value of; `--invalid-utf8 replace` accepts it."""
+    bad = b"good \xff\xfe".decode("utf-8", "surrogateescape")
+    for args in (["generate", "-m", str(tiny_llama), "--raw", "-n", "2", bad], ["generate", "-m", str(tiny_llama), "-n", "2", "--system", bad, "hi"],
+                 ["inspect", "-m", str(tiny_llama), "a b c", "-t", bad], ["heads", "-m", str(tiny_llama), bad]):
+        one_line_error(attn(args), 2, 'the argument "good \\xff\\xfe" is not valid UTF-8 at byte offset 5')
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "-n", "2", "--invalid-utf8", "replace", "--json", bad])
+    assert r.code == 0 and "warning" in r.err and "byte offset 5" in r.err and json.loads(r.out)["usage"]["prompt_tokens"] >= 2
+    named = tmp_path / b"caf\xe9.txt".decode("utf-8", "surrogateescape")  # a file name that is not UTF-8 is still a file
+    named.write_bytes(b"a file named in Latin-1")
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "-n", "2", "--json", "-f", str(named)])
+    assert r.code == 0 and json.loads(r.out)["usage"]["prompt_tokens"] > 2, r
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=60))
 def test_any_stdin_bytes_end_cleanly(attn, tiny_llama, data):

@@ -69,6 +69,20 @@ def test_multibyte_characters_are_never_split(tok):
         assert all("\ufffd" not in c for c in chunks)
 
 
+def test_what_the_decoder_holds_at_the_end(tok):
+    """DecodeStream waits while its text ends in U+FFFD (an unfinished character decodes so): at the end, `flush`
+    gives a real U+FFFD (the character itself, or a byte that can start none), never the bytes of a cut character."""
+    def ended(ids: list[int]) -> str:
+        stream = tok.stream([])
+        return "".join(stream.push(i) for i in ids) + stream.flush()
+
+    for text in ("ok \ufffd", "ok \ufffd\ufffd"):
+        assert ended(tok.encode(text)) == text
+    cut = tok.encode("我")[:-1]  # (byte tokens here: the character's last byte never comes)
+    assert cut and ended(tok.encode("ok ") + cut) == "ok "
+    assert ended(tok.encode("ok ") + cut + tok.encode("\ufffd")) == "ok \ufffd\ufffd"  # a cut character in the middle is one U+FFFD
+
+
 @given(text=st.text(max_size=40), stop=st.text(min_size=1, max_size=5), cuts=st.lists(st.integers(0, 40), max_size=8))
 def test_stop_strings_found_across_chunk_boundaries(text, stop, cuts):
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
