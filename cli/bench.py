@@ -26,6 +26,7 @@ import torch
 import typer
 
 from cli.common import (
+    stdout_console,
     epilog,
     choice,
     ColorOpt,
@@ -492,7 +493,6 @@ def _cell(s: dict | None, digits: int = 1) -> str:
 
 
 def _print_table(out: dict, color: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     import sys
@@ -522,7 +522,7 @@ def _print_table(out: dict, color: bool) -> None:
             ratio = r["ratio"]
             cells += [_cell(t["prefill_tps"]), _cell(t["decode_tps"]), f"{ratio['prefill']}×", f"{ratio['decode']}×"]
         table.add_row(*cells)
-    console = Console(file=sys.stdout, no_color=not color, highlight=False, width=200 if not sys.stdout.isatty() else None)
+    console = stdout_console(no_color=not color, highlight=False, width=200 if not sys.stdout.isatty() else None)
     console.print(table)
     notes = [f"weights {out['weights_mb']:.0f} MiB, KV cache {out['kv_cache_mb']:.1f} MiB, load {out['load_ms']:.0f} ms"]
     if out["compile_s"] is not None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import torch
 import typer
 
-from model.errors import UsageError
+from model.errors import AttnError, UsageError
 from model.sampling import SamplingSettings
 from weights.registry import DEFAULT_MODEL
 
@@ -184,13 +184,54 @@ class PipeClosed(Exception):
 
 
 def write_out(text: str) -> None:
-    """Product text to stdout as UTF-8 bytes, flushed."""
-    if text:
+    """Product text to stdout as UTF-8 bytes, flushed. An unbuffered stdout (PYTHONUNBUFFERED) may take part of a
+    write: the rest follows, so that a reader that went away is seen."""
+    data = memoryview(text.encode("utf-8"))
+    try:
+        while data:
+            n = sys.stdout.buffer.write(data)
+            data = data[n if n is not None else 0 :]
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        raise PipeClosed from None
+    except OSError as e:  # a full disk, an I/O error
+        raise AttnError(f"cannot write to stdout: {e.strerror or e}") from None
+
+
+def stdout_console(**options: Any) -> Any:
+    """A rich Console on stdout whose reader going away is PipeClosed (exit 141), and a failed write one error line
+    (rich's own handling exits 1)."""
+    from rich.console import Console
+
+    class Out(Console):
+        def on_broken_pipe(self) -> None:
+            super_quiet = os.open(os.devnull, os.O_WRONLY)  # (as rich does: nothing more reaches the closed pipe)
+            os.dup2(super_quiet, sys.stdout.fileno())
+            raise PipeClosed
+
+        def _check_buffer(self) -> None:
+            try:
+                super()._check_buffer()
+            except OSError as e:
+                if isinstance(e, BrokenPipeError):
+                    self.on_broken_pipe()
+                raise AttnError(f"cannot write to stdout: {e.strerror or e}") from None
+
+    return Out(file=sys.stdout, **options)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """`data` to `path`, whole or not at all: a temporary file beside it, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
         try:
-            sys.stdout.buffer.write(text.encode("utf-8"))
-            sys.stdout.buffer.flush()
-        except BrokenPipeError:
-            raise PipeClosed from None
+            tmp.unlink(missing_ok=True)
+        except OSError:  # (a folder that is not one, say: there is nothing to remove)
+            pass
+        raise AttnError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def interrupted_code() -> int:

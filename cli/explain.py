@@ -11,12 +11,13 @@ from typing import Annotated, Optional
 import torch
 import typer
 from rich import box
-from rich.console import Console, Group
+from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from cli.common import (
+    stdout_console,
     epilog,
     choice,
     Color,
@@ -119,7 +120,7 @@ def explain_cmd(
     if fmt is ExplainFormat.json:
         write_out(json.dumps(explanation_json(m, ids, labels, ex), ensure_ascii=False) + "\n")
         return
-    console = Console(file=sys.stdout, color_system="auto" if use_color(color, sys.stdout) else None, highlight=False, force_terminal=use_color(color, sys.stdout) or None)
+    console = stdout_console(color_system="auto" if use_color(color, sys.stdout) else None, highlight=False, force_terminal=use_color(color, sys.stdout) or None)
     for panel in explanation_panels(m, labels, ex, top, rows, preview, console.width):
         console.print(panel)
     console.print(Text(f"same numbers as JSON: attn explain … --token {q} --layer {layer} --head {head} --format json", style="dim"))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
 import zlib
 from importlib.resources import files
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.errors import AttnError
+from cli.common import write_file
 
 STEP = 256  # score steps per unit: |error| ≤ 1/512
 MASKED = 0xFFFF  # the key is hidden from this query (score -inf, weight 0)
@@ -64,7 +63,7 @@ class PageStore:
         self.value_norms = np.empty((*shape, T), dtype=np.float32)  # (nL, H, T)
 
     def rows(self, layer: int, first: int, scores: torch.Tensor) -> None:
-        n, b = scores.shape[1], scores.shape[2]  # rows first..b-1 against keys 0..b-1
+        b = scores.shape[2]  # rows first..b-1 against keys 0..b-1
         lower = torch.arange(b, device=scores.device)[None, :] <= torch.arange(first, b, device=scores.device)[:, None]  # (n, b)
         row = lower.nonzero()[:, 0]  # (pairs,): the row of each kept pair, in row-major order
         top = scores.amax(dim=-1)  # (H, n): finite, every row sees at least its own key
@@ -115,11 +114,5 @@ def write_page(path: Path, meta: dict, store: PageStore) -> int:
     blob, sections = store.blob()
     meta = {**meta, "sections": sections, "precision": PRECISION, "step": STEP, "masked": MASKED}
     text = page_html(meta, blob).encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise AttnError(f"cannot write {path}: {e.strerror}") from None
+    write_file(path, text)
     return len(text)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-import time
 from typing import Annotated
 
 import typer
@@ -57,7 +56,6 @@ from model.errors import AttnError, UsageError
 from model.engine import Generation, Request, Token, eos_ids
 from model.generate import NonFiniteLogits
 from model.loading import load_generation_config
-from model.sampling import SamplingSettings
 
 EPILOG = """\
 Examples:

@@ -14,7 +14,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -39,6 +38,8 @@ from cli.common import (
     VerboseOpt,
     note,
     use_color,
+    stdout_console,
+    write_file,
     write_out,
 )
 from cli.main import app
@@ -305,7 +306,7 @@ def header(c: str, spread: str | None = None) -> str:
 
 def render_table(rows: list[dict], total: int, by: str, ascending: bool, probed: bool, color: bool, over: str | None = None) -> None:
     """The table; `over` names the dataset the measures are means over (the sort column's spread then follows it, as ±)."""
-    console = Console(file=sys.stdout, color_system="auto" if color else None, force_terminal=color or None, highlight=False)
+    console = stdout_console(color_system="auto" if color else None, force_terminal=color or None, highlight=False)
     spread = f"{by}_sd" if over and f"{by}_sd" in rows[0] else None
     order = COLUMNS if spread is None else tuple(x for c in COLUMNS for x in ((c, spread) if c == by else (c,)))
     columns = fitting_columns(rows, by, console.width, order, spread)
@@ -402,7 +403,4 @@ def write_grid(path: Path, m: Loaded, stats: HeadStats, name: str, spread: bool 
             "<p style='color:#555;font-size:12px'>Hover a cell for its value. Rows are layers, columns query heads.</p>"
             "</body></html>\n"
         )
-    try:
-        path.write_text(doc, encoding="utf-8")
-    except OSError as e:
-        raise AttnError(f"cannot write {path}: {e.strerror}") from None
+    write_file(path, doc.encode("utf-8"))

@@ -4,13 +4,12 @@ of heads × tokens with the chosen token marked. Nothing is fetched: no fonts, s
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import replace
 from pathlib import Path
 
+from cli.common import write_file
 from cli.render import View, bins, describe, fmt, levels, listed, strongest
 from cli.tokens import show
-from model.errors import AttnError
 
 MAX_COLUMNS = 400  # longer rows are shown as runs of tokens (max per run), so files stay small
 STOPS = [(0.0, (247, 251, 255)), (0.5, (107, 174, 214)), (1.0, (8, 48, 107))]  # ColorBrewer "Blues"
@@ -76,13 +75,7 @@ def write_picture(v: View, path: Path) -> None:
     """Write the HTML or SVG picture (by suffix) atomically."""
     v = replace(v, rows=listed(v))  # --find with --top K: the K best heads, as in the table and JSON
     text = svg(v) if path.suffix.lower() == ".svg" else page(v)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise AttnError(f"cannot write {path}: {e.strerror}") from None
+    write_file(path, text.encode("utf-8"))
 
 
 # --- HTML -----------------------------------------------------------------------------------------

@@ -10,10 +10,9 @@ from typing import Annotated, Optional
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.common import ColorOpt, Color, choice, epilog, note, size_text, use_color
+from cli.common import ColorOpt, Color, choice, epilog, note, size_text, stdout_console, use_color, write_out
 from cli.main import app
 from cli.models import StderrProgress, dir_size
 from cli.speed import prepare_step
@@ -89,11 +88,10 @@ def models_cmd(color: ColorOpt = Color.auto) -> None:
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for m in found:
             table.add_row(m.name, str(m.path), f"{m.parameters / 1e6:,.1f} M", m.dtype, size_text(m.size_bytes))
-        Console(no_color=not use_color(color, sys.stdout), highlight=False).print(table)
+        stdout_console(no_color=not use_color(color, sys.stdout), highlight=False).print(table)
     else:
         # Plain integers so scripts can sort and sum them.
-        sys.stdout.write("".join(f"{m.name}\t{m.path}\t{m.parameters}\t{m.dtype}\t{m.size_bytes}\n" for m in found))
-        sys.stdout.flush()
+        write_out("".join(f"{m.name}\t{m.path}\t{m.parameters}\t{m.dtype}\t{m.size_bytes}\n" for m in found))
 
 
 @app.command("convert", epilog=epilog("Examples:\n  attn convert model.Q8_0.gguf smollm2-q8\n  attn convert model.Q4_1.gguf out --dtype bfloat16 --force\n  attn generate -m smollm2-q8 \"Hello\""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -389,3 +390,32 @@ def test_ctrl_c_inside_a_callback_python_cannot_raise_from_stays_quiet(capsys, m
     raising(ValueError("a real bug"))
     err = capsys.readouterr().err
     assert "Exception ignored" in err and "ValueError: a real bug" in err
+
+
+def shell(command: str, **env: str) -> subprocess.CompletedProcess:
+    """`command` in bash, `attn` standing for this checkout's CLI."""
+    prelude = f"attn() {{ {' '.join(map(shlex.quote, ATTN))} \"$@\"; }}\n"
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(["bash", "-c", prelude + command], env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_reader_gone_mid_output_exits_141_silently(tiny_llama, unbuffered):
+    """A large output (inspect's CSV: ≈ 150 KB) whose reader leaves after 10 bytes, and rich's tables whose reader is
+    gone before they are written: exit 141, nothing on stderr, with stdout buffered or not (PYTHONUNBUFFERED: a
+    write may then take only what the pipe holds, and the rest must still be tried)."""
+    prompt = "word " * 600
+    for command in (f'attn inspect -m {tiny_llama} --raw --format csv "{prompt}" | head -c 10 >/dev/null; exit ${{PIPESTATUS[0]}}',
+                    f'attn heads -m {tiny_llama} --raw --format table "the cat sat on the mat" | true; exit ${{PIPESTATUS[0]}}',
+                    f'attn explain -m {tiny_llama} --raw --format table -l 0 --head 0 "the cat sat" | true; exit ${{PIPESTATUS[0]}}'):
+        r = shell(command, PYTHONUNBUFFERED=unbuffered)
+        assert (r.returncode, r.stderr) == (141, ""), (command[:40], r.returncode, r.stderr)
+
+
+def test_a_full_stdout_is_one_error_line(tiny_llama, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(tiny_llama)
+    for command in (f"attn generate -m {tiny_llama} --raw -n 4 hi > /dev/full", f"attn heads -m {tiny_llama} --raw --format table 'the cat sat' > /dev/full",
+                    f"attn inspect -m {tiny_llama} --raw --format json 'the cat sat' > /dev/full", "attn models > /dev/full"):
+        r = shell(command, ATTN_HOME=str(tmp_path))
+        assert (r.returncode, r.stderr) == (1, "attn: error: cannot write to stdout: No space left on device\n"), (command[:30], r.stderr)

@@ -325,3 +325,11 @@ def test_soak_200_generations_no_growth(tiny_llama):
 def _current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_picture_path_under_a_file_is_one_error_line(attn, tiny_llama, tmp_path):
+    (tmp_path / "afile").write_text("")
+    for command in ("inspect", "heads", "explore"):
+        out = tmp_path / "afile" / "x.html"
+        one_line_error(attn([command, "-m", str(tiny_llama), "--raw", "the cat sat", "-o", str(out)]), 1, f"cannot write {out}: Not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
