@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -253,17 +254,32 @@ def sampling_settings(
     else:
         g_temp = gen_cfg.get("temperature")
     has_gen = bool(gen_cfg) and any(k in gen_cfg for k in ("temperature", "top_p", "top_k", "do_sample"))
-    s = SamplingSettings(
-        temperature=_first(temp, g_temp, 0.8),
-        top_k=_first(top_k, gen_cfg.get("top_k") if has_gen else None, 0),
-        top_p=_first(top_p, gen_cfg.get("top_p") if has_gen else None, 0.95),
-        min_p=_first(min_p, gen_cfg.get("min_p"), 0.0),
-        repeat_penalty=_first(repeat_penalty, gen_cfg.get("repetition_penalty"), 1.0),
-        repeat_last_n=repeat_last_n,
+    flags = SamplingSettings(
+        temperature=_first(temp, 0.8), top_k=_first(top_k, 0), top_p=_first(top_p, 0.95), min_p=_first(min_p, 0.0),
+        repeat_penalty=_first(repeat_penalty, 1.0), repeat_last_n=repeat_last_n,
     )
-    problems = s.check()
+    problems = flags.check()
     if problems:
         raise UsageError(problems[0])
+    # generation_config.json fills in what no flag gave: a value there that is no number, or out of range, is the file's fault
+    from_file = {
+        "temperature": ("temperature", g_temp if temp is None else None),
+        "top_k": ("top_k", gen_cfg.get("top_k") if has_gen and top_k is None else None),
+        "top_p": ("top_p", gen_cfg.get("top_p") if has_gen and top_p is None else None),
+        "min_p": ("min_p", gen_cfg.get("min_p") if min_p is None else None),
+        "repeat_penalty": ("repetition_penalty", gen_cfg.get("repetition_penalty") if repeat_penalty is None else None),
+    }
+    s = flags
+    for field, (key, value) in from_file.items():
+        if value is None:
+            continue
+        where = f"{model_dir / 'generation_config.json'}: {key}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (field == "top_k" and not float(value).is_integer()):
+            raise AttnError(f"{where} must be a{'n integer' if field == 'top_k' else ' number'} (got {value!r})")
+        s = replace(s, **{field: int(value) if field == "top_k" else float(value)})
+        problems = s.check()
+        if problems:
+            raise AttnError(f"{where} {problems[0].split(' ', 1)[1]}")  # ("--top-p must be …": the file's key instead)
     return s
 
 

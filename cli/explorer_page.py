@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from cli.common import write_file
+from model.errors import check_finite
 
 STEP = 256  # score steps per unit: |error| ≤ 1/512
 MASKED = 0xFFFF  # the key is hidden from this query (score -inf, weight 0)
@@ -68,6 +69,7 @@ class PageStore:
         row = lower.nonzero()[:, 0]  # (pairs,): the row of each kept pair, in row-major order
         top = scores.amax(dim=-1)  # (H, n): finite, every row sees at least its own key
         kept = scores[:, lower]  # (H, pairs): the lower triangle, row after row
+        check_finite(f"layer {layer}'s attention", kept)
         steps = (top[:, row] - kept).mul_(STEP).round_().clamp_(max=FAR)  # -inf scores became +inf, clamped to FAR…
         steps.masked_fill_(torch.isneginf(kept), MASKED)  # …and are marked masked instead
         lo = triangle(first)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from model.decoder import Attention, Decoder, RMSNorm, scaled_dots, soft_cap
+from model.errors import check_finite
 
 
 @dataclass
@@ -148,6 +149,7 @@ def _explain(model: Decoder, ids: list[int], query: int, layer: int, head: int) 
         if attn.softcap is not None:
             unrot = soft_cap(unrot, attn.softcap)
     weights = scores.softmax(-1)
+    check_finite(f"layer {layer}'s attention", weights, v_all)
     values = v_all[g, :S].float()
     w_o = attn.o.dense_weight()[head * D : (head + 1) * D].float()  # (D, C): this head's rows of W_O
     mixed = weights @ values

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from model.decoder import Attention, Decoder
+from model.errors import check_finite
 
 DIRECTIONS = ("from", "to")
 VIEWS = ("weights", "scores", "value-norms")
@@ -164,6 +165,8 @@ def capture(
     positions = list(range(end)) if direction == "from" else list(range(query, N))
     out = Capture(query, direction, view, probe.heads, probe.kv_heads, positions)
     out.layers = {i: probe.captured[i] for i in sorted(probe.captured)}
+    for i, lc in out.layers.items():
+        check_finite(f"layer {i}'s attention", *(getattr(lc, f) for f in PER_HEAD))
     if shard is not None:  # every rank's rows, in the asked order, on every rank
         rows = shard.gather_rows({(i, f): getattr(lc, f)[: len(own)] for i, lc in out.layers.items() for f in PER_HEAD}, heads)
         out.layers = {i: replace(lc, **{f: rows[i, f] for f in PER_HEAD}) for i, lc in out.layers.items()}

@@ -276,6 +276,33 @@ def test_non_finite_logits_stop_with_the_step(attn, model_copy):
     one_line_error(gen(attn, model_copy), 1, "NaN/inf logits at generation step 0")
 
 
+def test_bad_generation_config_values_name_the_file(attn, model_copy):
+    """A value in generation_config.json that no flag overrides and that is no number or out of range: exit 1 naming
+    the file and its key (not a flag the user never gave, not an internal error); a flag that overrides it wins."""
+    cases = {'{"top_p": 2, "do_sample": true}': "top_p must be in (0, 1] (got 2.0)", '{"temperature": "hot"}': "temperature must be a number (got 'hot')",
+             '{"top_k": -3, "do_sample": true}': "top_k must be >= 0 (got -3)", '{"repetition_penalty": 0}': "repetition_penalty must be > 0 (got 0.0)"}
+    for text, said in cases.items():
+        (model_copy / "generation_config.json").write_text(text)
+        one_line_error(attn(["generate", "-m", str(model_copy), "--raw", "-n", "2", "hi"]), 1, f"generation_config.json: {said}")
+    (model_copy / "generation_config.json").write_text('{"top_p": 2, "do_sample": true}')
+    assert attn(["generate", "-m", str(model_copy), "--raw", "-n", "2", "--top-p", "0.9", "hi"]).code == 0
+
+
+def test_non_finite_attention_is_one_error_line(attn, model_copy, tmp_path):
+    """Weights that make a layer's attention NaN: inspect, explain and explore say so (exit 1) instead of writing
+    NaN into JSON (which is then not JSON) or failing inside the table."""
+    def poison(t):
+        w = t["model.layers.1.self_attn.q_proj.weight"]
+        t["model.layers.1.self_attn.q_proj.weight"] = torch.full_like(w, float("inf"))
+    rewrite(model_copy, poison)
+    for args in (["inspect", "--format", "json"], ["inspect", "--format", "table"], ["inspect", "--format", "csv"],
+                 ["explain", "-l", "1", "--head", "0", "--format", "json"], ["explore", "-o", str(tmp_path / "p.html")]):
+        one_line_error(attn([args[0], "-m", str(model_copy), "--raw", "the cat sat", *args[1:]]), 1, "layer 1's attention is NaN/inf")
+    assert not (tmp_path / "p.html").exists()
+    r = attn(["inspect", "-m", str(model_copy), "--raw", "the cat sat", "-l", "0", "--format", "json"])  # layer 0 is sound
+    assert r.code == 0 and json.loads(r.out)["heads"], r
+
+
 def test_cuda_out_of_memory_is_one_line_with_hint(attn, tiny_llama, monkeypatch):
     import cli.models
 
