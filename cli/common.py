@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 import torch
 import typer
 
+from cli.requests import MAX_SEED
 from model.errors import AttnError, UsageError
 from model.sampling import SamplingSettings
 from weights.registry import DEFAULT_MODEL
@@ -123,7 +124,7 @@ TopPOpt = Annotated[Optional[float], typer.Option("--top-p", envvar="ATTN_TOP_P"
 MinPOpt = Annotated[Optional[float], typer.Option("--min-p", envvar="ATTN_MIN_P", min=0.0, max=1.0, help="Drop tokens below P × the top probability. [default: generation_config.json, else 0]", show_default=False)]
 RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", envvar="ATTN_REPEAT_PENALTY", help="Penalty on recent tokens (1.0 = off). [default: generation_config.json, else 1.0]", show_default=False)]
 RepeatLastNOpt = Annotated[int, typer.Option("--repeat-last-n", envvar="ATTN_REPEAT_LAST_N", min=-1, help="How many recent tokens the penalty sees (-1 = all).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", envvar="ATTN_SEED", min=0, help="Random seed. [default: a random one, reported with -v and in JSON]", show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", envvar="ATTN_SEED", min=0, max=MAX_SEED, help="Random seed. [default: a random one, reported with -v and in JSON]", show_default=False)]
 
 # Generation: what to generate and when to stop (generate, batch).
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", envvar="ATTN_MAX_TOKENS", min=1, help="New tokens at most.")]

@@ -48,7 +48,7 @@ from cli.continuation import run_generation
 from cli.main import app
 from cli.models import Loaded, open_model
 from cli.parallel import TpOpt, rank0, release, start
-from cli.prompt import encode_labelled, prompt_or_demo
+from cli.prompt import encode_prompt, prompt_or_demo
 from cli.render import SINK_ONLY, HeadRow, View, table, to_csv, to_json
 from cli.speed import Quantize, QuantizeOpt
 from cli.tokens import find_positions, is_index, pick_indices, pick_token, token_labels, token_raw
@@ -136,7 +136,7 @@ def inspect_cmd(
     m = open_model(model, device, dtype, quiet, quantize.value)
     if quantize is not Quantize.none:
         note(f"weights quantized ({quantize.value}): the attention shown is the quantized model's", quiet)
-    ids, labels = encode_labelled(m, text, chat, system)
+    ids, labels = encode_prompt(m, text, chat, system)
     prompt_len = len(ids)
     generated, cached = None, 0
     if generate_n:

@@ -222,6 +222,8 @@ def _bad_value(e: typer.BadParameter) -> str:
     """A value typer could not take, phrased as attn's own errors: `--top must be an integer (got 'x')`."""
     opts = getattr(e.param, "opts", None) or []
     name = next((o for o in opts if o.startswith("--")), None) or getattr(e.param, "name", None) or "a value"
+    if not e.message.strip():  # (typer's check of a required Path argument that was not given says nothing)
+        return f"missing argument {name.upper() if not name.startswith('-') else name}"
     if e.message.startswith("must "):  # cli.common.choice's own phrasing
         return f"{name} {e.message}"
     # typer converts with pydantic; its error names the kind of problem, the limit and the input.

@@ -60,7 +60,7 @@ def _read_prompt(arg: str | None, opt: str | None, file: Path | None, no_stdin: 
     if explicit_stdin or (not no_stdin and stdin_piped()):
         stdin_text = drop_final_newline(decode_input(sys.stdin.buffer.read(), "stdin", invalid, quiet)) or None  # empty stdin adds nothing
     if stdin_text is not None and prompt is not None:
-        return stdin_text.rstrip("\n") + "\n\n" + prompt
+        return stdin_text.rstrip("\r\n") + "\n\n" + prompt
     return stdin_text if stdin_text is not None else prompt
 
 
@@ -151,6 +151,8 @@ def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None
         keep = ctx - max_tokens
         note(f"warning: prompt truncated from {len(ids)} to its last {keep} tokens to fit the context of {ctx}", quiet)
         return ids[-keep:]
+    if truncate is Truncate.left:  # -n alone fills the context: no tail of the prompt fits
+        raise AttnError(f"--max-tokens ({max_tokens}) leaves no room for the prompt in the context ({ctx} tokens); lower -n")
     raise AttnError(
         f"prompt ({counted(len(ids), chat)}) + --max-tokens ({max_tokens}) exceeds the context ({ctx} tokens); "
         "shorten the prompt, lower -n, or use --truncate left"

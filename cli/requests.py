@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+MAX_SEED = 2**63 - 1  # torch.Generator takes a 64-bit seed; the signed range keeps it one in JSON readers too
 REQUEST_KEYS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop"}
 
 
@@ -79,7 +80,7 @@ def check_request(obj: dict) -> str | None:
         "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
         "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
         "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-        "seed": (lambda v: _is_int(v) and 0 <= v < 2**63, "an integer >= 0"),
+        "seed": (lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
         "stop": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)), "a string or a list of strings"),
     }
     for key, (ok, what) in checks.items():

@@ -62,6 +62,8 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise AttnError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise AttnError(f"{index}: not a valid safetensors index (weight_map must map tensor names to file names)")
         out = {}
         for key, shard in weight_map.items():
             f = path / shard

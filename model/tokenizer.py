@@ -106,6 +106,8 @@ class Tokenizer:
             raise AttnError(f"chat template refused by the sandbox: {e}") from None
         except TemplateError as e:
             raise AttnError(f"chat template failed: {e}") from None
+        except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError) as e:  # (a template that is no string, a huge range, …)
+            raise AttnError(f"chat template failed: {type(e).__name__}: {e}") from None
 
 
 class TextStream:

@@ -198,6 +198,8 @@ def test_context_overflow_is_an_error_unless_truncate_left(attn, tiny_llama):
     r = attn(["generate", "-m", str(tiny_llama), "--raw", "--temp", "0", "-n", "10", "--truncate", "left", "--json", long])
     assert r.code == 0 and "truncated" in r.err
     assert json.loads(r.out)["usage"]["prompt_tokens"] == 246
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "-n", "256", "--truncate", "left", long])  # -n alone fills it
+    assert (r.code, r.out) == (1, "") and r.err == "attn: error: --max-tokens (256) leaves no room for the prompt in the context (256 tokens); lower -n\n"
 
 
 @pytest.mark.parametrize(
@@ -401,12 +403,18 @@ def shell(command: str, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("unbuffered", ["", "1"])
 def test_a_reader_gone_mid_output_exits_141_silently(tiny_llama, unbuffered):
-    """A large output (inspect's CSV: ≈ 150 KB) whose reader leaves after 10 bytes, and rich's tables whose reader is
-    gone before they are written: exit 141, nothing on stderr, with stdout buffered or not (PYTHONUNBUFFERED: a
-    write may then take only what the pipe holds, and the rest must still be tried)."""
-    prompt = "word " * 600
-    for command in (f'attn inspect -m {tiny_llama} --raw --format csv "{prompt}" | head -c 10 >/dev/null; exit ${{PIPESTATUS[0]}}',
-                    f'attn heads -m {tiny_llama} --raw --format table "the cat sat on the mat" | true; exit ${{PIPESTATUS[0]}}',
+    """An output larger than the pipe holds (inspect's CSV, ≈ 50 KB, through a pipe of 4 KiB) whose reader leaves after
+    10 bytes, and rich's tables whose reader is gone before they are written: exit 141, nothing on stderr, with stdout
+    buffered or not (PYTHONUNBUFFERED: a write may then take only what the pipe holds, and the rest must still be tried)."""
+    import fcntl
+
+    p = subprocess.Popen(ATTN + ["inspect", "-m", str(tiny_llama), "--raw", "--format", "csv", "word " * 80],
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": unbuffered}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fcntl.fcntl(p.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    assert len(p.stdout.read(10)) == 10
+    p.stdout.close()  # like `| head -c 10`
+    assert (p.wait(timeout=120), p.stderr.read()) == (141, b"")
+    for command in (f'attn heads -m {tiny_llama} --raw --format table "the cat sat on the mat" | true; exit ${{PIPESTATUS[0]}}',
                     f'attn explain -m {tiny_llama} --raw --format table -l 0 --head 0 "the cat sat" | true; exit ${{PIPESTATUS[0]}}'):
         r = shell(command, PYTHONUNBUFFERED=unbuffered)
         assert (r.returncode, r.stderr) == (141, ""), (command[:40], r.returncode, r.stderr)

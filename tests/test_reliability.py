@@ -122,6 +122,13 @@ def rewrite(d: Path, change) -> None:
     save_file(tensors, weights_file(d))
 
 
+@pytest.mark.parametrize("index", ['{"weight_map": 5}', '{"weight_map": {"a": 1}}', '{"metadata": {}}', "not json"])
+def test_a_broken_shard_index_is_one_error_line(attn, model_copy, index):
+    weights_file(model_copy).rename(model_copy / "model-00001-of-00001.safetensors")
+    (model_copy / "model.safetensors.index.json").write_text(index)
+    one_line_error(gen(attn, model_copy), 1, "model.safetensors.index.json: not a valid safetensors index")
+
+
 def test_wrong_shape_names_file_and_tensor(attn, model_copy):
     rewrite(model_copy, lambda t: t.__setitem__("model.layers.1.mlp.down_proj.weight", torch.zeros(64, 100)))
     one_line_error(gen(attn, model_copy), 1, "model.safetensors", "model.layers.1.mlp.down_proj.weight", "[64, 100]")
@@ -199,6 +206,9 @@ def test_tokenizer_larger_than_embedding(attn, model_copy):
         "{{ cycler.__init__.__globals__.os.popen('touch /tmp/attn-pwned').read() }}",
         "{{ messages.__class__.__base__.__subclasses__() }}",
         "{% set x = [].append.__self__ %}{{ x.__class__.__init__.__globals__ }}",
+        5,  # not a template at all
+        "{% for i in range(10**9) %}{{ i }}{% endfor %}",  # the sandbox's range limit
+        "{{ messages[0]['content'] / 2 }}",  # a TypeError inside
     ],
 )
 def test_hostile_chat_template_is_refused(attn, model_copy, template):
@@ -274,6 +284,30 @@ def test_cuda_without_cuda_is_a_runtime_error(attn, tiny_llama):
 def test_non_finite_logits_stop_with_the_step(attn, model_copy):
     rewrite(model_copy, lambda t: t.__setitem__("model.norm.weight", torch.full((64,), float("inf"))))
     one_line_error(gen(attn, model_copy), 1, "NaN/inf logits at generation step 0")
+
+
+def test_missing_arguments_are_named(attn):
+    one_line_error(attn(["convert"]), 2, "missing argument GGUF")
+    one_line_error(attn(["convert", "x.gguf"]), 2, "missing argument OUT_DIR")
+
+
+def test_stdin_with_crlf_line_ends_joins_the_prompt_cleanly(attn, tiny_llama):
+    r = attn(["generate", "-m", str(tiny_llama), "--raw", "--echo", "-n", "1", "--temp", "0", "X"], stdin=b"Hi\r\n\r\n")
+    assert r.code == 0 and r.out.startswith("Hi\n\nX"), r
+
+
+def test_a_seed_past_64_bits_is_a_usage_error(attn, tiny_llama):
+    for command in ("generate", "batch"):
+        r = attn([command, "-m", str(tiny_llama), "--raw", "-n", "2", "--seed", str(2**64), "-"], stdin=b"hi")
+        one_line_error(r, 2, "--seed must be ≤ 9223372036854775807")
+    r = attn(["batch", "-m", str(tiny_llama), "--raw", "-n", "2", "-"], stdin=b'{"prompt": "hi", "seed": 9223372036854775808}\n')
+    assert r.code == 1 and "seed" in json.loads(r.out)["error"] and "9223372036854775807" in json.loads(r.out)["error"], r
+
+
+def test_a_prompt_over_the_context_is_one_error_line_in_every_command(attn, tiny_llama):
+    long = "word " * 100  # 301 tokens; the model has 256 positions
+    for command in ("inspect", "explain", "heads", "explore"):
+        one_line_error(attn([command, "-m", str(tiny_llama), "--raw", long]), 1, "prompt of 301 tokens exceeds the model's 256 positions")
 
 
 def test_bad_generation_config_values_name_the_file(attn, model_copy):
