@@ -222,6 +222,12 @@ def _bad_value(e: typer.BadParameter) -> str:
     """A value typer could not take, phrased as attn's own errors: `--top must be an integer (got 'x')`."""
     opts = getattr(e.param, "opts", None) or []
     name = next((o for o in opts if o.startswith("--")), None) or getattr(e.param, "name", None) or "a value"
+    try:  # the value came from an ATTN_* variable, not the flag: name the variable
+        if e.ctx is not None and e.param is not None and getattr(e.ctx.get_parameter_source(e.param.name), "name", None) == "ENVIRONMENT":
+            envvar = e.param.envvar if isinstance(e.param.envvar, str) else next(v for v in e.param.envvar if os.environ.get(v) is not None)
+            name = f"{envvar} (for {name})"
+    except Exception:  # (a click that keeps no sources: the flag's name)
+        pass
     if not e.message.strip():  # (typer's check of a required Path argument that was not given says nothing)
         return f"missing argument {name.upper() if not name.startswith('-') else name}"
     if e.message.startswith("must "):  # cli.common.choice's own phrasing

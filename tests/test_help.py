@@ -77,6 +77,12 @@ def test_bad_values_are_phrased_as_attn_errors(args, message):
     assert r.err == f"attn: error: {message}\n"
 
 
+def test_a_bad_value_from_an_attn_variable_names_the_variable():
+    for env, message in (({"ATTN_SEED": "abc"}, "ATTN_SEED (for --seed) must be an integer (got 'abc')"), ({"ATTN_TEMP": "-3"}, "ATTN_TEMP (for --temp) must be ≥ 0.0 (got '-3')")):
+        r = run_cli(["generate", "x"], env=env)
+        assert (r.code, r.out, r.err) == (2, "", f"attn: error: {message}\n"), r
+
+
 def test_heads_sort_takes_the_names_the_table_prints(tiny_models):
     path, _ = tiny_models["llama"]
     for name, key in (("prev-tok", "previous_token"), ("dist", "distance"), ("previous_token", "previous_token"), ("dup-tok", "duplicate_token")):

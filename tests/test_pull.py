@@ -354,6 +354,10 @@ def test_cli_pull_models_convert(home: Path, fake: FakePip, tmp_path: Path) -> N
     assert isinstance(r.exception, AttnError) and "already exists" in str(r.exception)
     r = runner.invoke(app, ["convert", str(src), str(tmp_path / "out"), "--force"])
     assert r.exit_code == 0
+    (tmp_path / "afile").write_text("")
+    for out, said in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "m", "a part of its path is a file"), (Path("/proc/m"), "could not write /proc/m")):
+        r = runner.invoke(app, ["convert", str(src), str(out)])
+        assert isinstance(r.exception, AttnError) and said in str(r.exception), (out, r.exception)
 
 
 def on_a_terminal(*args: str, env: dict[str, str]) -> str:

@@ -95,7 +95,9 @@ def convert_gguf(
         raise AttnError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if not gguf_path.is_file():
         raise AttnError(f"no such GGUF file: {gguf_path}")
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AttnError(f"{out_dir} is a file, not a folder to write the model into")
+    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
         raise AttnError(f"{out_dir} already exists and is not empty")
     try:
         reader = gguf.GGUFReader(gguf_path)
@@ -113,9 +115,14 @@ def convert_gguf(
     tokenizer_json, tokenizer_config = build_tokenizer(meta, config)
     plan = _plan(reader, config)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling temp dir keeps the final rename on one filesystem, so it is atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # A sibling temp dir keeps the final rename on one filesystem, so it is atomic.
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    except (FileExistsError, NotADirectoryError):  # a file where a folder on the way should be
+        raise AttnError(f"could not write {out_dir}: a part of its path is a file, not a folder") from None
+    except OSError as e:
+        raise AttnError(f"could not write {out_dir}: {e.strerror or e}") from None
     try:
         _write_weights(reader, plan, tmp, dtype, progress)
         _write_json(tmp / "config.json", config)
