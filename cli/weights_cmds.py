@@ -60,7 +60,7 @@ def pull_cmd(
 ) -> None:
     """Make a model available locally under $ATTN_HOME/models (atomic; a second pull downloads nothing), with its
     compiled one-token step for this CPU (built where it is missing)."""
-    name = model or DEFAULT_MODEL
+    name = model if model is not None else DEFAULT_MODEL
     existing = None if force else find_local(name)
     if existing is not None:
         if not quiet:

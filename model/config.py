@@ -61,6 +61,10 @@ class ModelConfig:
     embed_scale: float | None = None  # Gemma: embeddings × √C (rounded to the weights' dtype, as the reference does)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.max_len, int) or isinstance(self.max_len, bool) or self.max_len < 1:
+            raise AttnError(f"config: max_position_embeddings must be a positive integer (got {self.max_len!r})")
+        if self.positions == "rope" and not 0 < self.rope_theta < float("inf"):
+            raise AttnError(f"config: rope_theta must be a positive number (got {self.rope_theta!r})")
         if self.n_heads % self.n_kv_heads:
             raise AttnError(f"config: num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv_heads}")
         if not self.layer_windows:

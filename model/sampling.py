@@ -19,16 +19,16 @@ class SamplingSettings:
     def check(self) -> list[str]:
         """Problems with these values, as the CLI words them."""
         bad = []
-        if not self.temperature >= 0:
-            bad.append(f"--temp must be >= 0 (got {self.temperature})")
+        if not 0 <= self.temperature < float("inf"):
+            bad.append(f"--temp must be >= 0 and finite (got {self.temperature})")
         if self.top_k < 0:
             bad.append(f"--top-k must be >= 0 (got {self.top_k})")
         if not 0 < self.top_p <= 1:
             bad.append(f"--top-p must be in (0, 1] (got {self.top_p})")
         if not 0 <= self.min_p <= 1:
             bad.append(f"--min-p must be in [0, 1] (got {self.min_p})")
-        if not self.repeat_penalty > 0:
-            bad.append(f"--repeat-penalty must be > 0 (got {self.repeat_penalty})")
+        if not 0 < self.repeat_penalty < float("inf"):
+            bad.append(f"--repeat-penalty must be > 0 and finite (got {self.repeat_penalty})")
         if self.repeat_last_n < -1:
             bad.append(f"--repeat-last-n must be >= -1 (got {self.repeat_last_n})")
         return bad

@@ -205,7 +205,8 @@ def test_context_overflow_is_an_error_unless_truncate_left(attn, tiny_llama):
 @pytest.mark.parametrize(
     "flags",
     [["-n", "0"], ["-n", "-5"], ["--temp", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "-3"], ["--min-p", "2"],
-     ["--dtype", "float8"], ["--device", "tpu"], ["--json", "--jsonl"], ["--logprobs", "3"], ["--repeat-penalty", "0"], ["--truncate", "middle"]],
+     ["--dtype", "float8"], ["--device", "tpu"], ["--json", "--jsonl"], ["--logprobs", "3"], ["--repeat-penalty", "0"], ["--truncate", "middle"],
+     ["--temp", "inf"], ["--repeat-penalty", "inf"], ["-m", ""]],
 )
 def test_bad_flag_values_exit_2_with_one_line(attn, tiny_llama, flags):
     r = attn(["generate", "-m", str(tiny_llama), "--raw", *flags, "hi"])

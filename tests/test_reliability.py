@@ -83,6 +83,16 @@ def test_unsupported_model_type(attn, model_copy):
     one_line_error(gen(attn, model_copy), 1, "'mamba'", "gpt2", "llama", "mistral", "qwen2")
 
 
+@pytest.mark.parametrize("change, said", [({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer (got 0)"),
+                                          ({"rope_theta": "big"}, "rope_theta must be a number (got 'big')"), ({"rope_theta": -1}, "rope_theta must be a positive number (got -1.0)")])
+def test_config_values_out_of_range(attn, model_copy, change, said):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    if "rope_theta" in change and isinstance(cfg.get("rope_parameters"), dict):  # (transformers 5 writes it there)
+        cfg["rope_parameters"] = {**cfg["rope_parameters"], **change}
+    (model_copy / "config.json").write_text(json.dumps({**cfg, **change}))
+    one_line_error(gen(attn, model_copy), 1, said)
+
+
 # --- safetensors files -----------------------------------------------------------------
 
 
@@ -314,7 +324,7 @@ def test_bad_generation_config_values_name_the_file(attn, model_copy):
     """A value in generation_config.json that no flag overrides and that is no number or out of range: exit 1 naming
     the file and its key (not a flag the user never gave, not an internal error); a flag that overrides it wins."""
     cases = {'{"top_p": 2, "do_sample": true}': "top_p must be in (0, 1] (got 2.0)", '{"temperature": "hot"}': "temperature must be a number (got 'hot')",
-             '{"top_k": -3, "do_sample": true}': "top_k must be >= 0 (got -3)", '{"repetition_penalty": 0}': "repetition_penalty must be > 0 (got 0.0)"}
+             '{"top_k": -3, "do_sample": true}': "top_k must be >= 0 (got -3)", '{"repetition_penalty": 0}': "repetition_penalty must be > 0 and finite (got 0.0)"}
     for text, said in cases.items():
         (model_copy / "generation_config.json").write_text(text)
         one_line_error(attn(["generate", "-m", str(model_copy), "--raw", "-n", "2", "hi"]), 1, f"generation_config.json: {said}")

@@ -20,7 +20,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from model.errors import AttnError
+from model.errors import AttnError, UsageError
 from weights.gguf import Progress, _replace_dir, convert_gguf
 from weights.files import attn_home, hub_cache_path, is_model_dir, local_name, models_dir
 from weights.registry import DEFAULT_MODEL, REGISTRY, KnownModel, is_hub_id
@@ -37,7 +37,7 @@ class DownloadError(AttnError):
 
 def pull(spec: str | None = None, *, force: bool = False, progress: Progress | None = None, dtype: str | None = None) -> Path:
     """Make a model available locally and return its directory: registry name, FILE.gguf or ORG/NAME."""
-    spec = spec or DEFAULT_MODEL
+    spec = _named(spec)
     if spec in REGISTRY:
         return _pull_known(REGISTRY[spec], force, progress, dtype)
     path = Path(spec).expanduser()
@@ -53,9 +53,16 @@ def pull(spec: str | None = None, *, force: bool = False, progress: Progress | N
     raise AttnError(f"unknown model {spec!r}: not a known name ({known}), a .gguf file, or ORG/NAME")
 
 
+def _named(spec: str | None) -> str:
+    """The model asked for: the default where none is; an empty name (`-m ""`) is a mistake, not the default."""
+    if spec is not None and not spec.strip():
+        raise UsageError("empty model name: give a registry name, a model directory, a .gguf file or ORG/NAME (or no -m for the default)")
+    return spec or DEFAULT_MODEL
+
+
 def resolve_model(spec: str | None, *, pull_missing: bool = True, progress: Progress | None = None) -> Path:
     """The local model directory for --model: a registry name, a directory, a .gguf file, or ORG/NAME."""
-    spec = spec or DEFAULT_MODEL
+    spec = _named(spec)
     if spec in REGISTRY:
         path = models_dir() / local_name(spec)
         if is_model_dir(path):
@@ -94,7 +101,7 @@ def resolve_model(spec: str | None, *, pull_missing: bool = True, progress: Prog
 
 def find_local(spec: str | None) -> Path | None:
     """The complete local directory `pull(spec)` would produce, if it is there already."""
-    spec = spec or DEFAULT_MODEL
+    spec = _named(spec)
     name = Path(spec).stem if spec.lower().endswith(".gguf") else spec
     path = models_dir() / local_name(name)
     return path if is_model_dir(path) else None

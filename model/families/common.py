@@ -118,7 +118,10 @@ def read_rope(
     kind = (aliases or {}).get(kind, kind)
     if kind not in ROPE_TYPES:
         raise AttnError(f"config.json: {where}.rope_type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-    theta = float(get(p, "rope_theta", get(d, theta_key, theta_default)))
+    theta = get(p, "rope_theta", get(d, theta_key, theta_default))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise AttnError(f"config.json: rope_theta must be a number (got {theta!r})")
+    theta = float(theta)
     partial = float(get(p, "partial_rotary_factor", get(d, partial_key, partial_default)))
     if not 0 < partial <= 1:
         raise AttnError(f"config.json: {partial_key} must be in (0, 1] (got {partial})")
