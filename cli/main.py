@@ -169,6 +169,7 @@ def main() -> None:
         parallel = sys.modules.get("cli.parallel")
         if parallel is not None:
             parallel.hold_signals()  # a tensor-parallel rank: the launcher stopping every rank must not cut this line
+            parallel.report(str(e))
         if _debug():
             traceback.print_exc()
         _error(str(e))

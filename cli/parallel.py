@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -229,6 +230,19 @@ def hold_signals() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+ERRORS = "ATTN_TP_ERRORS"  # the launcher's folder where a rank leaves the error line it ended with (its stderr is silenced)
+
+
+def report(message: str) -> None:
+    """A rank other than 0 ending with an error: leave its line for the launcher, which says it when rank 0 could not."""
+    folder = os.environ.get(ERRORS)
+    if launched() and folder and int(os.environ["RANK"]) != 0:
+        try:
+            Path(folder, f"rank-{os.environ['RANK']}.err").write_text(message, encoding="utf-8")
+        except OSError:
+            pass
+
+
 def leave(code: int) -> None:
     """End a rank's process now, its streams flushed: the interpreter's teardown with torch took 1-2 s on a
     busy 2-core machine, and a rank's sockets stay open (the others waiting) until the process is gone."""
@@ -322,11 +336,12 @@ def _launch(tp: int, model: str | None, device: str, quiet: bool) -> int:
                 # (RankLost), or rank 0 ends them (`_end_peers`): only one that hangs through Ctrl-C waits this out.
                 shutdown_timeout=10,
             )
+            os.environ[ERRORS] = logs
             try:
                 elastic_launch(config, sys.executable)("-m", "cli.main", *sys.argv[1:])
                 return 0
             except ChildFailedError as e:
-                return _exit_code({r: f.exitcode for r, f in e.failures.items()}, tp)
+                return _exit_code({r: f.exitcode for r, f in e.failures.items()}, tp, Path(logs))
             except SignalException as e:  # Ctrl-C or SIGTERM here: the workers got it too; rank 0 wrote what it had
                 return 128 + int(e.sigval)
     finally:
@@ -337,12 +352,13 @@ def _launch(tp: int, model: str | None, device: str, quiet: bool) -> int:
             signal.signal(s, handler)
 
 
-def _exit_code(codes: dict[int, int], world: int) -> int:
+def _exit_code(codes: dict[int, int], world: int, errors: Path | None = None) -> int:
     """The run's exit code from the ranks that failed (rank → exit code, negative: killed by that signal).
 
     Rank 0 speaks for the run when it chose its code (an error it printed, a usage error, a closed
     pipe); when it was stopped, killed or interrupted because another rank failed, the launcher says
-    which rank and how, in one line, and the run exits 1.
+    that rank's own error line where it left one in `errors` (`report`), else which rank and how, in
+    one line, and the run exits 1.
     """
     c0 = codes.get(0, 0)
     if c0 > 0 and c0 not in (130, 143):
@@ -350,6 +366,11 @@ def _exit_code(codes: dict[int, int], world: int) -> int:
     others = {r: c for r, c in codes.items() if r != 0}  # ranks that only lost another exit 0 (RankLost): not here
     if not others and c0 >= 0:
         return c0
+    for rank, code in sorted(others.items()):  # a rank that ended with an error line of its own (report): that line
+        said = errors / f"rank-{rank}.err" if errors is not None else None
+        if code > 0 and said is not None and said.is_file():
+            sys.stderr.write(f"attn: error: {said.read_text(encoding='utf-8')} (tensor-parallel rank {rank} of {world}; every rank was stopped)\n")
+            return code
     rank, code = min(others.items(), key=lambda rc: (rc[1] >= 0, rc[0])) if others else (0, c0)  # a killed rank first
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     note = "" if rank else " before it could finish"

@@ -450,6 +450,20 @@ def test_exit_code_when_rank_0_could_not_say_it(capsys):
     assert "rank 0 of 3 was killed by SIGKILL" in capsys.readouterr().err
 
 
+def test_a_failing_rank_s_own_error_line_is_said(capsys, tmp_path, monkeypatch):
+    """A rank other than 0 whose stderr is silenced leaves its error line (cli.parallel.report); when rank 0 was stopped
+    before it could say anything, the launcher says that line, not only which rank exited."""
+    from cli.parallel import ERRORS, _exit_code, report
+
+    monkeypatch.setenv(ERRORS, str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    report("model.safetensors: tensor x has shape [3] where the config needs [4]")
+    assert _exit_code({0: 143, 1: -15, 2: 1}, 3, tmp_path) == 1
+    assert capsys.readouterr().err == "attn: error: model.safetensors: tensor x has shape [3] where the config needs [4] (tensor-parallel rank 2 of 3; every rank was stopped)\n"
+    assert _exit_code({0: 1, 2: 1}, 3, tmp_path) == 1 and capsys.readouterr().err == ""  # rank 0 said its own
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
