@@ -82,6 +82,9 @@ def models_cmd(color: ColorOpt = Color.auto) -> None:
     if not found:
         note(f"no models in {models_dir()} yet; `attn pull` fetches {DEFAULT_MODEL}")
         return
+    for m in found:
+        if m.problem:
+            note(f"warning: {m.name} is broken: {m.problem} (`attn generate -m {m.name}` says more)")
     if sys.stdout.isatty():
         table = Table(box=None, header_style="bold" if use_color(color, sys.stdout) else None)
         for column, justify in (("name", "left"), ("path", "left"), ("parameters", "right"), ("dtype", "left"), ("size", "right")):

@@ -400,6 +400,9 @@ def test_models_table_on_a_terminal(home: Path, fake: FakePip) -> None:
         assert "\x1b[" not in out and re.search(r"tiny .* \d+\.\d M +float32 +\d+\.\d (KiB|MiB)", out), out
     out = on_a_terminal("models", env=env | {"TERM": "xterm"})
     assert "\x1b[1m" in out and "tiny" in out, out
+    (home / "models" / "tiny" / "config.json").write_text("{")  # broken: still listed, and a warning says so
+    r = CliRunner().invoke(app, ["models"])
+    assert r.exit_code == 0 and r.stdout.startswith("tiny\t") and r.stderr == "attn: warning: tiny is broken: its config.json is not valid JSON (`attn generate -m tiny` says more)\n", r.output
 
 
 def test_cli_errors_are_one_line(home: Path) -> None:

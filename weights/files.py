@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class LocalModel:
     parameters: int
     dtype: str
     size_bytes: int
+    problem: str | None = None  # why it cannot run, where that shows without loading it (unreadable config or weights)
 
 
 def list_models() -> list[LocalModel]:
@@ -78,7 +80,13 @@ def list_models() -> list[LocalModel]:
                 parameters += count
         dtype = max(dtypes, key=dtypes.get) if dtypes else "?"
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        found.append(LocalModel(path.name, path, parameters, dtype, size))
+        problem = None if dtypes else "its weights cannot be read"
+        try:
+            if not isinstance(json.loads((path / "config.json").read_text(encoding="utf-8")), dict):
+                problem = "its config.json is not a JSON object"
+        except (OSError, ValueError):
+            problem = "its config.json is not valid JSON"
+        found.append(LocalModel(path.name, path, parameters, dtype, size, problem))
     return found
 
 
