@@ -207,11 +207,11 @@ def stdout_console(**options: Any) -> Any:
 
     class Out(Console):
         def on_broken_pipe(self) -> None:
-            super_quiet = os.open(os.devnull, os.O_WRONLY)  # (as rich does: nothing more reaches the closed pipe)
-            os.dup2(super_quiet, sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)  # (as rich does: nothing more reaches the closed pipe)
+            os.dup2(devnull, sys.stdout.fileno())
             raise PipeClosed
 
-        def _check_buffer(self) -> None:
+        def _check_buffer(self) -> None:  # (rich's own write; it handles a closed pipe, and raises any other OSError)
             try:
                 super()._check_buffer()
             except OSError as e:
