@@ -77,7 +77,7 @@ class Order(str, Enum):
     completion = "completion"
 
 
-@app.command("batch", epilog=epilog(EPILOG))
+@app.command("batch", short_help='Generate for many prompts at once: JSONL or lines in, JSON out.', epilog=epilog(EPILOG))
 def batch_cmd(
     file: Annotated[Optional[Path], typer.Argument(metavar="FILE", help="JSONL requests, or prompts with --lines ('-' or none: stdin).", show_default=False)] = None,
     model: ModelOpt = None,

@@ -118,7 +118,7 @@ class Compare(str, Enum):
     llama_cpp = "llama.cpp"
 
 
-@app.command("bench", epilog=epilog(EPILOG))
+@app.command("bench", short_help='Measure speed (prefill, decode, first token), memory and quality.', epilog=epilog(EPILOG))
 def bench_cmd(
     model: ModelOpt = None,
     prompt_lens: Annotated[Optional[list[int]], typer.Option("--prompt-tokens", "-p", min=1, metavar="N", help="Prompt length in tokens (repeatable). [default: 64]", show_default=False)] = None,

@@ -80,7 +80,7 @@ def choice(enum: type[Enum], aliases: dict[str, str] | None = None, metavar: str
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", envvar="ATTN_MODEL", help=f"Registry name, model directory, or hub id. [default: {DEFAULT_MODEL}]", show_default=False),
+    typer.Option("--model", "-m", envvar="ATTN_MODEL", help=f"Registry name, model directory, .gguf file, or hub id (ORG/NAME). [default: {DEFAULT_MODEL}]", show_default=False),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto: CUDA when available).")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", **choice(Dtype), help="Weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU).")]
@@ -97,7 +97,7 @@ def _verbose(value: bool) -> bool:
     return value
 
 
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", callback=_verbose, help="More detail on stderr (chosen seed, tracebacks).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", callback=_verbose, help="More detail on stderr (a chosen seed, tracebacks of errors).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No warnings or notes on stderr.")]
 PromptArg = Annotated[Optional[str], typer.Argument(help="The prompt ('-' reads stdin). Piped stdin is prepended.", show_default=False)]
 PromptOpt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt, as an option.", show_default=False)]
@@ -114,7 +114,7 @@ TokenOpt = Annotated[
 OccurrenceOpt = Annotated[Optional[int], typer.Option("--occurrence", help="With --token TEXT: which match, 1 = first, -1 = last. [default: 1]", show_default=False)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message (chat mode).", show_default=False)]
 InvalidUtf8Opt = Annotated[
-    str, typer.Option("--invalid-utf8", help="Input that is not UTF-8: 'error' (exit 2) or 'replace' (U+FFFD, with a warning).")
+    str, typer.Option("--invalid-utf8", metavar="error|replace", help="Input that is not UTF-8: 'error' (exit 2) or 'replace' (U+FFFD, with a warning).")
 ]
 
 # Sampling: None means "not given", so ATTN_* env vars, then generation_config.json, then built-ins apply.
@@ -140,7 +140,7 @@ class Truncate(str, Enum):
 
 TruncateOpt = Annotated[Truncate, typer.Option("--truncate", **choice(Truncate), help="Prompt + max tokens over the context: error, or keep the tail (left).")]
 LogprobsOpt = Annotated[
-    Optional[int], typer.Option("--logprobs", min=0, max=20, help="With --json/--jsonl: per-token logprob, bytes and the top K alternatives.", show_default=False)
+    Optional[int], typer.Option("--logprobs", min=0, max=20, help="Per-token logprob, bytes and the top K alternatives (generate: with --json/--jsonl; batch: in each record).", show_default=False)
 ]
 
 

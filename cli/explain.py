@@ -66,7 +66,7 @@ class ExplainFormat(str, Enum):
     json = "json"
 
 
-@app.command("explain", epilog=epilog(EPILOG))
+@app.command("explain", short_help="Walk through one head's attention for one token, stage by stage.", epilog=epilog(EPILOG))
 def explain_cmd(
     prompt: PromptArg = None,
     model: ModelOpt = None,
@@ -74,12 +74,12 @@ def explain_cmd(
     file: FileOpt = None,
     token: TokenOpt = None,
     occurrence: OccurrenceOpt = None,
-    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Layer (negative from the end). [default: with --head unset too, the head whose attention is sharpest]", show_default=False)] = None,
-    head: Annotated[Optional[int], typer.Option("--head", help="Query head. [default: as --layer]", show_default=False)] = None,
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Layer (negative from the end). [default: the layer, with --head's head or any, where a head puts the most weight on one earlier token other than the first]", show_default=False)] = None,
+    head: Annotated[Optional[int], typer.Option("--head", help="Query head. [default: the head, in --layer's layer or any, that puts the most weight on one earlier token other than the first]", show_default=False)] = None,
     top: Annotated[int, typer.Option("--top", min=0, help="Highlight the K strongest sources (0 = all).")] = 3,
     rows: Annotated[int, typer.Option("--rows", min=4, help="Sources listed per table before the rest is summarised.")] = 24,
     preview: Annotated[int, typer.Option("--preview", min=1, max=64, help="Vector components shown in previews.")] = 6,
-    fmt: Annotated[Optional[ExplainFormat], typer.Option("--format", **choice(ExplainFormat), help="table (rich panels) or json. [default: table on a TTY, else json]", show_default=False)] = None,
+    fmt: Annotated[Optional[ExplainFormat], typer.Option("--format", **choice(ExplainFormat), help="table (panels to read) or json (for scripts). [default: table on a terminal, else json]", show_default=False)] = None,
     chat: RawChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import (
+    epilog,
     DeviceOpt,
     Dtype,
     DtypeOpt,
@@ -50,7 +51,7 @@ Examples:
 
   attn explore "a fluffy blue creature roamed the verdant forest" -o forest.html
 
-  attn explore -f notes.txt -l 16 -l 17 -o notes.html     (a long text: the layers to keep)
+  attn explore -f notes.txt -l 16 -l 17 -o notes.html     # a long text: the layers to keep
 
   attn explore "Once upon a time" --generate 20 --temp 0 -t -1
 
@@ -59,7 +60,7 @@ the token (←/→), the layer (↑/↓) and the head (shift+←/→); the URL f
 """
 
 
-@app.command("explore", epilog=EPILOG)
+@app.command("explore", short_help='Write one offline HTML page of every token, layer and head.', epilog=epilog(EPILOG))
 def explore_cmd(
     prompt: PromptArg = None,
     model: ModelOpt = None,
@@ -68,7 +69,7 @@ def explore_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE.html", help="The page to write.")] = Path("attention.html"),
     layer: Annotated[
         Optional[list[int]],
-        typer.Option("--layer", "-l", metavar="N", help="Layers to store, repeatable; negative from the end. [default: all, while the page stays ≈ 20 MB or less (the default model: up to 256 tokens)]", show_default=False),
+        typer.Option("--layer", "-l", metavar="N", help="Layers to store, repeatable; negative from the end. [default: all, while the page stays ≈ 17 MiB or less (the default model: up to 256 tokens); past that, choose the layers]", show_default=False),
     ] = None,
     token: TokenOpt = None,
     occurrence: OccurrenceOpt = None,

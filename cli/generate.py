@@ -70,7 +70,7 @@ Examples:
 """
 
 
-@app.command("generate", epilog=epilog(EPILOG))
+@app.command("generate", short_help='Generate text from a prompt, streamed to stdout.', epilog=epilog(EPILOG))
 def generate_cmd(
     ctx: typer.Context,
     prompt: PromptArg = None,

@@ -58,11 +58,14 @@ Examples:
 
   attn heads "a fluffy blue creature roamed the verdant forest" --sort previous --top 10
 
-  attn heads "some text" --probe induction --format csv > heads.csv
+  attn heads "the cat sat on the mat" --probe induction --format csv > heads.csv
 
   attn heads --sort induction -o heads.html
 
+  attn heads -f prompts.txt --lines --sort first     # pooled over every token of every prompt
+
 Columns, over the rows i of each head's attention α (row 0 sees only itself and is left out):
+  kv        the key/value head it reads (grouped-query attention: query heads share them)
   entropy   mean of −Σ_j α_ij log2 α_ij (bits)     dist  mean of Σ_j α_ij (i − j) (tokens)
   first     mean of α_i0 (the attention sink)      self  mean of α_ii
   prev      mean of α_i,i−1 over rows i ≥ 2 (in row 1 the previous token is the first)
@@ -72,11 +75,10 @@ Columns, over the rows i of each head's attention α (row 0 sees only itself and
             (TransformerLens's detectors, averaged over the rows that have any; induct only from the probe)
 Measures are taken on the prompt; detectors on the induction probe when it runs, else on the prompt.
 With --lines/--jsonl each is the mean over every row of every prompt, with its spread (± sd) and row count.
-
-  attn heads -f prompts.txt --lines --sort first     # pooled over every token of every prompt
 """
 
-COLUMNS = ("layer", "head", "kv_head", *MEASURES, *DETECTORS)
+INDICES = ("layer", "head", "kv_head")  # sorted smallest first always
+COLUMNS = (*INDICES, *MEASURES, *DETECTORS)
 HEADERS = {"kv_head": "kv", "previous": "prev", "previous_token": "prev-tok", "duplicate_token": "dup-tok", "distance": "dist", "induction": "induct"}
 
 
@@ -99,7 +101,7 @@ SORT = choice(Column, ALIASES, "COLUMN", "a column, by its header or JSON name: 
 MEASURE = choice(Measure, ALIASES, "COLUMN", "a measure or detector, by its header or JSON name: " + one_of([HEADERS.get(c, c) for c in (*MEASURES, *DETECTORS)]))
 
 
-@app.command("heads", epilog=epilog(EPILOG))
+@app.command("heads", short_help='Measure what every head does: sink, previous token, induction, …', epilog=epilog(EPILOG))
 def heads_cmd(
     prompt: PromptArg = None,
     model: ModelOpt = None,
@@ -107,11 +109,11 @@ def heads_cmd(
     file: FileOpt = None,
     probe: Annotated[Optional[ProbeKind], typer.Option("--probe", **choice(ProbeKind), help="Also run the induction probe: a random token sequence, repeated; detectors are scored on it. [default: induction with no prompt, else none]", show_default=False)] = None,
     probe_length: Annotated[int, typer.Option("--probe-length", min=4, max=1024, help="Random tokens in each half of the probe sequence.")] = 50,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the probe's random tokens.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the probe's random tokens (not a sampling seed: ATTN_SEED is not read).")] = 0,
     sort: Annotated[Optional[Column], typer.Option("--sort", **SORT, help="Column to sort by, strongest first, by its table header or JSON name: layer, head, kv, entropy, dist, first, prev, self, prev-tok, dup-tok, induct. [default: induct when the probe ran, else prev]", show_default=False)] = None,
-    ascending: Annotated[bool, typer.Option("--ascending", help="Sort smallest first (e.g. the sharpest heads by entropy).")] = False,
+    ascending: Annotated[bool, typer.Option("--ascending", help="Sort smallest first (e.g. the sharpest heads by entropy); layer, head and kv always are.")] = False,
     top: Annotated[Optional[int], typer.Option("--top", min=0, help="Show the first K rows after sorting (0 = all). [default: 20 in the table, all in JSON/CSV]", show_default=False)] = None,
-    fmt: Annotated[Optional[HeadsFormat], typer.Option("--format", **choice(HeadsFormat), help="table, json or csv. [default: table on a TTY, else json]", show_default=False)] = None,
+    fmt: Annotated[Optional[HeadsFormat], typer.Option("--format", **choice(HeadsFormat), help="table (to read), json or csv (for scripts). [default: table on a terminal, else json]", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a layers × heads grid coloured by --measure: FILE.svg or FILE.html (self-contained); stdout then stays empty unless --format is given.", show_default=False)] = None,
     measure: Annotated[Optional[Measure], typer.Option("--measure", **MEASURE, help="The column the -o grid shows: entropy, dist, first, prev, self, prev-tok, dup-tok or induct. [default: the sort column]", show_default=False)] = None,
     lines: Annotated[bool, typer.Option("--lines", help="The input (-f FILE or stdin) is many prompts, one a line: every measure pooled over all their tokens, with its spread.")] = False,
@@ -268,8 +270,8 @@ def sort_rows(rows: list[dict], by: str, ascending: bool) -> list[dict]:
     """Strongest first (smallest with `ascending`); rows without the value (detector not run) last."""
     if all(r[by] is None for r in rows):
         raise UsageError(f"--sort {by}: {no_values(by)}")
-    if by in ("layer", "head", "kv_head"):
-        ascending = not ascending  # indices read naturally smallest first
+    if by in INDICES:
+        ascending = True  # indices read smallest first, --ascending or not
     sign = 1 if ascending else -1
     return sorted(rows, key=lambda r: (r[by] is None, sign * (r[by] or 0), r["layer"], r["head"]))
 
@@ -311,7 +313,7 @@ def render_table(rows: list[dict], total: int, by: str, ascending: bool, probed:
     order = COLUMNS if spread is None else tuple(x for c in COLUMNS for x in ((c, spread) if c == by else (c,)))
     columns = fitting_columns(rows, by, console.width, order, spread)
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", collapse_padding=True)
-    t.title = f"sorted by {by}{' (smallest first)' if ascending else ''}" + (f"; means {over}" if over else "")
+    t.title = f"sorted by {by}{' (smallest first)' if ascending and by not in INDICES else ''}" + (f"; means {over}" if over else "")
     t.title += "" if probed else f"; detectors on the prompt{'s' if over else ''} (induction: --probe induction)"
     for c in columns:
         t.add_column(header(c, spread), justify="right", no_wrap=True, style="underline" if c == by else None, header_style="bold underline" if c == by else "bold")

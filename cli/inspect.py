@@ -59,11 +59,11 @@ from model.probe import Capture, capture
 EPILOG = """\
 Examples:
 
-  attn inspect --head 3                       (the demo sentence, every layer)
+  attn inspect --head 3                       # the demo sentence, every layer
 
   attn inspect "a fluffy blue creature roamed the verdant forest" --token creature --find blue
 
-  attn inspect "The cat sat on the mat" -t -1 -l -1 --format json | jq .heads[0]
+  attn inspect "The cat sat on the mat" -t -1 -l -1 --format json | jq '.heads[0]'
 
   attn inspect "Once upon a time" --generate 8 --temp 0 -o attention.html
 """
@@ -86,7 +86,7 @@ class Format(str, Enum):
     csv = "csv"
 
 
-@app.command("inspect", epilog=epilog(EPILOG))
+@app.command("inspect", short_help='Show where one token looks, per layer and head.', epilog=epilog(EPILOG))
 def inspect_cmd(
     prompt: PromptArg = None,
     model: ModelOpt = None,
@@ -95,13 +95,13 @@ def inspect_cmd(
     token: TokenOpt = None,
     occurrence: OccurrenceOpt = None,
     layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", metavar="N", help="Layer index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
-    head: Annotated[Optional[list[int]], typer.Option("--head", metavar="N", help="Query-head index, repeatable; negative from the end. [default: all]", show_default=False)] = None,
+    head: Annotated[Optional[list[int]], typer.Option("--head", metavar="N", help="Query head, repeatable; negative from the end (with grouped-query attention several query heads share one key/value head, the table's kv). [default: all]", show_default=False)] = None,
     direction: Annotated[Direction, typer.Option("--direction", **choice(Direction), help="from: the chosen token as query (a row); to: how much each later token attends to it (a column).")] = Direction.from_,
-    values: Annotated[Values, typer.Option("--values", **choice(Values), help="weights (softmax), scores (QKᵀ/√d before softmax) or value-norms (‖α·v·W_O‖).")] = Values.weights,
+    values: Annotated[Values, typer.Option("--values", **choice(Values), help="weights (softmax), scores (QKᵀ/√d before softmax) or value-norms (‖α·v·W_O‖: how far each source moves the head's output, W_O its output projection).")] = Values.weights,
     skip_first: Annotated[bool, typer.Option("--skip-first", help="Leave the first token (often an attention sink) out and renormalise the rest by the sum of the others; its raw share is still shown. A head with under 1% off the first token is marked * and ranked last by --find.")] = False,
     find: Annotated[Optional[str], typer.Option("--find", help="Rank every (layer, head) by what the chosen token gives to tokens matching TEXT.", show_default=False)] = None,
     top: Annotated[Optional[int], typer.Option("--top", min=0, help="The K strongest sources per head; with --find, the K best heads; 0 = all. Given, every format lists the same K (JSON: each head's top positions). [default: 3 sources / 10 heads in the table, all elsewhere]", show_default=False)] = None,
-    fmt: Annotated[Optional[Format], typer.Option("--format", **choice(Format), help="table | json | csv. [default: table when stdout is a terminal, else json]", show_default=False)] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", **choice(Format), help="table (to read), json or csv (for scripts). [default: table on a terminal, else json]", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a self-contained picture: FILE.html or FILE.svg; stdout then stays empty unless --format is given.", show_default=False)] = None,
     generate_n: Annotated[int, typer.Option("--generate", min=0, help="Generate N tokens first (sampling flags as in generate), then inspect prompt + generated.")] = 0,
     temp: TempOpt = None,

@@ -40,7 +40,7 @@ TpOpt = Annotated[
         "--tp",
         min=1,
         metavar="N",
-        help="Tensor parallel: split the model over N processes (N must divide the KV heads), started through torch.distributed; gloo on CPU, NCCL on CUDA (one GPU each). Under torchrun: its process count. [default: 1]",
+        help="Tensor parallel: split the model's heads over N processes (N must divide the number of key/value heads: 1 or 3 for the default model), started through torch.distributed; gloo on CPU, NCCL on CUDA (one GPU each). Under torchrun: its process count. [default: 1]",
         show_default=False,
     ),
 ]

@@ -38,7 +38,7 @@ DtypeOpt = Annotated[
 # --- commands ----------------------------------------------------------------------------
 
 
-@app.command("pull", epilog=epilog("Examples:\n  attn pull\n  attn pull model.Q8_0.gguf\n  attn pull HuggingFaceTB/SmolLM2-135M-Instruct"))
+@app.command("pull", short_help='Download and convert a model into $ATTN_HOME/models.', epilog=epilog("Examples:\n  attn pull\n  attn pull model.Q8_0.gguf\n  attn pull HuggingFaceTB/SmolLM2-135M-Instruct"))
 def pull_cmd(
     model: Annotated[
         Optional[str],
@@ -75,9 +75,9 @@ def pull_cmd(
         prepare_step(name, quiet)
 
 
-@app.command("models", epilog=epilog("Examples:\n  attn models\n  attn models | cut -f1,5"))
+@app.command("models", short_help='List the local models.', epilog=epilog("Examples:\n  attn models\n  attn models | cut -f1,5"))
 def models_cmd(color: ColorOpt = Color.auto) -> None:
-    """List local models: name, path, parameters, dtype, size (tab-separated when stdout is not a TTY)."""
+    """List local models: name, path, parameters, dtype, size (tab-separated, the size in bytes, when stdout is not a terminal)."""
     found = list_models()
     if not found:
         note(f"no models in {models_dir()} yet; `attn pull` fetches {DEFAULT_MODEL}")
@@ -97,12 +97,12 @@ def models_cmd(color: ColorOpt = Color.auto) -> None:
         write_out("".join(f"{m.name}\t{m.path}\t{m.parameters}\t{m.dtype}\t{m.size_bytes}\n" for m in found))
 
 
-@app.command("convert", epilog=epilog("Examples:\n  attn convert model.Q8_0.gguf smollm2-q8\n  attn convert model.Q4_1.gguf out --dtype bfloat16 --force\n  attn generate -m smollm2-q8 \"Hello\""))
+@app.command("convert", short_help='Convert a GGUF file to a safetensors model directory.', epilog=epilog("Examples:\n  attn convert model.Q8_0.gguf smollm2-q8\n  attn convert model.Q4_1.gguf out --dtype bfloat16 --force\n  attn generate -m smollm2-q8 \"Hello\""))
 def convert_cmd(
     gguf: Annotated[Path, typer.Argument(help="The GGUF file.", show_default=False)],
     out_dir: Annotated[Path, typer.Argument(help="The model directory to write (must not exist, or be empty).", show_default=False)],
     dtype: DtypeOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR when it holds something already.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR when it is a model directory already (any other non-empty folder is refused).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")] = False,
 ) -> None:
     """Convert a GGUF file to a safetensors model directory (config, tokenizer, chat template)."""

@@ -177,6 +177,13 @@ def test_heads_without_prompt_runs_the_induction_probe(tiny_models):
     assert (r.code, r.out) == (2, "") and r.err == "attn: error: --probe none with no prompt leaves nothing to measure: give a prompt, or drop --probe none\n", r
 
 
+def test_index_columns_sort_smallest_first_with_or_without_ascending(tiny_models):
+    path, _ = tiny_models["llama"]
+    for extra in ([], ["--ascending"]):
+        d = heads_json(path, PROMPT, "--sort", "layer", *extra)
+        assert [(h["layer"], h["head"]) for h in d["heads"]] == sorted((h["layer"], h["head"]) for h in d["heads"])
+
+
 def test_heads_probe_with_prompt_sort_and_top(tiny_models):
     path, _ = tiny_models["llama"]
     d = heads_json(path, PROMPT, "--probe", "induction", "--sort", "entropy", "--ascending", "--top", "3")
