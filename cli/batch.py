@@ -81,7 +81,7 @@ class Order(str, Enum):
 def batch_cmd(
     file: Annotated[Optional[Path], typer.Argument(metavar="FILE", help="JSONL requests, or prompts with --lines ('-' or none: stdin).", show_default=False)] = None,
     model: ModelOpt = None,
-    lines: Annotated[bool, typer.Option("--lines", help="Plain text: each non-empty line is a prompt, its id the line number.")] = False,
+    lines: Annotated[bool, typer.Option("--lines", help="Plain text: each line with a non-space character is a prompt, its id the line number.")] = False,
     max_tokens: MaxTokensOpt = 256,
     temp: TempOpt = None,
     top_k: TopKOpt = None,
@@ -167,15 +167,16 @@ def batch_cmd(
         if interrupted.signal:
             records.flush_finished()  # what finished stays, in order; what did not is left out
             code = 143 if interrupted.signal == signal.SIGTERM else 130
-    if code:
-        raise typer.Exit(code)
     failed = sum(1 for r in records.written if "error" in r)
-    if stats:
+    if stats:  # (after an interruption too, as generate's)
         wall = time.perf_counter() - t_start
+        done = f"{len(records.written)} of {len(items)} written, interrupted" if code else f"{len(items)} requests"
         note(
-            f"{len(items)} requests ({failed} failed) · {tokens} tokens in {wall:.1f} s · {tokens / wall:.1f} tok/s overall · "
+            f"{done} ({failed} failed) · {tokens} tokens in {wall:.1f} s · {tokens / wall:.1f} tok/s overall · "
             f"{slots} at a time · load {m.load_ms:.0f} ms · peak memory {peak_memory_mb(m.device):.0f} MiB"
         )
+    if code:
+        raise typer.Exit(code)
     if failed:
         raise typer.Exit(1)
 
@@ -205,7 +206,7 @@ def prepare(
     n = f.get("max_tokens", max_tokens)
     use_chat = "messages" in f or (chat if chat is not None else bool(m.tokenizer.chat_template))
     ids = encode_messages(m, f["messages"]) if "messages" in f else encode_prompt_text(m, f["prompt"], use_chat, system)[0]
-    fitted = fit_context(m, ids, n, ctx_size, truncate, quiet=True, chat=use_chat)
+    fitted = fit_context(m, ids, n, ctx_size, truncate, quiet=True, chat=use_chat, said_as="max_tokens" if "max_tokens" in f else "--max-tokens")
     settings = SamplingSettings(
         temperature=float(f.get("temperature", defaults.temperature)),
         top_k=f.get("top_k", defaults.top_k),

@@ -38,6 +38,7 @@ from cli.common import (
     QuietOpt,
     VerboseOpt,
     peak_memory_mb,
+    reset_peak_memory,
     use_color,
     write_out,
 )
@@ -282,7 +283,7 @@ def _batch_row(m: Loaded, b: int, p: int, n: int, reps: int, vocab: int) -> dict
 def _batch_run(m: Loaded, prompts: list[list[int]], n: int) -> dict:
     """One greedy batch through the loop `attn batch` drives (EOS ignored). Prefill: from the rows'
     admission to the last row's first token; decode: from there to the end, (n - 1) tokens per row."""
-    _reset_peak(m.device)
+    reset_peak_memory(m.device)
     gens = [Generation(m.model, m.tokenizer, Request(pr, n, GREEDY, ignore_eos=True), set()) for pr in prompts]
     for _ in run_batch(m.model, gens, slots=len(gens), max_len=len(prompts[0]) + n):
         pass
@@ -298,14 +299,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def _attn_run(m: Loaded, prompt: list[int], n: int) -> dict:
     """One greedy generation through the loop `attn generate` drives (EOS ignored): TTFT, prefill and decode rates."""
-    _reset_peak(m.device)
+    reset_peak_memory(m.device)
     gen = Generation(m.model, m.tokenizer, Request(prompt, n, GREEDY, ignore_eos=True), set())
     for _ in gen:
         pass

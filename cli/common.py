@@ -113,8 +113,13 @@ TokenOpt = Annotated[
 ]
 OccurrenceOpt = Annotated[Optional[int], typer.Option("--occurrence", help="With --token TEXT: which match, 1 = first, -1 = last. [default: 1]", show_default=False)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message (chat mode).", show_default=False)]
+class InvalidUtf8(str, Enum):
+    error = "error"
+    replace = "replace"
+
+
 InvalidUtf8Opt = Annotated[
-    str, typer.Option("--invalid-utf8", metavar="error|replace", help="Input that is not UTF-8: 'error' (exit 2) or 'replace' (U+FFFD, with a warning).")
+    InvalidUtf8, typer.Option("--invalid-utf8", **choice(InvalidUtf8), help="Input that is not UTF-8: 'error' (exit 2) or 'replace' (U+FFFD, with a warning).")
 ]
 
 # Sampling: None means "not given", so ATTN_* env vars, then generation_config.json, then built-ins apply.
@@ -240,9 +245,30 @@ def interrupted_code() -> int:
     return 143 if TERMINATED else 130
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `peak_memory_mb` over (a bench row's own peak, not the process's so far). On Linux the process's peak
+    resident size (VmHWM) is reset through /proc/self/clear_refs; elsewhere the CPU peak is the process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """MiB: CUDA's allocated peak, or the process's peak resident size since `reset_peak_memory` (or its start)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

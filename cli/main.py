@@ -213,6 +213,12 @@ def _other_failure(e: Exception) -> int:
     if name == "OutOfMemoryError":  # torch.cuda's
         _error("out of memory on the GPU; try --dtype bfloat16, a shorter prompt, or --device cpu")
         return 1
+    if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):  # torch's CPU allocator (a RuntimeError, not MemoryError)
+        _error("out of memory; try fewer rows at once (--parallel, --batch), a shorter prompt or -n, or --dtype bfloat16")
+        return 1
+    if name == "NonFiniteLogits":  # model.generate's, where a command does not word it itself (bench)
+        _error(f"{e}; try --dtype float32")
+        return 1
     if _debug():  # a bug: still one line, the traceback with ATTN_DEBUG=1
         traceback.print_exc()
     _error(f"internal error: {name}: {e} (ATTN_DEBUG=1 shows the traceback)")

@@ -39,8 +39,6 @@ def read_prompt(
 
 
 def _read_prompt(arg: str | None, opt: str | None, file: Path | None, no_stdin: bool, invalid: str, quiet: bool) -> str | None:
-    if invalid not in ("error", "replace"):
-        raise UsageError(f"--invalid-utf8 must be 'error' or 'replace' (got {invalid!r})")
     if arg is not None and opt is not None:
         raise UsageError("give the prompt once: as an argument or with --prompt, not both")
     prompt = opt if opt is not None else arg
@@ -140,8 +138,11 @@ def encode_prompt(m: Loaded, text: str, chat: bool, system: str | None) -> tuple
     return ids, labels
 
 
-def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None, truncate: Truncate, quiet: bool, chat: bool = False) -> list[int]:
-    """The prompt's ids with room for `max_tokens` in the context: as they are, their tail (--truncate left), or an error."""
+def fit_context(
+    m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None, truncate: Truncate, quiet: bool, chat: bool = False, said_as: str = "--max-tokens"
+) -> list[int]:
+    """The prompt's ids with room for `max_tokens` in the context: as they are, their tail (--truncate left), or an error
+    (naming `max_tokens` as the user gave it, `said_as`: the flag, or a request's key)."""
     ctx = ctx_size or m.cfg.max_len
     if ctx > m.cfg.max_len and m.cfg.positions == "learned":
         raise UsageError(f"--ctx-size {ctx} exceeds the {m.cfg.max_len} positions this model has")
@@ -152,8 +153,8 @@ def fit_context(m: Loaded, ids: list[int], max_tokens: int, ctx_size: int | None
         note(f"warning: prompt truncated from {len(ids)} to its last {keep} tokens to fit the context of {ctx}", quiet)
         return ids[-keep:]
     if truncate is Truncate.left:  # -n alone fills the context: no tail of the prompt fits
-        raise AttnError(f"--max-tokens ({max_tokens}) leaves no room for the prompt in the context ({ctx} tokens); lower -n")
+        raise AttnError(f"{said_as} ({max_tokens}) leaves no room for the prompt in the context ({ctx} tokens); lower it")
     raise AttnError(
-        f"prompt ({counted(len(ids), chat)}) + --max-tokens ({max_tokens}) exceeds the context ({ctx} tokens); "
-        "shorten the prompt, lower -n, or use --truncate left"
+        f"prompt ({counted(len(ids), chat)}) + {said_as} ({max_tokens}) exceeds the context ({ctx} tokens); "
+        f"shorten the prompt, lower {'-n' if said_as == '--max-tokens' else said_as}, or use --truncate left"
     )

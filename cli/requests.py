@@ -31,18 +31,38 @@ def parse_lines(text: str) -> list[Item]:
     return items
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _lone_surrogate(v: Any) -> bool:
+    """Whether a decoded JSON value holds a string with half of a UTF-16 pair ("\\ud800" alone): no text, and no
+    tokenizer or JSON writer takes it."""
+    if isinstance(v, str):
+        return any("\ud800" <= c <= "\udfff" for c in v)
+    if isinstance(v, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(x) for k, x in v.items())
+    return isinstance(v, list) and any(_lone_surrogate(x) for x in v)
+
+
 def parse_jsonl(text: str) -> list[Item]:
     """One request per non-blank line; a line that is not a valid request becomes an error item."""
     items = []
-    for n, line in enumerate(text.split("\n"), start=1):
+    for n, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):  # (a byte-order mark is no part of line 1)
         if not line.strip():
             continue
         item = Item(len(items), n, n)
         items.append(item)
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_no_constant)  # NaN, Infinity: not JSON, and not written back
         except json.JSONDecodeError as e:
             item.error = f"not valid JSON: {e.msg} (column {e.colno})"
+            continue
+        except ValueError as e:
+            item.error = f"not valid JSON: {e}"
+            continue
+        if _lone_surrogate(obj):
+            item.error = "not valid text: a string holds half of a UTF-16 surrogate pair (a \\ud800–\\udfff escape alone)"
             continue
         if not isinstance(obj, dict):
             item.error = "a request must be a JSON object"
@@ -58,7 +78,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v  # NaN is not a value
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and abs(v) < float("inf")  # (1e400 reads as inf)
 
 
 def check_request(obj: dict) -> str | None:

@@ -162,6 +162,43 @@ def test_records_held_back_are_written_on_interruption():
 # --- the installed command in a subprocess: Ctrl-C and a closed pipe ---------------------------
 
 
+def test_requests_that_are_not_strict_json_or_text_are_error_records(attn, tiny_llama):
+    """A lone UTF-16 surrogate escape, NaN or Infinity (Python's json takes them, and would write them back): one
+    error record each, and the others still run; a byte-order mark does not spoil line 1."""
+    text = "\ufeff" + "\n".join([
+        '{"id": "a", "prompt": "hi", "max_tokens": 2}',
+        '{"id": "sur", "prompt": "h\\udc00i", "max_tokens": 2}',
+        '{"id": "\\ud800", "prompt": "hi", "max_tokens": 2}',
+        '{"id": NaN, "prompt": "hi"}',
+        '{"id": "inf", "prompt": "hi", "temperature": 1e400}',
+        '{"id": "long", "prompt": "hi", "max_tokens": 1000000}',
+        '{"id": "d", "prompt": "hi", "max_tokens": 2}',
+    ]) + "\n"
+    r = attn(["batch", "-m", str(tiny_llama), "--raw", "--temp", "0", "-"], stdin=text.encode())
+    assert r.code == 1 and r.err == "", r
+    def strict(name):
+        raise AssertionError(f"{name} in the output: not JSON")
+
+    got = [json.loads(line, parse_constant=strict) for line in r.out.splitlines()]
+    assert [g["line"] for g in got] == list(range(1, 8))
+    assert "text" in got[0] and "text" in got[6]
+    assert "surrogate" in got[1]["error"] and "surrogate" in got[2]["error"] and got[2]["id"] == 3  # (its id is no text: the line)
+    assert "NaN is not a JSON value" in got[3]["error"] and "'temperature' must be a number >= 0" in got[4]["error"]
+    assert "max_tokens (1000000) exceeds the context" in got[5]["error"] and "--max-tokens" not in got[5]["error"]
+
+
+def test_stats_are_written_when_interrupted(slow_model, tmp_path):  # noqa: F811
+    reqs = [{"id": 1, "prompt": "hello", "max_tokens": 2}, {"id": 2, "prompt": "yo", "max_tokens": 15000}]
+    (tmp_path / "in.jsonl").write_bytes(jsonl(*reqs))
+    p = spawn(["batch", "--raw", "-m", str(slow_model), "--ignore-eos", "--stats", "--parallel", "2", "--order", "completion", str(tmp_path / "in.jsonl")],
+              stdin=subprocess.DEVNULL)
+    first = p.stdout.readline()  # request 1 has finished
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and json.loads(first)["id"] == 1, err
+    assert "1 of 2 written, interrupted" in err.decode() and "tok/s overall" in err.decode()
+
+
 def test_sigint_keeps_finished_records_whole_and_exits_130(slow_model, tmp_path):  # noqa: F811
     reqs = [{"id": 1, "prompt": "hello", "max_tokens": 2}, {"id": 2, "prompt": "hi", "max_tokens": 2},
             {"id": 3, "prompt": "hello there", "max_tokens": 15000}, {"id": 4, "prompt": "yo", "max_tokens": 15000}]

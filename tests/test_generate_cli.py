@@ -199,7 +199,7 @@ def test_context_overflow_is_an_error_unless_truncate_left(attn, tiny_llama):
     assert r.code == 0 and "truncated" in r.err
     assert json.loads(r.out)["usage"]["prompt_tokens"] == 246
     r = attn(["generate", "-m", str(tiny_llama), "--raw", "-n", "256", "--truncate", "left", long])  # -n alone fills it
-    assert (r.code, r.out) == (1, "") and r.err == "attn: error: --max-tokens (256) leaves no room for the prompt in the context (256 tokens); lower -n\n"
+    assert (r.code, r.out) == (1, "") and r.err == "attn: error: --max-tokens (256) leaves no room for the prompt in the context (256 tokens); lower it\n"
 
 
 @pytest.mark.parametrize(

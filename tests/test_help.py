@@ -69,6 +69,7 @@ def test_every_option_with_a_default_shows_it(command):
         (["inspect", "--top", "x", "y"], "--top must be an integer (got 'x')"),
         (["generate", "--temp", "-1", "x"], "--temp must be ≥ 0.0 (got '-1')"),
         (["explain", "--preview", "100", "x"], "--preview must be ≤ 64 (got '100')"),
+        (["batch", "--invalid-utf8", "bogus", "x.jsonl"], "--invalid-utf8 must be error or replace (got 'bogus')"),
     ],
 )
 def test_bad_values_are_phrased_as_attn_errors(args, message):

@@ -357,6 +357,22 @@ def test_cuda_out_of_memory_is_one_line_with_hint(attn, tiny_llama, monkeypatch)
     one_line_error(gen(attn, tiny_llama), 1, "out of memory", "GiB", "--dtype", "--device cpu")
 
 
+def test_cpu_allocator_failure_and_non_finite_logits_in_bench_are_one_line(attn, tiny_llama, model_copy, monkeypatch):
+    """torch's CPU allocator raises a RuntimeError (not MemoryError) when it cannot allocate: a batch or a bench row too
+    big for memory ends in one line; `bench` on NaN logits words them as generate does."""
+    import cli.batch
+
+    def boom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 12884901888 bytes.")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(cli.batch, "run_batch", boom)
+        r = attn(["batch", "-m", str(tiny_llama), "--raw", "-n", "2", "-"], stdin=b'{"prompt": "hi"}\n')
+    one_line_error(r, 1, "out of memory; try fewer rows at once")
+    rewrite(model_copy, lambda t: t.__setitem__("model.norm.weight", torch.full((64,), float("inf"))))
+    one_line_error(attn(["bench", "-m", str(model_copy), "-p", "4", "-n", "2", "-r", "1", "--no-quality"]), 1, "NaN/inf logits", "try --dtype float32")
+
+
 # --- soak -------------------------------------------------------------------------------
 
 
