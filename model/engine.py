@@ -21,7 +21,7 @@ from model.config import ModelConfig
 from model.decoder import Decoder
 from model.generate import PREFILL_CHUNK, NonFiniteLogits, Sequence, Step, decode
 from model.sampling import SamplingSettings
-from model.tokenizer import Tokenizer
+from model.tokenizer import TextStream, Tokenizer
 
 
 def eos_ids(cfg: ModelConfig, tokenizer: Tokenizer) -> set[int]:
@@ -69,6 +69,7 @@ class Generation:
         self.ids: list[int] = []  # generated ids, EOS and stop-string tokens included
         self.logprobs: list[dict] = []
         self.finish_reason = "length"
+        self._text: TextStream | None = None  # the generated text as it streams (from `_start`)
         self.error: NonFiniteLogits | None = None
         self.t0 = self.t_first = self.t_end = 0.0
 
@@ -141,10 +142,11 @@ class Generation:
     def _held(self) -> str:
         """At the end, the text held back: by the decoder (a U+FFFD token, a character cut by the end) and for a
         stop string that never completed."""
-        tail = self._text.flush() if hasattr(self, "_text") else ""
+        tail = self._text.flush() if self._text is not None else ""
         visible = self.stops.push(tail) if tail else ""
         if self.stops.matched is not None:  # completed by that text
-            self.finish_reason = "stop" if self.finish_reason != "interrupted" else self.finish_reason
+            if self.finish_reason != "interrupted":
+                self.finish_reason = "stop"
             return visible
         return visible + self.stops.flush()
 
