@@ -57,7 +57,7 @@ Examples:
 
   attn explain --token creature                # demo sentence; picks the head with the sharpest attention
 
-  attn explain --token -1 -l 3 --head 2 --format json | jq .weights
+  attn explain --token -1 -l 3 --head 2 --format json | jq '.weights'
 """
 
 
@@ -74,8 +74,8 @@ def explain_cmd(
     file: FileOpt = None,
     token: TokenOpt = None,
     occurrence: OccurrenceOpt = None,
-    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Layer (negative from the end). [default: the layer, with --head's head or any, where a head puts the most weight on one earlier token other than the first]", show_default=False)] = None,
-    head: Annotated[Optional[int], typer.Option("--head", help="Query head. [default: the head, in --layer's layer or any, that puts the most weight on one earlier token other than the first]", show_default=False)] = None,
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", metavar="N", help="Layer (negative from the end). [default: the layer, with --head's head or any, where a head puts the most weight on one earlier token other than the first]", show_default=False)] = None,
+    head: Annotated[Optional[int], typer.Option("--head", metavar="N", help="Query head. [default: the head, in --layer's layer or any, that puts the most weight on one earlier token other than the first]", show_default=False)] = None,
     top: Annotated[int, typer.Option("--top", min=0, help="Highlight the K strongest sources (0 = all).")] = 3,
     rows: Annotated[int, typer.Option("--rows", min=4, help="Sources listed per table before the rest is summarised.")] = 24,
     preview: Annotated[int, typer.Option("--preview", min=1, max=64, help="Vector components shown in previews.")] = 6,
