@@ -216,12 +216,10 @@ def stdout_console(**options: Any) -> Any:
             os.dup2(devnull, sys.stdout.fileno())
             raise PipeClosed
 
-        def _check_buffer(self) -> None:  # (rich's own write; it handles a closed pipe, and raises any other OSError)
+        def _check_buffer(self) -> None:  # (rich's own write: it calls on_broken_pipe for a closed pipe, and raises any other OSError)
             try:
                 super()._check_buffer()
             except OSError as e:
-                if isinstance(e, BrokenPipeError):
-                    self.on_broken_pipe()
                 raise AttnError(f"cannot write to stdout: {e.strerror or e}") from None
 
     return Out(file=sys.stdout, **options)

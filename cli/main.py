@@ -193,12 +193,13 @@ def _utf8_arguments(args: list[str]) -> list[str]:
     JSON writer cannot take. Such an argument is a usage error naming its byte offset, as stdin's are, or with
     `--invalid-utf8 replace` its bytes are replaced with U+FFFD (a warning); a file name that exists is left as it is."""
     from cli.prompt import decode_input
+    from cli.requests import lone_surrogate
 
     replace = any(a == "--invalid-utf8=replace" or (a == "--invalid-utf8" and b == "replace") for a, b in zip(args, [*args[1:], ""]))
     quiet = any(a in ("-q", "--quiet") for a in args)
     out = []
     for arg in args:
-        if any("\udc80" <= c <= "\udcff" for c in arg) and not os.path.exists(arg):
+        if lone_surrogate(arg) and not os.path.exists(arg):
             raw = os.fsencode(arg)
             arg = decode_input(raw, f'the argument "{raw.decode("utf-8", "backslashreplace")}"', "replace" if replace else "error", quiet)
         out.append(arg)

@@ -124,18 +124,13 @@ def encode_messages(m: Loaded, messages: list[dict[str, str]]) -> list[int]:
     return m.tokenizer.encode(m.tokenizer.render_chat(messages), add_special_tokens=False)
 
 
-def encode_labelled(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
-    """Token ids and their labels (raw unless `chat`): the tokens inspect, explain and heads show."""
-    ids = encode_prompt_text(m, text, chat, system)[0]
-    return ids, token_labels(m.tokenizer, ids)
-
-
 def encode_prompt(m: Loaded, text: str, chat: bool, system: str | None) -> tuple[list[int], list[str]]:
-    """As encode_labelled, within the model's context."""
-    ids, labels = encode_labelled(m, text, chat, system)
+    """Token ids (raw unless `chat`) within the model's context, and their labels: the tokens inspect, explain, explore
+    and heads show."""
+    ids = encode_prompt_text(m, text, chat, system)[0]
     if len(ids) > m.cfg.max_len:
         raise AttnError(f"prompt of {counted(len(ids), chat)} exceeds the model's {m.cfg.max_len} positions")
-    return ids, labels
+    return ids, token_labels(m.tokenizer, ids)
 
 
 def fit_context(

@@ -35,14 +35,15 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def _lone_surrogate(v: Any) -> bool:
-    """Whether a decoded JSON value holds a string with half of a UTF-16 pair ("\\ud800" alone): no text, and no
-    tokenizer or JSON writer takes it."""
+def lone_surrogate(v: Any) -> bool:
+    """Whether a string (or a decoded JSON value) holds half of a UTF-16 pair: a JSON "\\ud800" alone, or a byte that
+    is not UTF-8 in a command-line argument (Python keeps it as one, U+DC80–U+DCFF). No text: no tokenizer or JSON
+    writer takes it."""
     if isinstance(v, str):
         return any("\ud800" <= c <= "\udfff" for c in v)
     if isinstance(v, dict):
-        return any(_lone_surrogate(k) or _lone_surrogate(x) for k, x in v.items())
-    return isinstance(v, list) and any(_lone_surrogate(x) for x in v)
+        return any(lone_surrogate(k) or lone_surrogate(x) for k, x in v.items())
+    return isinstance(v, list) and any(lone_surrogate(x) for x in v)
 
 
 def parse_jsonl(text: str) -> list[Item]:
@@ -61,7 +62,7 @@ def parse_jsonl(text: str) -> list[Item]:
         except ValueError as e:
             item.error = f"not valid JSON: {e}"
             continue
-        if _lone_surrogate(obj):
+        if lone_surrogate(obj):
             item.error = "not valid text: a string holds half of a UTF-16 surrogate pair (a \\ud800–\\udfff escape alone)"
             continue
         if not isinstance(obj, dict):
